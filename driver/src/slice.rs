@@ -1,0 +1,771 @@
+//! Rendering a node's GPUs into ResourceSlice objects (resource.k8s.io v1beta1 for Kubernetes
+//! 1.32–1.33, v1 for 1.34+) within the API's limits, and reading published slices back.
+
+use crate::capacity::{CORES, FULL_CORES, MEMORY};
+use crate::gpu::{Gpu, semver_of};
+use crate::names::{is_dns_label, is_driver_name, is_qualified_name};
+use crate::quantity::Quantity;
+use k8s_openapi::api::resource::{v1, v1beta1};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity as K8sQuantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use std::collections::BTreeMap;
+
+/// `ResourceSliceMaxDevices`.
+pub const MAX_DEVICES_PER_SLICE: usize = 128;
+/// `ResourceSliceMaxAttributesAndCapacitiesPerDevice`.
+pub const MAX_ATTRIBUTES_AND_CAPACITIES: usize = 32;
+/// `DeviceAttributeMaxValueLength`.
+pub const MAX_ATTRIBUTE_VALUE_LEN: usize = 64;
+/// Taint key put on a GPU that stopped being healthy, where the API has device taints.
+pub const UNHEALTHY_TAINT_KEY: &str = "vgpu.hami.io/unhealthy";
+/// The standard attribute name Kubernetes defines for a PCI bus id.
+pub const PCI_BUS_ID_ATTRIBUTE: &str = "resource.kubernetes.io/pciBusID";
+
+/// Which resource.k8s.io version to speak.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ApiVersion {
+    /// Kubernetes 1.32 and 1.33: device fields under `basic`.
+    V1beta1,
+    /// Kubernetes 1.34 and later.
+    V1,
+}
+
+impl ApiVersion {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ApiVersion::V1beta1 => "resource.k8s.io/v1beta1",
+            ApiVersion::V1 => "resource.k8s.io/v1",
+        }
+    }
+}
+
+/// A device attribute value: exactly one of int, bool, string or (semantic) version.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum AttributeValue {
+    Int(i64),
+    Bool(bool),
+    String(String),
+    Version(String),
+}
+
+/// A device as published, independent of the API version.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct PublishedDevice {
+    pub name: String,
+    /// Keyed by qualified name; unprefixed names belong to the driver's domain.
+    pub attributes: BTreeMap<String, AttributeValue>,
+    pub capacity: BTreeMap<String, Quantity>,
+    /// Set when the device is unhealthy: the reason.
+    pub unhealthy: Option<String>,
+}
+
+/// Why a set of devices cannot be published.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SliceError {
+    #[error("driver name {0:?} is not a DNS subdomain of at most 63 characters")]
+    DriverName(String),
+    #[error(
+        "pool name {0:?} is not a valid pool name (DNS subdomains separated by '/', at most 253 characters)"
+    )]
+    PoolName(String),
+    #[error("device {device:?}: {message}")]
+    Device { device: String, message: String },
+    #[error("device name {0:?} appears twice in the pool")]
+    DuplicateDevice(String),
+}
+
+fn device_error(device: &str, message: impl Into<String>) -> SliceError {
+    SliceError::Device {
+        device: device.to_string(),
+        message: message.into(),
+    }
+}
+
+/// Truncate a string from hardware to the API's attribute length, on a character boundary.
+fn clip(s: &str) -> String {
+    let mut end = s.len().min(MAX_ATTRIBUTE_VALUE_LEN);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
+}
+
+/// The published form of a node's GPUs: one device per physical GPU with its attributes and the
+/// shareable capacities `memory` and `cores`.
+pub fn gpu_devices(gpus: &[Gpu]) -> Result<Vec<PublishedDevice>, SliceError> {
+    let index_of: BTreeMap<&str, u32> = gpus.iter().map(|g| (g.uuid.as_str(), g.index)).collect();
+    gpus.iter()
+        .map(|gpu| {
+            let name = gpu.device_name();
+            let mut attributes = BTreeMap::new();
+            let mut put = |k: &str, v: AttributeValue| {
+                attributes.insert(k.to_string(), v);
+            };
+            put("type", AttributeValue::String("gpu".into()));
+            put("uuid", AttributeValue::String(clip(&gpu.uuid)));
+            put("index", AttributeValue::Int(gpu.index.into()));
+            put("minor", AttributeValue::Int(gpu.minor.into()));
+            put(
+                "productName",
+                AttributeValue::String(clip(&gpu.product_name)),
+            );
+            put(
+                "architecture",
+                AttributeValue::String(clip(&gpu.architecture)),
+            );
+            for (key, raw) in [
+                ("cudaComputeCapability", &gpu.cuda_compute_capability),
+                ("driverVersion", &gpu.driver_version),
+                ("cudaDriverVersion", &gpu.cuda_driver_version),
+            ] {
+                let v = semver_of(raw).ok_or_else(|| {
+                    device_error(
+                        &name,
+                        format!("{key} {raw:?} is not a version like 12.4 or 560.35.03"),
+                    )
+                })?;
+                put(key, AttributeValue::Version(v));
+            }
+            put(
+                PCI_BUS_ID_ATTRIBUTE,
+                AttributeValue::String(clip(&gpu.pci_bus_id)),
+            );
+            if let Some(numa) = gpu.numa_node {
+                put("numaNode", AttributeValue::Int(numa.into()));
+            }
+            put(
+                "multiprocessors",
+                AttributeValue::Int(gpu.multiprocessor_count.into()),
+            );
+            if !gpu.nvlink_peers.is_empty() {
+                let mut peers: Vec<u32> = gpu
+                    .nvlink_peers
+                    .iter()
+                    .map(|uuid| {
+                        index_of.get(uuid.as_str()).copied().ok_or_else(|| {
+                            device_error(
+                                &name,
+                                format!("NVLink peer {uuid:?} is not a GPU of this node"),
+                            )
+                        })
+                    })
+                    .collect::<Result<_, _>>()?;
+                peers.sort_unstable();
+                peers.dedup();
+                let list = peers
+                    .iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",");
+                put("nvlinkPeers", AttributeValue::String(list));
+            }
+            let mut capacity = BTreeMap::new();
+            capacity.insert(
+                MEMORY.to_string(),
+                Quantity::from_units(gpu.memory_bytes as i64),
+            );
+            capacity.insert(CORES.to_string(), Quantity::from_units(FULL_CORES.into()));
+            let device = PublishedDevice {
+                name,
+                attributes,
+                capacity,
+                unhealthy: None,
+            };
+            validate_device(&device)?;
+            Ok(device)
+        })
+        .collect()
+}
+
+/// The NVLink peers a published device lists, as device names.
+pub fn nvlink_peer_names(device: &PublishedDevice) -> Vec<String> {
+    match device.attributes.get("nvlinkPeers") {
+        Some(AttributeValue::String(list)) => list
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(|i| format!("gpu-{i}"))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn is_semver(s: &str) -> bool {
+    let core = s.split(['-', '+']).next().unwrap_or("");
+    let parts: Vec<&str> = core.split('.').collect();
+    parts.len() == 3
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && p.bytes().all(|b| b.is_ascii_digit())
+                && (p.len() == 1 || !p.starts_with('0'))
+        })
+}
+
+/// Check one device against the API's limits.
+pub fn validate_device(device: &PublishedDevice) -> Result<(), SliceError> {
+    let name = &device.name;
+    if !is_dns_label(name) {
+        return Err(device_error(
+            name,
+            "name must be a DNS label (lowercase alphanumerics and '-', at most 63)",
+        ));
+    }
+    let total = device.attributes.len() + device.capacity.len();
+    if total > MAX_ATTRIBUTES_AND_CAPACITIES {
+        return Err(device_error(
+            name,
+            format!(
+                "{total} attributes and capacities exceed the limit of {MAX_ATTRIBUTES_AND_CAPACITIES}"
+            ),
+        ));
+    }
+    for key in device.attributes.keys().chain(device.capacity.keys()) {
+        if !is_qualified_name(key) {
+            return Err(device_error(
+                name,
+                format!("{key:?} is not a qualified name"),
+            ));
+        }
+    }
+    for (key, value) in &device.attributes {
+        match value {
+            AttributeValue::String(s) | AttributeValue::Version(s)
+                if s.len() > MAX_ATTRIBUTE_VALUE_LEN =>
+            {
+                return Err(device_error(
+                    name,
+                    format!(
+                        "attribute {key}: {} characters exceed the limit of {MAX_ATTRIBUTE_VALUE_LEN}",
+                        s.len()
+                    ),
+                ));
+            }
+            AttributeValue::Version(s) if !is_semver(s) => {
+                return Err(device_error(
+                    name,
+                    format!("attribute {key}: {s:?} is not a semantic version"),
+                ));
+            }
+            _ => {}
+        }
+    }
+    for (key, q) in &device.capacity {
+        if q.is_negative() {
+            return Err(device_error(name, format!("capacity {key} is negative")));
+        }
+    }
+    Ok(())
+}
+
+/// Which node a pool belongs to; slices are owned by the Node so they go when it goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeRef {
+    pub name: String,
+    pub uid: String,
+}
+
+/// How to render a pool.
+#[derive(Clone, Debug)]
+pub struct PoolOptions {
+    pub driver: String,
+    pub api_version: ApiVersion,
+    pub generation: i64,
+    /// At most [`MAX_DEVICES_PER_SLICE`].
+    pub max_devices_per_slice: usize,
+    /// Unhealthy devices get a NoSchedule taint (API with device taints) instead of being left out.
+    pub taint_unhealthy: bool,
+}
+
+impl PoolOptions {
+    pub fn new(driver: &str, api_version: ApiVersion) -> Self {
+        PoolOptions {
+            driver: driver.to_string(),
+            api_version,
+            generation: 0,
+            max_devices_per_slice: MAX_DEVICES_PER_SLICE,
+            taint_unhealthy: false,
+        }
+    }
+}
+
+/// A rendered ResourceSlice in one of the served versions.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RenderedSlice {
+    V1(v1::ResourceSlice),
+    V1beta1(v1beta1::ResourceSlice),
+}
+
+impl RenderedSlice {
+    /// The object as the API server would receive it (apiVersion and kind included).
+    pub fn to_json(&self) -> serde_json::Value {
+        let value = match self {
+            RenderedSlice::V1(s) => serde_json::to_value(s),
+            RenderedSlice::V1beta1(s) => serde_json::to_value(s),
+        };
+        value.expect("k8s-openapi types always serialize")
+    }
+
+    pub fn metadata(&self) -> &ObjectMeta {
+        match self {
+            RenderedSlice::V1(s) => &s.metadata,
+            RenderedSlice::V1beta1(s) => &s.metadata,
+        }
+    }
+
+    pub fn metadata_mut(&mut self) -> &mut ObjectMeta {
+        match self {
+            RenderedSlice::V1(s) => &mut s.metadata,
+            RenderedSlice::V1beta1(s) => &mut s.metadata,
+        }
+    }
+
+    pub fn view(&self) -> SliceView {
+        match self {
+            RenderedSlice::V1(s) => SliceView::from_v1(s),
+            RenderedSlice::V1beta1(s) => SliceView::from_v1beta1(s),
+        }
+    }
+}
+
+/// Render a node's devices as the slices of its pool (pool name = node name): spec.nodeName,
+/// an owner reference to the Node, the same generation and resourceSliceCount on every slice,
+/// at most `max_devices_per_slice` devices each, at least one (possibly empty) slice.
+pub fn render_pool(
+    node: &NodeRef,
+    devices: &[PublishedDevice],
+    opts: &PoolOptions,
+) -> Result<Vec<RenderedSlice>, SliceError> {
+    if !is_driver_name(&opts.driver) {
+        return Err(SliceError::DriverName(opts.driver.clone()));
+    }
+    if node.name.is_empty()
+        || node.name.len() > 253
+        || !node.name.split('/').all(crate::names::is_dns_subdomain)
+    {
+        return Err(SliceError::PoolName(node.name.clone()));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for d in devices {
+        validate_device(d)?;
+        if !seen.insert(d.name.as_str()) {
+            return Err(SliceError::DuplicateDevice(d.name.clone()));
+        }
+    }
+    let offered: Vec<&PublishedDevice> = devices
+        .iter()
+        .filter(|d| d.unhealthy.is_none() || opts.taint_unhealthy)
+        .collect();
+    let per_slice = opts.max_devices_per_slice.clamp(1, MAX_DEVICES_PER_SLICE);
+    let chunks: Vec<&[&PublishedDevice]> = if offered.is_empty() {
+        vec![&[]]
+    } else {
+        offered.chunks(per_slice).collect()
+    };
+    let count = chunks.len() as i64;
+    let metadata = ObjectMeta {
+        generate_name: Some(format!("{}-{}-", node.name, opts.driver)),
+        owner_references: Some(vec![OwnerReference {
+            api_version: "v1".into(),
+            kind: "Node".into(),
+            name: node.name.clone(),
+            uid: node.uid.clone(),
+            controller: Some(true),
+            block_owner_deletion: None,
+        }]),
+        ..ObjectMeta::default()
+    };
+    Ok(chunks
+        .into_iter()
+        .map(|chunk| match opts.api_version {
+            ApiVersion::V1 => RenderedSlice::V1(v1::ResourceSlice {
+                metadata: metadata.clone(),
+                spec: v1::ResourceSliceSpec {
+                    driver: opts.driver.clone(),
+                    node_name: Some(node.name.clone()),
+                    pool: v1::ResourcePool {
+                        name: node.name.clone(),
+                        generation: opts.generation,
+                        resource_slice_count: count,
+                    },
+                    devices: Some(chunk.iter().map(|d| to_v1(d)).collect()),
+                    ..Default::default()
+                },
+            }),
+            ApiVersion::V1beta1 => RenderedSlice::V1beta1(v1beta1::ResourceSlice {
+                metadata: metadata.clone(),
+                spec: v1beta1::ResourceSliceSpec {
+                    driver: opts.driver.clone(),
+                    node_name: Some(node.name.clone()),
+                    pool: v1beta1::ResourcePool {
+                        name: node.name.clone(),
+                        generation: opts.generation,
+                        resource_slice_count: count,
+                    },
+                    devices: Some(chunk.iter().map(|d| to_v1beta1(d)).collect()),
+                    ..Default::default()
+                },
+            }),
+        })
+        .collect())
+}
+
+fn k8s_quantity(q: &Quantity) -> K8sQuantity {
+    K8sQuantity(q.to_string())
+}
+
+macro_rules! attribute_conversions {
+    ($m:ident) => {
+        fn to_attr(v: &AttributeValue) -> $m::DeviceAttribute {
+            let mut a = $m::DeviceAttribute::default();
+            match v {
+                AttributeValue::Int(i) => a.int = Some(*i),
+                AttributeValue::Bool(b) => a.bool = Some(*b),
+                AttributeValue::String(s) => a.string = Some(s.clone()),
+                AttributeValue::Version(s) => a.version = Some(s.clone()),
+            }
+            a
+        }
+        fn from_attr(a: &$m::DeviceAttribute) -> Option<AttributeValue> {
+            match (a.int, a.bool, &a.string, &a.version) {
+                (Some(i), None, None, None) => Some(AttributeValue::Int(i)),
+                (None, Some(b), None, None) => Some(AttributeValue::Bool(b)),
+                (None, None, Some(s), None) => Some(AttributeValue::String(s.clone())),
+                (None, None, None, Some(s)) => Some(AttributeValue::Version(s.clone())),
+                _ => None,
+            }
+        }
+        fn attrs(d: &PublishedDevice) -> BTreeMap<String, $m::DeviceAttribute> {
+            d.attributes
+                .iter()
+                .map(|(k, v)| (k.clone(), to_attr(v)))
+                .collect()
+        }
+        fn caps(d: &PublishedDevice) -> BTreeMap<String, $m::DeviceCapacity> {
+            d.capacity
+                .iter()
+                .map(|(k, q)| {
+                    (
+                        k.clone(),
+                        $m::DeviceCapacity {
+                            value: k8s_quantity(q),
+                            request_policy: None,
+                        },
+                    )
+                })
+                .collect()
+        }
+        fn taints(d: &PublishedDevice) -> Option<Vec<$m::DeviceTaint>> {
+            d.unhealthy.as_ref().map(|reason| {
+                vec![$m::DeviceTaint {
+                    key: UNHEALTHY_TAINT_KEY.into(),
+                    value: Some(clip(reason)),
+                    effect: "NoSchedule".into(),
+                    time_added: None,
+                }]
+            })
+        }
+        fn read_back(
+            name: &str,
+            attributes: Option<&BTreeMap<String, $m::DeviceAttribute>>,
+            capacity: Option<&BTreeMap<String, $m::DeviceCapacity>>,
+            taints: Option<&Vec<$m::DeviceTaint>>,
+        ) -> PublishedDevice {
+            PublishedDevice {
+                name: name.to_string(),
+                attributes: attributes
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|(k, a)| from_attr(a).map(|v| (k.clone(), v)))
+                    .collect(),
+                capacity: capacity
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|(k, c)| Quantity::parse(&c.value.0).ok().map(|q| (k.clone(), q)))
+                    .collect(),
+                unhealthy: taints
+                    .into_iter()
+                    .flatten()
+                    .find(|t| t.key == UNHEALTHY_TAINT_KEY)
+                    .map(|t| t.value.clone().unwrap_or_default()),
+            }
+        }
+    };
+}
+
+mod conv_v1 {
+    use super::*;
+    attribute_conversions!(v1);
+    pub(super) fn device(d: &PublishedDevice) -> v1::Device {
+        v1::Device {
+            name: d.name.clone(),
+            attributes: Some(attrs(d)),
+            capacity: Some(caps(d)),
+            taints: taints(d),
+            ..Default::default()
+        }
+    }
+    pub(super) fn back(d: &v1::Device) -> PublishedDevice {
+        read_back(
+            &d.name,
+            d.attributes.as_ref(),
+            d.capacity.as_ref(),
+            d.taints.as_ref(),
+        )
+    }
+}
+
+mod conv_v1beta1 {
+    use super::*;
+    attribute_conversions!(v1beta1);
+    pub(super) fn device(d: &PublishedDevice) -> v1beta1::Device {
+        v1beta1::Device {
+            name: d.name.clone(),
+            basic: Some(v1beta1::BasicDevice {
+                attributes: Some(attrs(d)),
+                capacity: Some(caps(d)),
+                taints: taints(d),
+                ..Default::default()
+            }),
+        }
+    }
+    pub(super) fn back(d: &v1beta1::Device) -> PublishedDevice {
+        let basic = d.basic.as_ref();
+        read_back(
+            &d.name,
+            basic.and_then(|b| b.attributes.as_ref()),
+            basic.and_then(|b| b.capacity.as_ref()),
+            basic.and_then(|b| b.taints.as_ref()),
+        )
+    }
+}
+
+fn to_v1(d: &PublishedDevice) -> v1::Device {
+    conv_v1::device(d)
+}
+
+fn to_v1beta1(d: &PublishedDevice) -> v1beta1::Device {
+    conv_v1beta1::device(d)
+}
+
+/// A published slice as the allocator needs it, whatever version it was read in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SliceView {
+    pub name: String,
+    pub driver: String,
+    pub pool: String,
+    pub generation: i64,
+    pub resource_slice_count: i64,
+    pub node_name: Option<String>,
+    pub devices: Vec<PublishedDevice>,
+}
+
+impl SliceView {
+    pub fn from_v1(s: &v1::ResourceSlice) -> SliceView {
+        SliceView {
+            name: s.metadata.name.clone().unwrap_or_default(),
+            driver: s.spec.driver.clone(),
+            pool: s.spec.pool.name.clone(),
+            generation: s.spec.pool.generation,
+            resource_slice_count: s.spec.pool.resource_slice_count,
+            node_name: s.spec.node_name.clone().filter(|n| !n.is_empty()),
+            devices: s.spec.devices.iter().flatten().map(conv_v1::back).collect(),
+        }
+    }
+
+    pub fn from_v1beta1(s: &v1beta1::ResourceSlice) -> SliceView {
+        SliceView {
+            name: s.metadata.name.clone().unwrap_or_default(),
+            driver: s.spec.driver.clone(),
+            pool: s.spec.pool.name.clone(),
+            generation: s.spec.pool.generation,
+            resource_slice_count: s.spec.pool.resource_slice_count,
+            node_name: s.spec.node_name.clone().filter(|n| !n.is_empty()),
+            devices: s
+                .spec
+                .devices
+                .iter()
+                .flatten()
+                .map(conv_v1beta1::back)
+                .collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::Gpu;
+
+    fn gpu(index: u32) -> Gpu {
+        Gpu {
+            uuid: format!("GPU-{index:08x}-aaaa-bbbb-cccc-000000000000"),
+            index,
+            minor: index,
+            product_name: "NVIDIA H100 80GB HBM3".into(),
+            architecture: "Hopper".into(),
+            cuda_compute_capability: "9.0".into(),
+            driver_version: "560.35.03".into(),
+            cuda_driver_version: "12.6".into(),
+            pci_bus_id: format!("0000:{:02x}:00.0", index + 0x18),
+            numa_node: Some(index / 4),
+            memory_bytes: 81559 << 20,
+            multiprocessor_count: 132,
+            nvlink_peers: vec![],
+        }
+    }
+
+    fn node() -> NodeRef {
+        NodeRef {
+            name: "gpu-node-1".into(),
+            uid: "6c1f5a7e-1111-2222-3333-444455556666".into(),
+        }
+    }
+
+    #[test]
+    fn gpu_attributes_and_capacities() {
+        let mut gpus = vec![gpu(0), gpu(1)];
+        gpus[0].nvlink_peers = vec![gpus[1].uuid.clone()];
+        let devices = gpu_devices(&gpus).unwrap();
+        let d = &devices[0];
+        assert_eq!(d.name, "gpu-0");
+        assert_eq!(
+            d.attributes["driverVersion"],
+            AttributeValue::Version("560.35.3".into())
+        );
+        assert_eq!(
+            d.attributes["cudaComputeCapability"],
+            AttributeValue::Version("9.0.0".into())
+        );
+        assert_eq!(
+            d.attributes["nvlinkPeers"],
+            AttributeValue::String("1".into())
+        );
+        assert_eq!(
+            d.attributes[PCI_BUS_ID_ATTRIBUTE],
+            AttributeValue::String("0000:18:00.0".into())
+        );
+        assert_eq!(d.capacity["memory"].to_string(), "81559Mi");
+        assert_eq!(d.capacity["cores"].to_string(), "100");
+        assert_eq!(nvlink_peer_names(d), vec!["gpu-1".to_string()]);
+        assert!(!devices[1].attributes.contains_key("nvlinkPeers"));
+    }
+
+    #[test]
+    fn bad_versions_name_the_device_and_attribute() {
+        let mut g = gpu(3);
+        g.driver_version = "r560".into();
+        let err = gpu_devices(&[g]).unwrap_err().to_string();
+        assert!(
+            err.contains("gpu-3") && err.contains("driverVersion"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn limits_are_enforced() {
+        let mut d = gpu_devices(&[gpu(0)]).unwrap().remove(0);
+        for i in 0..40 {
+            d.attributes
+                .insert(format!("extra{i}"), AttributeValue::Int(i));
+        }
+        assert!(
+            validate_device(&d)
+                .unwrap_err()
+                .to_string()
+                .contains("exceed the limit of 32")
+        );
+        let mut d = gpu_devices(&[gpu(0)]).unwrap().remove(0);
+        d.attributes
+            .insert("long".into(), AttributeValue::String("x".repeat(65)));
+        assert!(validate_device(&d).is_err());
+        let mut d = gpu_devices(&[gpu(0)]).unwrap().remove(0);
+        d.attributes
+            .insert("bad-name".into(), AttributeValue::Int(1));
+        assert!(validate_device(&d).is_err());
+        let mut d = gpu_devices(&[gpu(0)]).unwrap().remove(0);
+        d.name = "GPU_0".into();
+        assert!(validate_device(&d).is_err());
+        let mut long = gpu(0);
+        long.product_name = "é".repeat(40);
+        let d = gpu_devices(&[long]).unwrap().remove(0);
+        match &d.attributes["productName"] {
+            AttributeValue::String(s) => assert!(s.len() <= 64 && s.len() >= 62),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn pools_split_at_128_devices_with_consistent_counts() {
+        let devices: Vec<PublishedDevice> = (0..300)
+            .map(|i| PublishedDevice {
+                name: format!("gpu-{i}"),
+                capacity: [("memory".to_string(), Quantity::from_units(1 << 30))].into(),
+                ..Default::default()
+            })
+            .collect();
+        for version in [ApiVersion::V1, ApiVersion::V1beta1] {
+            let mut opts = PoolOptions::new("vgpu.hami.io", version);
+            opts.generation = 7;
+            let slices = render_pool(&node(), &devices, &opts).unwrap();
+            assert_eq!(slices.len(), 3);
+            let views: Vec<SliceView> = slices.iter().map(RenderedSlice::view).collect();
+            assert_eq!(
+                views.iter().map(|v| v.devices.len()).collect::<Vec<_>>(),
+                vec![128, 128, 44]
+            );
+            assert!(
+                views
+                    .iter()
+                    .all(|v| v.resource_slice_count == 3 && v.generation == 7)
+            );
+            assert!(views.iter().all(|v| v.pool == "gpu-node-1" && v.node_name.as_deref() == Some("gpu-node-1")));
+            let back: Vec<PublishedDevice> = views.into_iter().flat_map(|v| v.devices).collect();
+            assert_eq!(back, devices);
+        }
+    }
+
+    #[test]
+    fn unhealthy_devices_are_left_out_or_tainted() {
+        let mut devices = gpu_devices(&[gpu(0), gpu(1)]).unwrap();
+        devices[1].unhealthy = Some("Xid 79: GPU has fallen off the bus".into());
+        let mut opts = PoolOptions::new("vgpu.hami.io", ApiVersion::V1);
+        let slices = render_pool(&node(), &devices, &opts).unwrap();
+        assert_eq!(slices[0].view().devices.len(), 1);
+        opts.taint_unhealthy = true;
+        let slices = render_pool(&node(), &devices, &opts).unwrap();
+        let view = slices[0].view();
+        assert_eq!(view.devices.len(), 2);
+        assert_eq!(view.devices[1].unhealthy, devices[1].unhealthy);
+    }
+
+    #[test]
+    fn empty_node_still_publishes_one_slice() {
+        let opts = PoolOptions::new("vgpu.hami.io", ApiVersion::V1beta1);
+        let slices = render_pool(&node(), &[], &opts).unwrap();
+        assert_eq!(slices.len(), 1);
+        assert_eq!(slices[0].view().resource_slice_count, 1);
+    }
+
+    #[test]
+    fn refuses_bad_driver_pool_and_duplicates() {
+        let devices = gpu_devices(&[gpu(0)]).unwrap();
+        let opts = PoolOptions::new("Not_A_Driver", ApiVersion::V1);
+        assert!(matches!(
+            render_pool(&node(), &devices, &opts),
+            Err(SliceError::DriverName(_))
+        ));
+        let opts = PoolOptions::new("vgpu.hami.io", ApiVersion::V1);
+        let bad_node = NodeRef {
+            name: "Node_1".into(),
+            uid: "x".into(),
+        };
+        assert!(matches!(
+            render_pool(&bad_node, &devices, &opts),
+            Err(SliceError::PoolName(_))
+        ));
+        let dup = vec![devices[0].clone(), devices[0].clone()];
+        assert!(matches!(
+            render_pool(&node(), &dup, &opts),
+            Err(SliceError::DuplicateDevice(_))
+        ));
+    }
+}
