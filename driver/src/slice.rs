@@ -1,7 +1,7 @@
 //! Rendering a node's GPUs into ResourceSlice objects (resource.k8s.io v1beta1 for Kubernetes
 //! 1.32–1.33, v1 for 1.34+) within the API's limits, and reading published slices back.
 
-use crate::capacity::{CORES, FULL_CORES, MEMORY};
+use crate::capacity::{CORES, FULL_CORES, MEMORY, NATIVE_CORES_MIN, NATIVE_MEMORY_STEP};
 use crate::gpu::{Gpu, semver_of};
 use crate::names::{is_dns_label, is_driver_name, is_qualified_name};
 use crate::quantity::Quantity;
@@ -57,6 +57,10 @@ pub struct PublishedDevice {
     pub capacity: BTreeMap<String, Quantity>,
     /// Set when the device is unhealthy: the reason.
     pub unhealthy: Option<String>,
+    /// Native sharing (DRA consumable capacity, 1.34+): the kube-scheduler may allocate the
+    /// device to many claims, each consuming part of `memory` and `cores` under the request
+    /// policies of [`capacity_request_policy`].
+    pub allow_multiple_allocations: bool,
 }
 
 /// Why a set of devices cannot be published.
@@ -170,11 +174,40 @@ pub fn gpu_devices(gpus: &[Gpu]) -> Result<Vec<PublishedDevice>, SliceError> {
                 attributes,
                 capacity,
                 unhealthy: None,
+                allow_multiple_allocations: false,
             };
             validate_device(&device)?;
             Ok(device)
         })
         .collect()
+}
+
+/// The request policy a natively shared device publishes for a capacity: memory from
+/// [`NATIVE_MEMORY_STEP`] in steps of it, cores from 1 to 100 in steps of 1. No default: a
+/// claim that asks for no amount consumes the whole capacity (the API's rule), which keeps an
+/// unsized claim from silently sharing.
+pub fn capacity_request_policy(name: &str, total: &Quantity) -> Option<RequestPolicy> {
+    match name {
+        MEMORY => Some(RequestPolicy {
+            min: Quantity::from_units(NATIVE_MEMORY_STEP as i64),
+            max: *total,
+            step: Quantity::from_units(NATIVE_MEMORY_STEP as i64),
+        }),
+        CORES => Some(RequestPolicy {
+            min: Quantity::from_units(NATIVE_CORES_MIN.into()),
+            max: Quantity::from_units(FULL_CORES.into()),
+            step: Quantity::from_units(1),
+        }),
+        _ => None,
+    }
+}
+
+/// `requestPolicy.validRange` of a consumable capacity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RequestPolicy {
+    pub min: Quantity,
+    pub max: Quantity,
+    pub step: Quantity,
 }
 
 /// The NVLink peers a published device lists, as device names.
@@ -443,11 +476,24 @@ macro_rules! attribute_conversions {
             d.capacity
                 .iter()
                 .map(|(k, q)| {
+                    let request_policy = d
+                        .allow_multiple_allocations
+                        .then(|| capacity_request_policy(k, q))
+                        .flatten()
+                        .map(|p| $m::CapacityRequestPolicy {
+                            default: None,
+                            valid_values: None,
+                            valid_range: Some($m::CapacityRequestPolicyRange {
+                                min: k8s_quantity(&p.min),
+                                max: Some(k8s_quantity(&p.max)),
+                                step: Some(k8s_quantity(&p.step)),
+                            }),
+                        });
                     (
                         k.clone(),
                         $m::DeviceCapacity {
                             value: k8s_quantity(q),
-                            request_policy: None,
+                            request_policy,
                         },
                     )
                 })
@@ -468,6 +514,7 @@ macro_rules! attribute_conversions {
             attributes: Option<&BTreeMap<String, $m::DeviceAttribute>>,
             capacity: Option<&BTreeMap<String, $m::DeviceCapacity>>,
             taints: Option<&Vec<$m::DeviceTaint>>,
+            allow_multiple_allocations: Option<bool>,
         ) -> PublishedDevice {
             PublishedDevice {
                 name: name.to_string(),
@@ -486,6 +533,7 @@ macro_rules! attribute_conversions {
                     .flatten()
                     .find(|t| t.key == UNHEALTHY_TAINT_KEY)
                     .map(|t| t.value.clone().unwrap_or_default()),
+                allow_multiple_allocations: allow_multiple_allocations.unwrap_or(false),
             }
         }
     };
@@ -500,6 +548,7 @@ mod conv_v1 {
             attributes: Some(attrs(d)),
             capacity: Some(caps(d)),
             taints: taints(d),
+            allow_multiple_allocations: d.allow_multiple_allocations.then_some(true),
             ..Default::default()
         }
     }
@@ -509,6 +558,7 @@ mod conv_v1 {
             d.attributes.as_ref(),
             d.capacity.as_ref(),
             d.taints.as_ref(),
+            d.allow_multiple_allocations,
         )
     }
 }
@@ -523,6 +573,7 @@ mod conv_v1beta1 {
                 attributes: Some(attrs(d)),
                 capacity: Some(caps(d)),
                 taints: taints(d),
+                allow_multiple_allocations: d.allow_multiple_allocations.then_some(true),
                 ..Default::default()
             }),
         }
@@ -534,6 +585,7 @@ mod conv_v1beta1 {
             basic.and_then(|b| b.attributes.as_ref()),
             basic.and_then(|b| b.capacity.as_ref()),
             basic.and_then(|b| b.taints.as_ref()),
+            basic.and_then(|b| b.allow_multiple_allocations),
         )
     }
 }
@@ -735,6 +787,43 @@ mod tests {
         let view = slices[0].view();
         assert_eq!(view.devices.len(), 2);
         assert_eq!(view.devices[1].unhealthy, devices[1].unhealthy);
+    }
+
+    #[test]
+    fn native_sharing_publishes_request_policies() {
+        let mut devices = gpu_devices(&[gpu(0)]).unwrap();
+        devices[0].allow_multiple_allocations = true;
+        let opts = PoolOptions::new("vgpu.hami.io", ApiVersion::V1);
+        let slices = render_pool(&node(), &devices, &opts).unwrap();
+        let json = slices[0].to_json();
+        let d = &json["spec"]["devices"][0];
+        assert_eq!(d["allowMultipleAllocations"], true);
+        assert_eq!(
+            d["capacity"]["memory"]["requestPolicy"]["validRange"]["step"],
+            "256Mi"
+        );
+        assert_eq!(
+            d["capacity"]["memory"]["requestPolicy"]["validRange"]["max"],
+            "81559Mi"
+        );
+        assert_eq!(
+            d["capacity"]["cores"]["requestPolicy"]["validRange"]["min"],
+            "1"
+        );
+        assert_eq!(slices[0].view().devices, devices);
+        // Without native sharing no policy and no flag are published.
+        let plain =
+            render_pool(&node(), &gpu_devices(&[gpu(0)]).unwrap(), &opts).unwrap()[0].to_json();
+        assert!(
+            plain["spec"]["devices"][0]
+                .get("allowMultipleAllocations")
+                .is_none()
+        );
+        assert!(
+            plain["spec"]["devices"][0]["capacity"]["memory"]
+                .get("requestPolicy")
+                .is_none()
+        );
     }
 
     #[test]

@@ -182,3 +182,94 @@ fn the_schema_check_rejects_wrong_objects() {
     let report = validate_k8s(&[broken], "1.32.0").unwrap_err();
     assert!(report.contains("attributes"), "{report}");
 }
+
+/// Native sharing (consumable capacity): the v1 fields of 1.34 validate.
+#[test]
+fn native_sharing_slices_and_allocations_validate_against_kubernetes_1_34() {
+    let mut devices = gpu_devices(&hgx_h100()).unwrap();
+    for d in &mut devices {
+        d.allow_multiple_allocations = true;
+    }
+    let opts = PoolOptions::new("vgpu.hami.io", ApiVersion::V1);
+    let mut objects: Vec<serde_json::Value> = render_pool(&node(), &devices, &opts)
+        .unwrap()
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| name_it(s.to_json(), i))
+        .collect();
+    assert_eq!(
+        objects[0]["spec"]["devices"][0]["allowMultipleAllocations"],
+        true
+    );
+    let mut a = allocation();
+    for r in &mut a.results {
+        r.share_id = Some("3f1e2d4c-5b6a-4789-8abc-def012345678".into());
+        r.consumed_capacity = [
+            ("memory".to_string(), Quantity::parse("4Gi").unwrap()),
+            ("cores".to_string(), Quantity::from_units(30)),
+        ]
+        .into();
+    }
+    let claim = v1::ResourceClaim {
+        metadata: meta(),
+        spec: v1::ResourceClaimSpec {
+            devices: Some(v1::DeviceClaim {
+                requests: Some(vec![v1::DeviceRequest {
+                    name: "gpu".into(),
+                    exactly: Some(v1::ExactDeviceRequest {
+                        device_class_name: "gpu-native.vgpu.hami.io".into(),
+                        count: Some(2),
+                        capacity: Some(v1::CapacityRequirements {
+                            requests: Some(
+                                [
+                                    (
+                                        "memory".to_string(),
+                                        k8s_openapi::apimachinery::pkg::api::resource::Quantity(
+                                            "4Gi".into(),
+                                        ),
+                                    ),
+                                    (
+                                        "cores".to_string(),
+                                        k8s_openapi::apimachinery::pkg::api::resource::Quantity(
+                                            "30".into(),
+                                        ),
+                                    ),
+                                ]
+                                .into(),
+                            ),
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+        },
+        status: Some(v1::ResourceClaimStatus {
+            allocation: Some(a.to_v1()),
+            ..Default::default()
+        }),
+    };
+    let claim = serde_json::to_value(&claim).unwrap();
+    assert_eq!(
+        claim["status"]["allocation"]["devices"]["results"][0]["consumedCapacity"]["memory"],
+        "4Gi"
+    );
+    objects.push(claim);
+    validate_k8s(&objects, "1.34.0").unwrap();
+    // 1.33 has no consumable capacity: its v1beta1 rejects the fields that 1.34's accepts, so
+    // the plugin must only publish them where the API has them.
+    let beta = render_pool(
+        &node(),
+        &devices,
+        &PoolOptions::new("vgpu.hami.io", ApiVersion::V1beta1),
+    )
+    .unwrap();
+    let beta = name_it(beta[0].to_json(), 0);
+    validate_k8s(std::slice::from_ref(&beta), "1.34.0").unwrap();
+    let report = validate_k8s(&[beta], "1.33.0").unwrap_err();
+    assert!(
+        report.contains("requestPolicy") || report.contains("allowMultipleAllocations"),
+        "{report}"
+    );
+}
