@@ -17,4 +17,12 @@ if ! command -v podman >/dev/null || ! command -v runc >/dev/null || [ ! -x /bin
   fi
 fi
 
+# Deployment manifests and examples against the official schemas (needs kubectl for Kustomize).
+if command -v kubectl >/dev/null; then
+  hack/check-manifests.sh
+else
+  echo "hack/test.sh: kubectl is needed to render the Kustomize overlays" >&2
+  exit 1
+fi
+
 exec cargo test --workspace "$@"

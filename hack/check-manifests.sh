@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Render every Kustomize overlay and validate it, and every example, strictly against the
+# official schemas of the Kubernetes versions it targets (kubernetes-validate).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+
+validate() { # version files...
+  local version=$1; shift
+  python3 -m kubernetes_validate --strict --quiet --no-warn -k "$version" "$@"
+}
+
+hack/examples-v1beta1.py --check
+
+kubectl kustomize deploy/overlays/k8s-1.32 > "$out/k8s-1.32.yaml"
+kubectl kustomize deploy/overlays/k8s-1.34 > "$out/k8s-1.34.yaml"
+kubectl kustomize deploy/overlays/fake-gpus > "$out/fake-gpus.yaml"
+
+validate 1.32.0 "$out/k8s-1.32.yaml" deploy/examples/v1beta1/*.yaml
+validate 1.33.0 "$out/k8s-1.32.yaml" deploy/examples/v1beta1/*.yaml
+validate 1.34.0 "$out/k8s-1.34.yaml" "$out/fake-gpus.yaml" deploy/examples/v1/*.yaml
+validate 1.35.0 "$out/k8s-1.34.yaml" "$out/fake-gpus.yaml" deploy/examples/v1/*.yaml
+
+# The rendered objects must be the ones we mean: every overlay installs both binaries and the
+# slice class carries the controller marker.
+for f in "$out"/*.yaml; do
+  grep -q 'name: vgpu-kubelet-plugin' "$f" && grep -q 'name: vgpu-controller' "$f" ||
+    { echo "$f lacks the plugin or the controller" >&2; exit 1; }
+  grep -q 'has(device.attributes\["vgpu.hami.io"\].allocatedByController)' "$f" ||
+    { echo "$f: the gpu-slice class lacks the controller marker" >&2; exit 1; }
+done
+echo "manifests: 3 overlays and $(ls deploy/examples/v1/*.yaml | wc -l) examples × 2 API versions validate"
