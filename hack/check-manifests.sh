@@ -16,9 +16,10 @@ hack/examples-v1beta1.py --check
 kubectl kustomize deploy/overlays/k8s-1.32 > "$out/k8s-1.32.yaml"
 kubectl kustomize deploy/overlays/k8s-1.34 > "$out/k8s-1.34.yaml"
 kubectl kustomize deploy/overlays/fake-gpus > "$out/fake-gpus.yaml"
+kubectl kustomize deploy/overlays/fake-gpus-1.32 > "$out/fake-gpus-1.32.yaml"
 
-validate 1.32.0 "$out/k8s-1.32.yaml" deploy/examples/v1beta1/*.yaml
-validate 1.33.0 "$out/k8s-1.32.yaml" deploy/examples/v1beta1/*.yaml
+validate 1.32.0 "$out/k8s-1.32.yaml" "$out/fake-gpus-1.32.yaml" deploy/examples/v1beta1/*.yaml
+validate 1.33.0 "$out/k8s-1.32.yaml" "$out/fake-gpus-1.32.yaml" deploy/examples/v1beta1/*.yaml
 validate 1.34.0 "$out/k8s-1.34.yaml" "$out/fake-gpus.yaml" deploy/examples/v1/*.yaml
 validate 1.35.0 "$out/k8s-1.34.yaml" "$out/fake-gpus.yaml" deploy/examples/v1/*.yaml
 
@@ -30,4 +31,6 @@ for f in "$out"/*.yaml; do
   grep -q 'has(device.attributes\["vgpu.hami.io"\].allocatedByController)' "$f" ||
     { echo "$f: the gpu-slice class lacks the controller marker" >&2; exit 1; }
 done
-echo "manifests: 3 overlays and $(ls deploy/examples/v1/*.yaml | wc -l) examples × 2 API versions validate"
+grep -q 'vgpu.hami.io/fake-gpus' "$out/fake-gpus-1.32.yaml" && grep -q 'resource.k8s.io/v1beta1' "$out/fake-gpus-1.32.yaml" ||
+  { echo "the 1.32 fake-GPU overlay is not a 1.32 fake-GPU installation" >&2; exit 1; }
+echo "manifests: 4 overlays and $(ls deploy/examples/v1/*.yaml | wc -l) examples × 2 API versions validate"
