@@ -94,7 +94,14 @@ fn every_example_runs_with_its_limits_and_mounts() {
     };
     let dir = examples_dir(&cluster);
     // (file, pod, containers, expected memory limit of GPU 0, expected SM limit)
-    let cases: &[(&str, &str, &[&str], Option<&str>, Option<&str>)] = &[
+    type Case<'a> = (
+        &'a str,
+        &'a str,
+        &'a [&'a str],
+        Option<&'a str>,
+        Option<&'a str>,
+    );
+    let cases: &[Case] = &[
         (
             "slice-2gi-30pct.yaml",
             "slice-2gi-30pct",
