@@ -1,0 +1,438 @@
+//! CEL device selectors with Kubernetes DRA semantics: `device.driver`,
+//! `device.attributes["<domain>"].<id>`, `device.capacity["<domain>"].<id>` (quantities with
+//! `compareTo`, `isGreaterThan`, `isLessThan`, `asInteger`), versions as semver values, and the
+//! `quantity()` and `semver()` constructors.
+
+use cel::extractors::This;
+use cel::objects::{Opaque, Value};
+use cel::{Context, ExecutionError, Program, ResolveResult};
+use std::collections::HashMap;
+use std::sync::Arc;
+use vgpu_driver::Quantity;
+use vgpu_driver::slice::{AttributeValue, PublishedDevice};
+
+/// A Kubernetes quantity inside CEL; equal when numerically equal.
+#[derive(Debug, PartialEq, Eq)]
+struct CelQuantity(Quantity);
+
+impl Opaque for CelQuantity {
+    fn runtime_type_name(&self) -> &str {
+        "kubernetes.Quantity"
+    }
+}
+
+/// A semantic version inside CEL (major, minor, patch, pre-release).
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Semver(u64, u64, u64, String);
+
+impl Opaque for Semver {
+    fn runtime_type_name(&self) -> &str {
+        "kubernetes.Semver"
+    }
+}
+
+fn parse_semver(s: &str) -> Option<Semver> {
+    let core_end = s.find(['-', '+']).unwrap_or(s.len());
+    let pre = s[core_end..]
+        .strip_prefix('-')
+        .map(|p| p.split('+').next().unwrap_or("").to_string())
+        .unwrap_or_default();
+    let mut parts = s[..core_end].split('.');
+    let mut next = || -> Option<u64> {
+        let p = parts.next()?;
+        (!p.is_empty()
+            && p.bytes().all(|b| b.is_ascii_digit())
+            && (p == "0" || !p.starts_with('0')))
+        .then(|| p.parse().ok())
+        .flatten()
+    };
+    let v = Semver(next()?, next()?, next()?, pre);
+    parts.next().is_none().then_some(v)
+}
+
+fn type_error(function: &str, message: &str) -> ExecutionError {
+    ExecutionError::function_error(function, message)
+}
+
+fn quantity_fn(s: Arc<String>) -> ResolveResult {
+    Quantity::parse(&s)
+        .map(|q| Value::Opaque(Arc::new(CelQuantity(q))))
+        .map_err(|e| type_error("quantity", &e.to_string()))
+}
+
+fn semver_fn(s: Arc<String>) -> ResolveResult {
+    parse_semver(&s)
+        .map(|v| Value::Opaque(Arc::new(v)))
+        .ok_or_else(|| type_error("semver", &format!("{s:?} is not a semantic version")))
+}
+
+fn is_quantity_fn(s: Arc<String>) -> bool {
+    Quantity::parse(&s).is_ok()
+}
+
+fn is_semver_fn(s: Arc<String>) -> bool {
+    parse_semver(&s).is_some()
+}
+
+/// Compare two quantities or two versions.
+fn ordering(function: &str, a: &Value, b: &Value) -> Result<std::cmp::Ordering, ExecutionError> {
+    if let (Value::Opaque(a), Value::Opaque(b)) = (a, b) {
+        if let (Some(a), Some(b)) = (
+            a.downcast_ref::<CelQuantity>(),
+            b.downcast_ref::<CelQuantity>(),
+        ) {
+            return Ok(a.0.cmp(&b.0));
+        }
+        if let (Some(a), Some(b)) = (a.downcast_ref::<Semver>(), b.downcast_ref::<Semver>()) {
+            // A pre-release sorts before its release; otherwise numeric order.
+            let core = (a.0, a.1, a.2).cmp(&(b.0, b.1, b.2));
+            return Ok(core.then_with(|| match (a.3.is_empty(), b.3.is_empty()) {
+                (true, true) => std::cmp::Ordering::Equal,
+                (true, false) => std::cmp::Ordering::Greater,
+                (false, true) => std::cmp::Ordering::Less,
+                (false, false) => a.3.cmp(&b.3),
+            }));
+        }
+    }
+    Err(type_error(
+        function,
+        "needs two quantities or two semantic versions",
+    ))
+}
+
+fn compare_to(This(this): This<Value>, other: Value) -> ResolveResult {
+    Ok(Value::Int(ordering("compareTo", &this, &other)? as i64))
+}
+
+fn is_greater_than(This(this): This<Value>, other: Value) -> ResolveResult {
+    Ok(Value::Bool(
+        ordering("isGreaterThan", &this, &other)?.is_gt(),
+    ))
+}
+
+fn is_less_than(This(this): This<Value>, other: Value) -> ResolveResult {
+    Ok(Value::Bool(ordering("isLessThan", &this, &other)?.is_lt()))
+}
+
+fn as_integer(This(this): This<Value>) -> ResolveResult {
+    match &this {
+        Value::Opaque(o) => match o.downcast_ref::<CelQuantity>() {
+            Some(q) if q.0.nanos() % 1_000_000_000 == 0 => i64::try_from(q.0.ceil_units())
+                .map(Value::Int)
+                .map_err(|_| type_error("asInteger", "quantity does not fit an int")),
+            Some(_) => Err(type_error("asInteger", "quantity is not an integer")),
+            None => Err(type_error("asInteger", "needs a quantity")),
+        },
+        _ => Err(type_error("asInteger", "needs a quantity")),
+    }
+}
+
+fn semver_part(function: &str, this: &Value, part: impl Fn(&Semver) -> u64) -> ResolveResult {
+    match this {
+        Value::Opaque(o) => o
+            .downcast_ref::<Semver>()
+            .map(|v| Value::Int(part(v) as i64))
+            .ok_or_else(|| type_error(function, "needs a semantic version")),
+        _ => Err(type_error(function, "needs a semantic version")),
+    }
+}
+
+fn major(This(this): This<Value>) -> ResolveResult {
+    semver_part("major", &this, |v| v.0)
+}
+
+fn minor(This(this): This<Value>) -> ResolveResult {
+    semver_part("minor", &this, |v| v.1)
+}
+
+fn patch(This(this): This<Value>) -> ResolveResult {
+    semver_part("patch", &this, |v| v.2)
+}
+
+/// A compiled selector expression.
+#[derive(Clone)]
+pub struct Selector {
+    pub expression: String,
+    program: Arc<Program>,
+}
+
+impl std::fmt::Debug for Selector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Selector")
+            .field("expression", &self.expression)
+            .finish()
+    }
+}
+
+/// Why a selector cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CelError {
+    #[error("CEL expression {expression:?} does not compile: {message}")]
+    Compile { expression: String, message: String },
+    #[error("CEL expression {expression:?} failed on device {device}: {message}")]
+    Runtime {
+        expression: String,
+        device: String,
+        message: String,
+    },
+    #[error("CEL expression {expression:?} returned {value} on device {device}, not a bool")]
+    NotBool {
+        expression: String,
+        device: String,
+        value: String,
+    },
+}
+
+/// `CELSelectorExpressionMaxLength`.
+pub const MAX_EXPRESSION_LEN: usize = 10 * 1024;
+
+impl Selector {
+    pub fn compile(expression: &str) -> Result<Selector, CelError> {
+        if expression.len() > MAX_EXPRESSION_LEN {
+            return Err(CelError::Compile {
+                expression: expression.chars().take(64).collect(),
+                message: format!("longer than {MAX_EXPRESSION_LEN} bytes"),
+            });
+        }
+        // The parser is not ours: a panic inside it must not take the controller down.
+        let compiled = std::panic::catch_unwind(|| Program::compile(expression));
+        match compiled {
+            Ok(Ok(program)) => Ok(Selector {
+                expression: expression.to_string(),
+                program: Arc::new(program),
+            }),
+            Ok(Err(e)) => Err(CelError::Compile {
+                expression: expression.to_string(),
+                message: e.to_string(),
+            }),
+            Err(_) => Err(CelError::Compile {
+                expression: expression.to_string(),
+                message: "the CEL parser failed".into(),
+            }),
+        }
+    }
+
+    /// Evaluate against a device built by [`device_value`].
+    pub fn matches(&self, device_name: &str, device: &Value) -> Result<bool, CelError> {
+        let mut ctx = Context::default();
+        let declared = [
+            ctx.add_function("quantity", quantity_fn),
+            ctx.add_function("semver", semver_fn),
+            ctx.add_function("isQuantity", is_quantity_fn),
+            ctx.add_function("isSemver", is_semver_fn),
+            ctx.add_function("compareTo", compare_to),
+            ctx.add_function("isGreaterThan", is_greater_than),
+            ctx.add_function("isLessThan", is_less_than),
+            ctx.add_function("asInteger", as_integer),
+            ctx.add_function("major", major),
+            ctx.add_function("minor", minor),
+            ctx.add_function("patch", patch),
+        ];
+        if let Some(Err(e)) = declared.into_iter().find(Result::is_err) {
+            return Err(CelError::Runtime {
+                expression: self.expression.clone(),
+                device: device_name.to_string(),
+                message: format!("declaring the Kubernetes CEL library: {e:?}"),
+            });
+        }
+        ctx.add_variable_from_value("device", device.clone());
+        let program = &self.program;
+        let result =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| program.execute(&ctx)));
+        match result {
+            Ok(Ok(Value::Bool(b))) => Ok(b),
+            Ok(Ok(other)) => Err(CelError::NotBool {
+                expression: self.expression.clone(),
+                device: device_name.to_string(),
+                value: format!("{other:?}"),
+            }),
+            Ok(Err(e)) => Err(CelError::Runtime {
+                expression: self.expression.clone(),
+                device: device_name.to_string(),
+                message: e.to_string(),
+            }),
+            Err(_) => Err(CelError::Runtime {
+                expression: self.expression.clone(),
+                device: device_name.to_string(),
+                message: "the CEL interpreter failed".into(),
+            }),
+        }
+    }
+}
+
+/// The `device` variable for a published device of `driver`: unprefixed attribute and
+/// capacity names belong to the driver's domain.
+pub fn device_value(driver: &str, device: &PublishedDevice) -> Value {
+    let mut attributes: HashMap<String, HashMap<String, Value>> = HashMap::new();
+    attributes.entry(driver.to_string()).or_default();
+    for (name, value) in &device.attributes {
+        let (domain, id) = name.split_once('/').unwrap_or((driver, name));
+        let v = match value {
+            AttributeValue::Int(i) => Value::Int(*i),
+            AttributeValue::Bool(b) => Value::Bool(*b),
+            AttributeValue::String(s) => Value::String(Arc::new(s.clone())),
+            AttributeValue::Version(s) => match parse_semver(s) {
+                Some(v) => Value::Opaque(Arc::new(v)),
+                None => Value::String(Arc::new(s.clone())),
+            },
+        };
+        attributes
+            .entry(domain.to_string())
+            .or_default()
+            .insert(id.to_string(), v);
+    }
+    let mut capacity: HashMap<String, HashMap<String, Value>> = HashMap::new();
+    capacity.entry(driver.to_string()).or_default();
+    for (name, q) in &device.capacity {
+        let (domain, id) = name.split_once('/').unwrap_or((driver, name));
+        capacity
+            .entry(domain.to_string())
+            .or_default()
+            .insert(id.to_string(), Value::Opaque(Arc::new(CelQuantity(*q))));
+    }
+    let to_map = |m: HashMap<String, HashMap<String, Value>>| {
+        let outer: HashMap<String, Value> = m
+            .into_iter()
+            .map(|(k, v)| (k, Value::Map(v.into())))
+            .collect();
+        Value::Map(outer.into())
+    };
+    let mut map: HashMap<String, Value> = HashMap::new();
+    map.insert("driver".into(), Value::String(Arc::new(driver.to_string())));
+    map.insert("attributes".into(), to_map(attributes));
+    map.insert("capacity".into(), to_map(capacity));
+    map.insert(
+        "allowMultipleAllocations".into(),
+        Value::Bool(device.allow_multiple_allocations),
+    );
+    Value::Map(map.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vgpu_driver::slice::gpu_devices;
+
+    fn h100() -> PublishedDevice {
+        let inv =
+            vgpu_driver::Inventory::from_yaml(include_str!("../../driver/testdata/hgx-h100.yaml"))
+                .unwrap();
+        gpu_devices(&inv.gpus).unwrap().remove(0)
+    }
+
+    fn eval(expr: &str) -> Result<bool, CelError> {
+        let dev = h100();
+        Selector::compile(expr)?.matches(&dev.name, &device_value("vgpu.hami.io", &dev))
+    }
+
+    #[test]
+    fn kubernetes_dra_semantics() {
+        assert_eq!(eval(r#"device.driver == "vgpu.hami.io""#), Ok(true));
+        assert_eq!(eval(r#"device.driver == "gpu.nvidia.com""#), Ok(false));
+        assert_eq!(
+            eval(r#"device.attributes["vgpu.hami.io"].productName.startsWith("NVIDIA H100")"#),
+            Ok(true)
+        );
+        assert_eq!(
+            eval(r#"device.attributes["vgpu.hami.io"].index == 0"#),
+            Ok(true)
+        );
+        assert_eq!(
+            eval(r#"device.attributes["resource.kubernetes.io"].pciBusID == "0000:18:00.0""#),
+            Ok(true)
+        );
+        assert_eq!(
+            eval(r#"device.capacity["vgpu.hami.io"].memory.compareTo(quantity("40Gi")) >= 0"#),
+            Ok(true)
+        );
+        assert_eq!(
+            eval(r#"device.capacity["vgpu.hami.io"].memory.compareTo(quantity("81559Mi")) == 0"#),
+            Ok(true)
+        );
+        assert_eq!(
+            eval(r#"device.capacity["vgpu.hami.io"].memory.isGreaterThan(quantity("100Gi"))"#),
+            Ok(false)
+        );
+        assert_eq!(
+            eval(r#"device.capacity["vgpu.hami.io"].cores.asInteger() == 100"#),
+            Ok(true)
+        );
+        assert_eq!(
+            eval(r#"device.capacity["vgpu.hami.io"].memory == quantity("81559Mi")"#),
+            Ok(true)
+        );
+        assert_eq!(
+            eval(
+                r#"device.attributes["vgpu.hami.io"].driverVersion.isGreaterThan(semver("550.0.0"))"#
+            ),
+            Ok(true)
+        );
+        assert_eq!(
+            eval(
+                r#"device.attributes["vgpu.hami.io"].cudaComputeCapability.compareTo(semver("9.0.0")) == 0"#
+            ),
+            Ok(true)
+        );
+        assert_eq!(
+            eval(r#"device.attributes["vgpu.hami.io"].driverVersion.major() == 560"#),
+            Ok(true)
+        );
+        assert_eq!(
+            eval(r#"has(device.attributes["vgpu.hami.io"].allocatedByController)"#),
+            Ok(false)
+        );
+        assert_eq!(
+            eval(r#"has(device.attributes["vgpu.hami.io"].uuid)"#),
+            Ok(true)
+        );
+        assert_eq!(
+            eval(r#"device.attributes["vgpu.hami.io"].numaNode in [0, 1]"#),
+            Ok(true)
+        );
+        assert_eq!(eval(r#"!device.allowMultipleAllocations"#), Ok(true));
+        assert_eq!(
+            eval(r#"semver("1.2.3-rc.1").isLessThan(semver("1.2.3"))"#),
+            Ok(true)
+        );
+    }
+
+    #[test]
+    fn errors_are_reported_not_panicked() {
+        assert!(matches!(
+            eval("device.driver =="),
+            Err(CelError::Compile { .. })
+        ));
+        assert!(matches!(
+            eval(r#"device.attributes["vgpu.hami.io"].nope == 1"#),
+            Err(CelError::Runtime { .. })
+        ));
+        assert!(matches!(
+            eval(r#"quantity("4GB").isGreaterThan(quantity("1"))"#),
+            Err(CelError::Runtime { .. })
+        ));
+        assert!(matches!(
+            eval(r#"device.driver"#),
+            Err(CelError::NotBool { .. })
+        ));
+        assert!(matches!(
+            eval(&"1 == 1 && ".repeat(2000)),
+            Err(CelError::Compile { .. })
+        ));
+        assert!(matches!(
+            eval(r#"quantity("1").compareTo(semver("1.0.0")) == 0"#),
+            Err(CelError::Runtime { .. })
+        ));
+    }
+
+    #[test]
+    fn semver_parsing() {
+        assert_eq!(parse_semver("1.2.3"), Some(Semver(1, 2, 3, String::new())));
+        assert_eq!(
+            parse_semver("1.2.3-beta+build"),
+            Some(Semver(1, 2, 3, "beta".into()))
+        );
+        assert_eq!(parse_semver("01.2.3"), None);
+        assert_eq!(parse_semver("1.2"), None);
+        assert_eq!(parse_semver("1.2.3.4"), None);
+    }
+}

@@ -1,0 +1,748 @@
+//! The allocation engine: given the cluster state rebuilt from the API server, choose a node
+//! and GPUs for one claim under the node and GPU policies, topology preferences, selectors and
+//! constraints. Pure: the controller loop and the simulator run the same code.
+
+pub mod state;
+
+use crate::cel::{CelError, Selector};
+use crate::model::{
+    ClaimView, ClassView, Count, NodeView, PodView, matches_node_selector, tolerates,
+};
+use state::{ClusterState, Holding};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use vgpu_driver::allocation::{AllocatedDevice, ClaimAllocation};
+use vgpu_driver::config::{Policy, SliceConfig, Topology, effective_config};
+use vgpu_driver::slice::{AttributeValue, SliceView};
+use vgpu_driver::{Capacity, ConfigEntry, ConfigSource, SliceLimits};
+
+/// Cluster-wide defaults; a claim's `scheduling` overrides them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Policies {
+    pub node: Policy,
+    pub gpu: Policy,
+    pub topology: Topology,
+}
+
+impl Default for Policies {
+    /// HAMi's defaults: binpack nodes, spread over a node's GPUs; NVLink preferred.
+    fn default() -> Self {
+        Policies {
+            node: Policy::Binpack,
+            gpu: Policy::Spread,
+            topology: Topology::Preferred,
+        }
+    }
+}
+
+/// Why a claim was not allocated.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// None of the claim's requests uses a class of ours: not the controller's business.
+    #[error("not allocated by this controller: {0}")]
+    NotOurs(String),
+    /// The claim cannot be allocated as written (missing class, bad selector or config).
+    #[error("{0}")]
+    Invalid(String),
+    /// No node has room now; retried when capacity changes.
+    #[error("{0}")]
+    Unschedulable(String),
+}
+
+/// Inputs for one engine, version-neutral.
+#[derive(Clone, Debug, Default)]
+pub struct Inputs {
+    pub nodes: Vec<NodeView>,
+    pub slices: Vec<SliceView>,
+    pub classes: Vec<ClassView>,
+    pub claims: Vec<ClaimView>,
+    pub pods: Vec<PodView>,
+}
+
+/// How one alternative of a request is to be satisfied.
+#[derive(Clone, Debug)]
+struct AltPlan {
+    result_name: String,
+    class: String,
+    count: Count,
+    admin_access: bool,
+    selectors: Vec<usize>,
+    config: SliceConfig,
+}
+
+#[derive(Clone, Debug)]
+struct RequestPlan {
+    name: String,
+    alternatives: Vec<AltPlan>,
+}
+
+/// What one request got on a node.
+#[derive(Clone, Debug)]
+struct Placed {
+    result_name: String,
+    class: String,
+    admin_access: bool,
+    gpus: Vec<(usize, SliceLimits)>,
+}
+
+/// The allocator.
+pub struct Engine {
+    pub state: ClusterState,
+    classes: HashMap<String, ClassView>,
+    policies: Policies,
+    selector_ids: HashMap<String, usize>,
+    selectors: Vec<Result<Selector, CelError>>,
+    /// Per selector, per GPU: 0 not evaluated, 1 matches, 2 does not, 3 failed.
+    matches: Vec<Vec<u8>>,
+}
+
+const UNKNOWN: u8 = 0;
+const YES: u8 = 1;
+const NO: u8 = 2;
+const FAILED: u8 = 3;
+
+impl Engine {
+    pub fn new(driver: &str, inputs: &Inputs, policies: Policies) -> Engine {
+        Engine {
+            state: ClusterState::build(
+                driver,
+                &inputs.nodes,
+                &inputs.slices,
+                &inputs.claims,
+                &inputs.pods,
+            ),
+            classes: inputs
+                .classes
+                .iter()
+                .map(|c| (c.name.clone(), c.clone()))
+                .collect(),
+            policies,
+            selector_ids: HashMap::new(),
+            selectors: Vec::new(),
+            matches: Vec::new(),
+        }
+    }
+
+    pub fn driver(&self) -> &str {
+        &self.state.driver
+    }
+
+    pub fn policies(&self) -> Policies {
+        self.policies
+    }
+
+    /// Whether the claim uses one of our (controller-allocated) classes.
+    pub fn is_ours(&self, claim: &ClaimView) -> bool {
+        claim
+            .requests
+            .iter()
+            .flat_map(|r| &r.alternatives)
+            .any(|a| self.classes.get(&a.class).is_some_and(|c| c.ours))
+    }
+
+    fn selector_id(&mut self, expression: &str) -> usize {
+        if let Some(&id) = self.selector_ids.get(expression) {
+            return id;
+        }
+        self.selectors.push(Selector::compile(expression));
+        self.matches.push(vec![UNKNOWN; self.state.gpus.len()]);
+        let id = self.selectors.len() - 1;
+        self.selector_ids.insert(expression.to_string(), id);
+        id
+    }
+
+    fn matches(&mut self, selector: usize, gpu: usize) -> Result<bool, CelError> {
+        match self.matches[selector][gpu] {
+            YES => return Ok(true),
+            NO => return Ok(false),
+            _ => {}
+        }
+        let selector_result = &self.selectors[selector];
+        let outcome = match selector_result {
+            Ok(s) => s.matches(&self.state.gpus[gpu].device.name, &self.state.gpus[gpu].cel),
+            Err(e) => Err(e.clone()),
+        };
+        self.matches[selector][gpu] = match &outcome {
+            Ok(true) => YES,
+            Ok(false) => NO,
+            Err(_) => FAILED,
+        };
+        outcome
+    }
+
+    fn plan(&mut self, claim: &ClaimView) -> Result<(Vec<RequestPlan>, Policies), Refusal> {
+        if !self.is_ours(claim) {
+            return Err(Refusal::NotOurs(format!(
+                "ResourceClaim {} uses no class allocated by the vgpu controller",
+                claim.key()
+            )));
+        }
+        if claim.requests.is_empty() {
+            return Err(Refusal::Invalid(format!(
+                "ResourceClaim {}: spec.devices.requests is empty",
+                claim.key()
+            )));
+        }
+        let driver = self.state.driver.clone();
+        let mut plans = Vec::new();
+        let mut policies = self.policies;
+        let mut overridden = (false, false, false);
+        for request in &claim.requests {
+            let mut alternatives = Vec::new();
+            for alt in &request.alternatives {
+                let class = self.classes.get(&alt.class).cloned().ok_or_else(|| {
+                    Refusal::Invalid(format!(
+                        "ResourceClaim {}: request {}: device class {} does not exist",
+                        claim.key(),
+                        alt.result_name,
+                        alt.class
+                    ))
+                })?;
+                if !class.ours {
+                    return Err(Refusal::Invalid(format!(
+                        "ResourceClaim {}: request {} uses device class {}, which the vgpu controller does not allocate; a claim cannot mix it with GPU-slice classes",
+                        claim.key(),
+                        alt.result_name,
+                        alt.class
+                    )));
+                }
+                let mut entries: Vec<ConfigEntry> = class
+                    .config
+                    .iter()
+                    .map(|c| ConfigEntry {
+                        requests: vec![alt.result_name.clone()],
+                        ..c.clone()
+                    })
+                    .collect();
+                entries.extend(claim.config.iter().cloned());
+                let config = effective_config(&entries, &driver, &alt.result_name)
+                    .map_err(|e| Refusal::Invalid(format!("ResourceClaim {}: {e}", claim.key())))?;
+                if let Some(p) = config.scheduling.node_policy.filter(|_| !overridden.0) {
+                    policies.node = p;
+                    overridden.0 = true;
+                }
+                if let Some(p) = config.scheduling.gpu_policy.filter(|_| !overridden.1) {
+                    policies.gpu = p;
+                    overridden.1 = true;
+                }
+                if let Some(t) = config.scheduling.topology.filter(|_| !overridden.2) {
+                    policies.topology = t;
+                    overridden.2 = true;
+                }
+                let mut selectors = Vec::new();
+                for expr in class.selectors.iter().chain(&alt.selectors) {
+                    let id = self.selector_id(expr);
+                    if let Err(e) = &self.selectors[id] {
+                        return Err(Refusal::Invalid(format!(
+                            "ResourceClaim {}: request {}: {e}",
+                            claim.key(),
+                            alt.result_name
+                        )));
+                    }
+                    selectors.push(id);
+                }
+                if let Count::Exact(0) = alt.count {
+                    return Err(Refusal::Invalid(format!(
+                        "ResourceClaim {}: request {}: count must be at least 1",
+                        claim.key(),
+                        alt.result_name
+                    )));
+                }
+                alternatives.push(AltPlan {
+                    result_name: alt.result_name.clone(),
+                    class: alt.class.clone(),
+                    count: alt.count,
+                    admin_access: alt.admin_access,
+                    selectors,
+                    config,
+                });
+            }
+            plans.push(RequestPlan {
+                name: request.name.clone(),
+                alternatives,
+            });
+        }
+        Ok((plans, policies))
+    }
+
+    /// Choose a node and GPUs for `claim` (used by `pod` when known), never one of `avoid`.
+    /// Nothing is charged until [`Engine::commit`].
+    pub fn allocate(
+        &mut self,
+        claim: &ClaimView,
+        pod: Option<&PodView>,
+        avoid: &BTreeSet<String>,
+    ) -> Result<ClaimAllocation, Refusal> {
+        if claim.allocation.is_some() {
+            return Err(Refusal::Invalid(format!(
+                "ResourceClaim {} is already allocated",
+                claim.key()
+            )));
+        }
+        let (plans, policies) = self.plan(claim)?;
+        let order: Vec<usize> = match policies.node {
+            Policy::Binpack => self
+                .state
+                .by_utilisation
+                .iter()
+                .rev()
+                .map(|&(_, n)| n)
+                .collect(),
+            Policy::Spread => self.state.by_utilisation.iter().map(|&(_, n)| n).collect(),
+        };
+        let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
+        let mut first_error: Option<String> = None;
+        let total_nodes = order.len();
+        for n in order {
+            if let Some(reason) = self.node_rejects(n, pod, avoid) {
+                *reasons.entry(reason).or_default() += 1;
+                continue;
+            }
+            match self.place_on_node(n, &plans, claim, policies, &mut first_error) {
+                Ok(placed) => return Ok(self.allocation_of(claim, n, placed)),
+                Err(reason) => *reasons.entry(reason).or_default() += 1,
+            }
+        }
+        let mut message = format!(
+            "0/{total_nodes} nodes with {} GPUs are available",
+            self.state.driver
+        );
+        if !reasons.is_empty() {
+            let parts: Vec<String> = reasons
+                .iter()
+                .map(|(r, c)| format!("{c} {}: {r}", if *c == 1 { "node" } else { "nodes" }))
+                .collect();
+            message.push_str(": ");
+            message.push_str(&parts.join("; "));
+        }
+        if let Some(e) = first_error {
+            message.push_str(&format!(" (selector error: {e})"));
+        }
+        Err(Refusal::Unschedulable(format!(
+            "ResourceClaim {}: {message}",
+            claim.key()
+        )))
+    }
+
+    fn node_rejects(
+        &self,
+        n: usize,
+        pod: Option<&PodView>,
+        avoid: &BTreeSet<String>,
+    ) -> Option<String> {
+        let node = &self.state.nodes[n];
+        if avoid.contains(&node.view.name) {
+            return Some("rejected by the scheduler before".into());
+        }
+        let pod = pod?;
+        if let Some(bound) = &pod.node_name {
+            return (bound != &node.view.name).then(|| "the pod is bound to another node".into());
+        }
+        if node.view.unschedulable {
+            let taint = k8s_openapi::api::core::v1::Taint {
+                key: "node.kubernetes.io/unschedulable".into(),
+                effect: "NoSchedule".into(),
+                ..Default::default()
+            };
+            if !tolerates(&pod.tolerations, &taint) {
+                return Some("node is unschedulable".into());
+            }
+        }
+        if !pod
+            .node_selector
+            .iter()
+            .all(|(k, v)| node.view.labels.get(k) == Some(v))
+        {
+            return Some("node does not match the pod's nodeSelector".into());
+        }
+        if pod
+            .affinity
+            .as_ref()
+            .is_some_and(|a| !matches_node_selector(a, &node.view))
+        {
+            return Some("node does not match the pod's required node affinity".into());
+        }
+        if let Some(t) = node.view.taints.iter().find(|t| {
+            matches!(t.effect.as_str(), "NoSchedule" | "NoExecute")
+                && !tolerates(&pod.tolerations, t)
+        }) {
+            return Some(format!("node has untolerated taint {}", t.key));
+        }
+        if node
+            .view
+            .cpu_millis
+            .is_some_and(|cap| node.cpu_requested + pod.cpu_millis > cap)
+        {
+            return Some("insufficient cpu".into());
+        }
+        if node
+            .view
+            .memory_bytes
+            .is_some_and(|cap| node.memory_requested + pod.memory_bytes > cap)
+        {
+            return Some("insufficient memory".into());
+        }
+        None
+    }
+
+    /// The slice an alternative takes of GPU `g`, if it fits there now.
+    fn fit(&self, alt: &AltPlan, g: usize) -> Option<SliceLimits> {
+        let gpu = &self.state.gpus[g];
+        let limits = alt.config.resolve(gpu.total.memory_bytes).ok()?;
+        if alt.admin_access {
+            return Some(limits);
+        }
+        if limits.exclusive {
+            return (gpu.holders == 0 && gpu.used == Capacity::default()).then_some(limits);
+        }
+        if gpu.exclusive {
+            return None;
+        }
+        let want = Capacity {
+            memory_bytes: limits.memory_bytes,
+            cores: u32::from(limits.cores),
+        };
+        gpu.total.fits(&gpu.used, &want).then_some(limits)
+    }
+
+    fn candidates(
+        &mut self,
+        n: usize,
+        alt: &AltPlan,
+        taken: &BTreeSet<usize>,
+        first_error: &mut Option<String>,
+    ) -> Vec<(usize, SliceLimits)> {
+        let gpus = self.state.nodes[n].gpus.clone();
+        let mut out = Vec::new();
+        'gpu: for g in gpus {
+            if taken.contains(&g) {
+                continue;
+            }
+            for &s in &alt.selectors {
+                match self.matches(s, g) {
+                    Ok(true) => {}
+                    Ok(false) => continue 'gpu,
+                    Err(e) => {
+                        first_error.get_or_insert_with(|| e.to_string());
+                        continue 'gpu;
+                    }
+                }
+            }
+            if let Some(limits) = self.fit(alt, g) {
+                out.push((g, limits));
+            }
+        }
+        out
+    }
+
+    fn order(&self, candidates: &mut [(usize, SliceLimits)], policy: Policy) {
+        let gpus = &self.state.gpus;
+        candidates.sort_by(|a, b| {
+            let (ua, ub) = (gpus[a.0].utilisation_ppm(), gpus[b.0].utilisation_ppm());
+            let by_use = match policy {
+                Policy::Binpack => ub.cmp(&ua),
+                Policy::Spread => ua.cmp(&ub),
+            };
+            by_use.then(a.0.cmp(&b.0))
+        });
+    }
+
+    /// Pick `count` GPUs from ordered candidates under the topology preference.
+    fn pick(
+        &self,
+        candidates: &[(usize, SliceLimits)],
+        count: usize,
+        topology: Topology,
+    ) -> Option<Vec<(usize, SliceLimits)>> {
+        if candidates.len() < count {
+            return None;
+        }
+        if count <= 1 {
+            return candidates.first().map(|c| vec![*c]);
+        }
+        let gpus = &self.state.gpus;
+        let clique = || -> Option<Vec<(usize, SliceLimits)>> {
+            for (i, seed) in candidates.iter().enumerate() {
+                let mut chosen = vec![*seed];
+                for c in &candidates[i + 1..] {
+                    if chosen.iter().all(|(g, _)| gpus[*g].peers.contains(&c.0)) {
+                        chosen.push(*c);
+                        if chosen.len() == count {
+                            return Some(chosen);
+                        }
+                    }
+                }
+            }
+            None
+        };
+        let one_numa = || -> Option<Vec<(usize, SliceLimits)>> {
+            let mut groups: BTreeMap<i64, Vec<(usize, SliceLimits)>> = BTreeMap::new();
+            for c in candidates {
+                if let Some(numa) = gpus[c.0].numa {
+                    groups.entry(numa).or_default().push(*c);
+                }
+            }
+            // The group holding the best-ordered candidate first, keeping policy order inside.
+            let mut best: Option<(usize, Vec<(usize, SliceLimits)>)> = None;
+            for group in groups.into_values().filter(|g| g.len() >= count) {
+                let rank = candidates
+                    .iter()
+                    .position(|c| c.0 == group[0].0)
+                    .unwrap_or(usize::MAX);
+                if best.as_ref().is_none_or(|(r, _)| rank < *r) {
+                    best = Some((rank, group));
+                }
+            }
+            best.map(|(_, g)| g[..count].to_vec())
+        };
+        match topology {
+            Topology::Required => clique(),
+            Topology::Preferred => clique()
+                .or_else(one_numa)
+                .or_else(|| Some(candidates[..count].to_vec())),
+            Topology::None => Some(candidates[..count].to_vec()),
+        }
+    }
+
+    fn place_on_node(
+        &mut self,
+        n: usize,
+        plans: &[RequestPlan],
+        claim: &ClaimView,
+        policies: Policies,
+        first_error: &mut Option<String>,
+    ) -> Result<Vec<Placed>, String> {
+        // The first matchAttribute constraint is tried with every value present on the node,
+        // so an early request's choice does not doom a later one.
+        let constraint_values: Vec<Option<AttributeValue>> = match claim
+            .constraints
+            .iter()
+            .find_map(|c| c.match_attribute.as_ref())
+        {
+            Some(attr) => {
+                let mut values: Vec<AttributeValue> = self.state.nodes[n]
+                    .gpus
+                    .iter()
+                    .filter_map(|&g| {
+                        self.state.gpus[g]
+                            .attribute(attr, &self.state.driver)
+                            .cloned()
+                    })
+                    .collect();
+                values.sort();
+                values.dedup();
+                if values.is_empty() {
+                    return Err(format!("no GPU has attribute {attr}"));
+                }
+                values.into_iter().map(Some).collect()
+            }
+            None => vec![None],
+        };
+        let mut last_reason = String::from("no GPU fits");
+        for pinned in constraint_values {
+            match self.place_with(n, plans, claim, policies, pinned.as_ref(), first_error) {
+                Ok(placed) => return Ok(placed),
+                Err(reason) => last_reason = reason,
+            }
+        }
+        Err(last_reason)
+    }
+
+    fn place_with(
+        &mut self,
+        n: usize,
+        plans: &[RequestPlan],
+        claim: &ClaimView,
+        policies: Policies,
+        pinned: Option<&AttributeValue>,
+        first_error: &mut Option<String>,
+    ) -> Result<Vec<Placed>, String> {
+        let driver = self.state.driver.clone();
+        let mut taken: BTreeSet<usize> = BTreeSet::new();
+        let mut placed: Vec<Placed> = Vec::new();
+        for plan in plans {
+            let mut reason = None;
+            let mut done = false;
+            for alt in &plan.alternatives {
+                let mut candidates = self.candidates(n, alt, &taken, first_error);
+                // Constraints over the requests already placed and this one.
+                for c in &claim.constraints {
+                    let applies =
+                        |r: &str| c.requests.is_empty() || c.requests.iter().any(|x| x == r);
+                    if !applies(&plan.name) {
+                        continue;
+                    }
+                    if let Some(attr) = &c.match_attribute {
+                        let want = pinned
+                            .cloned()
+                            .filter(|_| {
+                                claim
+                                    .constraints
+                                    .iter()
+                                    .find_map(|c| c.match_attribute.as_ref())
+                                    == Some(attr)
+                            })
+                            .or_else(|| {
+                                placed
+                                    .iter()
+                                    .filter(|p| {
+                                        applies(p.result_name.split('/').next().unwrap_or(""))
+                                    })
+                                    .flat_map(|p| p.gpus.iter())
+                                    .find_map(|(g, _)| {
+                                        self.state.gpus[*g].attribute(attr, &driver).cloned()
+                                    })
+                            });
+                        candidates.retain(|(g, _)| {
+                            let v = self.state.gpus[*g].attribute(attr, &driver);
+                            v.is_some() && want.as_ref().is_none_or(|w| v == Some(w))
+                        });
+                    }
+                    if let Some(attr) = &c.distinct_attribute {
+                        let used: Vec<AttributeValue> = placed
+                            .iter()
+                            .filter(|p| applies(p.result_name.split('/').next().unwrap_or("")))
+                            .flat_map(|p| p.gpus.iter())
+                            .filter_map(|(g, _)| {
+                                self.state.gpus[*g].attribute(attr, &driver).cloned()
+                            })
+                            .collect();
+                        candidates.retain(|(g, _)| {
+                            self.state.gpus[*g]
+                                .attribute(attr, &driver)
+                                .is_some_and(|v| !used.contains(v))
+                        });
+                    }
+                }
+                self.order(&mut candidates, policies.gpu);
+                let chosen = match alt.count {
+                    Count::All => (!candidates.is_empty()
+                        && candidates.len() == self.matching_count(n, alt, &taken))
+                    .then(|| candidates.clone()),
+                    Count::Exact(k) => self.pick(&candidates, k as usize, policies.topology),
+                };
+                match chosen {
+                    Some(gpus) => {
+                        taken.extend(gpus.iter().map(|(g, _)| *g));
+                        placed.push(Placed {
+                            result_name: alt.result_name.clone(),
+                            class: alt.class.clone(),
+                            admin_access: alt.admin_access,
+                            gpus,
+                        });
+                        done = true;
+                        break;
+                    }
+                    None => {
+                        reason.get_or_insert_with(|| {
+                            describe_shortfall(alt, candidates.len(), policies.topology)
+                        });
+                    }
+                }
+            }
+            if !done {
+                return Err(
+                    reason.unwrap_or_else(|| format!("request {} cannot be satisfied", plan.name))
+                );
+            }
+        }
+        Ok(placed)
+    }
+
+    /// How many GPUs of the node match an alternative's selectors (for allocationMode All).
+    fn matching_count(&mut self, n: usize, alt: &AltPlan, taken: &BTreeSet<usize>) -> usize {
+        let gpus = self.state.nodes[n].gpus.clone();
+        gpus.into_iter()
+            .filter(|g| !taken.contains(g))
+            .filter(|&g| {
+                alt.selectors
+                    .iter()
+                    .all(|&s| matches!(self.matches(s, g), Ok(true)))
+            })
+            .count()
+    }
+
+    fn allocation_of(&self, claim: &ClaimView, n: usize, placed: Vec<Placed>) -> ClaimAllocation {
+        let driver = self.state.driver.clone();
+        let mut results = Vec::new();
+        let mut class_requests: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for p in &placed {
+            class_requests
+                .entry(p.class.clone())
+                .or_default()
+                .push(p.result_name.clone());
+            for (g, _) in &p.gpus {
+                let gpu = &self.state.gpus[*g];
+                results.push(AllocatedDevice {
+                    request: p.result_name.clone(),
+                    driver: driver.clone(),
+                    pool: gpu.pool.clone(),
+                    device: gpu.device.name.clone(),
+                    admin_access: p.admin_access,
+                    share_id: None,
+                    consumed_capacity: BTreeMap::new(),
+                });
+            }
+        }
+        // The scheduler's layout: every class's configuration for the requests that used it
+        // (source FromClass), then the claim's own (FromClaim).
+        let mut config = Vec::new();
+        for (class, requests) in class_requests {
+            if let Some(c) = self.classes.get(&class) {
+                for entry in &c.config {
+                    config.push(ConfigEntry {
+                        source: ConfigSource::FromClass,
+                        requests: requests.clone(),
+                        ..entry.clone()
+                    });
+                }
+            }
+        }
+        config.extend(claim.config.iter().cloned());
+        ClaimAllocation {
+            namespace: claim.namespace.clone(),
+            name: claim.name.clone(),
+            uid: claim.uid.clone(),
+            results,
+            config,
+            node_name: Some(self.state.nodes[n].view.name.clone()),
+        }
+    }
+
+    /// Charge an allocation (ours or anyone's) to the GPUs it names.
+    pub fn commit(&mut self, allocation: &ClaimAllocation) {
+        let holdings: Vec<Holding> = self.state.holdings_of(allocation);
+        self.state.charge(&allocation.uid, holdings);
+    }
+
+    /// Give back what a claim held (deallocated or deleted).
+    pub fn release(&mut self, uid: &str) {
+        self.state.release(uid);
+    }
+}
+
+fn describe_shortfall(alt: &AltPlan, found: usize, topology: Topology) -> String {
+    let wanted = match alt.count {
+        Count::Exact(k) => k.to_string(),
+        Count::All => "all matching".into(),
+    };
+    let size = if alt.config.exclusive == Some(true) {
+        "an unused GPU".to_string()
+    } else {
+        let memory = match alt.config.memory {
+            Some(vgpu_driver::config::MemoryRequest::Bytes(b)) => {
+                vgpu_driver::Quantity::from_units(b as i64).to_string()
+            }
+            Some(vgpu_driver::config::MemoryRequest::Percent(p)) => format!("{p}% of memory"),
+            None => "all memory".into(),
+        };
+        format!("{memory} and {} cores free", alt.config.cores.unwrap_or(0))
+    };
+    let topo = match (alt.count, topology) {
+        (Count::Exact(k), Topology::Required) if k > 1 => " as NVLink peers",
+        _ => "",
+    };
+    format!(
+        "request {} needs {wanted} GPU(s) with {size}{topo}, {found} found",
+        alt.result_name
+    )
+}

@@ -1,0 +1,330 @@
+//! The cluster as the allocator sees it: nodes with their GPUs, and what every allocated claim
+//! holds of each GPU, rebuilt from the API objects alone.
+
+use crate::cel::device_value;
+use crate::model::{ClaimView, NodeView, PodView};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use vgpu_driver::capacity::{CORES, MEMORY};
+use vgpu_driver::slice::{AttributeValue, PublishedDevice, SliceView, nvlink_peer_names};
+use vgpu_driver::{Capacity, SliceLimits};
+
+/// One GPU of a node.
+#[derive(Debug)]
+pub struct GpuState {
+    pub node: usize,
+    pub pool: String,
+    pub device: PublishedDevice,
+    /// The CEL `device` variable, built once.
+    pub cel: cel::objects::Value,
+    pub total: Capacity,
+    pub used: Capacity,
+    /// Claims holding a part of this GPU (admin access excluded).
+    pub holders: u32,
+    pub exclusive: bool,
+    pub numa: Option<i64>,
+    /// NVLink peers on the same node (indices into the GPU table).
+    pub peers: Vec<usize>,
+}
+
+impl GpuState {
+    pub fn free(&self) -> Capacity {
+        self.total.saturating_sub(&self.used)
+    }
+
+    /// Utilisation in parts per million, memory and cores weighted equally.
+    pub fn utilisation_ppm(&self) -> u64 {
+        let mem = if self.total.memory_bytes == 0 {
+            0
+        } else {
+            (u128::from(self.used.memory_bytes.min(self.total.memory_bytes)) * 500_000
+                / u128::from(self.total.memory_bytes)) as u64
+        };
+        let cores = if self.total.cores == 0 {
+            0
+        } else {
+            u64::from(self.used.cores.min(self.total.cores)) * 500_000 / u64::from(self.total.cores)
+        };
+        mem + cores
+    }
+
+    pub fn attribute(&self, qualified: &str, driver: &str) -> Option<&AttributeValue> {
+        // Attributes of the driver's own domain are published unprefixed.
+        let local = qualified
+            .strip_prefix(driver)
+            .and_then(|s| s.strip_prefix('/'))
+            .unwrap_or(qualified);
+        self.device
+            .attributes
+            .get(local)
+            .or_else(|| self.device.attributes.get(qualified))
+    }
+}
+
+/// One node with a pool of our GPUs.
+#[derive(Debug)]
+pub struct NodeState {
+    pub view: NodeView,
+    pub gpus: Vec<usize>,
+    pub cpu_requested: i128,
+    pub memory_requested: i128,
+}
+
+/// What one claim holds of one GPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Holding {
+    pub gpu: usize,
+    pub limits: SliceLimits,
+}
+
+/// Nodes, GPUs and holdings.
+#[derive(Debug, Default)]
+pub struct ClusterState {
+    pub driver: String,
+    pub nodes: Vec<NodeState>,
+    pub node_index: HashMap<String, usize>,
+    pub gpus: Vec<GpuState>,
+    pub gpu_index: HashMap<(String, String), usize>,
+    pub holdings: HashMap<String, Vec<Holding>>,
+    /// Nodes ordered by utilisation, kept current on every change.
+    pub by_utilisation: BTreeSet<(u64, usize)>,
+    node_utilisation: Vec<u64>,
+}
+
+/// The complete pools of `driver`: for each pool only its highest generation, and only when
+/// every one of its `resourceSliceCount` slices is present (the scheduler's rule).
+pub fn complete_pools<'a>(
+    driver: &str,
+    slices: &'a [SliceView],
+) -> Vec<(&'a str, &'a str, Vec<&'a PublishedDevice>)> {
+    let mut newest: BTreeMap<&str, (i64, Vec<&SliceView>)> = BTreeMap::new();
+    for s in slices.iter().filter(|s| s.driver == driver) {
+        let entry = newest
+            .entry(s.pool.as_str())
+            .or_insert((s.generation, Vec::new()));
+        if s.generation > entry.0 {
+            *entry = (s.generation, Vec::new());
+        }
+        if s.generation == entry.0 {
+            entry.1.push(s);
+        }
+    }
+    newest
+        .into_iter()
+        .filter_map(|(pool, (_, slices))| {
+            let node = slices.first()?.node_name.as_deref()?;
+            let complete = slices
+                .iter()
+                .all(|s| s.resource_slice_count == slices.len() as i64);
+            complete.then(|| {
+                (
+                    pool,
+                    node,
+                    slices
+                        .iter()
+                        .flat_map(|s| s.devices.iter())
+                        .filter(|d| d.unhealthy.is_none())
+                        .collect(),
+                )
+            })
+        })
+        .collect()
+}
+
+impl ClusterState {
+    /// Build from the API objects: every allocated claim's results of `driver` are charged to
+    /// their GPUs (a result without slice configuration holds the whole GPU); pods bound to a
+    /// node charge its CPU and memory.
+    pub fn build(
+        driver: &str,
+        nodes: &[NodeView],
+        slices: &[SliceView],
+        claims: &[ClaimView],
+        pods: &[PodView],
+    ) -> ClusterState {
+        let mut state = ClusterState {
+            driver: driver.to_string(),
+            ..Default::default()
+        };
+        let node_views: HashMap<&str, &NodeView> =
+            nodes.iter().map(|n| (n.name.as_str(), n)).collect();
+        let mut pools = complete_pools(driver, slices);
+        pools.sort_by(|a, b| a.1.cmp(b.1));
+        for (pool, node_name, devices) in pools {
+            // A pool whose Node object is missing is not schedulable.
+            let Some(view) = node_views.get(node_name) else {
+                continue;
+            };
+            let node_idx = match state.node_index.get(node_name) {
+                Some(i) => *i,
+                None => {
+                    state.nodes.push(NodeState {
+                        view: (*view).clone(),
+                        gpus: Vec::new(),
+                        cpu_requested: 0,
+                        memory_requested: 0,
+                    });
+                    state
+                        .node_index
+                        .insert(node_name.to_string(), state.nodes.len() - 1);
+                    state.nodes.len() - 1
+                }
+            };
+            for d in devices {
+                let memory = d
+                    .capacity
+                    .get(MEMORY)
+                    .and_then(|q| q.to_bytes())
+                    .unwrap_or(0);
+                let cores = d
+                    .capacity
+                    .get(CORES)
+                    .map(|q| q.ceil_units().clamp(0, 100) as u32)
+                    .unwrap_or(100);
+                let numa = match d.attributes.get("numaNode") {
+                    Some(AttributeValue::Int(n)) => Some(*n),
+                    _ => None,
+                };
+                state.gpus.push(GpuState {
+                    node: node_idx,
+                    pool: pool.to_string(),
+                    cel: device_value(driver, d),
+                    device: d.clone(),
+                    total: Capacity {
+                        memory_bytes: memory,
+                        cores,
+                    },
+                    used: Capacity::default(),
+                    holders: 0,
+                    exclusive: false,
+                    numa,
+                    peers: Vec::new(),
+                });
+                let idx = state.gpus.len() - 1;
+                state
+                    .gpu_index
+                    .insert((pool.to_string(), d.name.clone()), idx);
+                state.nodes[node_idx].gpus.push(idx);
+            }
+        }
+        for g in 0..state.gpus.len() {
+            let peers: Vec<usize> = nvlink_peer_names(&state.gpus[g].device)
+                .into_iter()
+                .filter_map(|name| {
+                    state
+                        .gpu_index
+                        .get(&(state.gpus[g].pool.clone(), name))
+                        .copied()
+                })
+                .collect();
+            state.gpus[g].peers = peers;
+        }
+        for pod in pods.iter().filter(|p| !p.finished) {
+            if let Some(&n) = pod
+                .node_name
+                .as_deref()
+                .and_then(|n| state.node_index.get(n))
+            {
+                state.nodes[n].cpu_requested += pod.cpu_millis;
+                state.nodes[n].memory_requested += pod.memory_bytes;
+            }
+        }
+        state.node_utilisation = vec![0; state.nodes.len()];
+        for n in 0..state.nodes.len() {
+            state.by_utilisation.insert((0, n));
+        }
+        for claim in claims {
+            if let Some(allocation) = &claim.allocation {
+                let holdings = state.holdings_of(allocation);
+                state.charge(&claim.uid, holdings);
+            }
+        }
+        state
+    }
+
+    /// What an allocation holds of our GPUs.
+    pub fn holdings_of(&self, allocation: &vgpu_driver::ClaimAllocation) -> Vec<Holding> {
+        allocation
+            .results
+            .iter()
+            .filter(|r| r.driver == self.driver && !r.admin_access)
+            .filter_map(|r| {
+                let gpu = *self.gpu_index.get(&(r.pool.clone(), r.device.clone()))?;
+                let memory = self.gpus[gpu].total.memory_bytes;
+                // An allocation we cannot interpret is charged as the whole GPU: never overbook.
+                let limits = allocation.slice_limits(r, memory).unwrap_or(SliceLimits {
+                    memory_bytes: memory,
+                    cores: 100,
+                    exclusive: true,
+                });
+                Some(Holding { gpu, limits })
+            })
+            .collect()
+    }
+
+    /// Charge a claim's holdings (replacing what it held before).
+    pub fn charge(&mut self, uid: &str, holdings: Vec<Holding>) {
+        self.release(uid);
+        for h in &holdings {
+            let gpu = &mut self.gpus[h.gpu];
+            if h.limits.exclusive {
+                gpu.used = gpu.used.saturating_add(&gpu.total);
+                gpu.exclusive = true;
+            } else {
+                gpu.used = gpu.used.saturating_add(&Capacity {
+                    memory_bytes: h.limits.memory_bytes,
+                    cores: u32::from(h.limits.cores),
+                });
+            }
+            gpu.holders += 1;
+        }
+        let touched: BTreeSet<usize> = holdings.iter().map(|h| self.gpus[h.gpu].node).collect();
+        self.holdings.insert(uid.to_string(), holdings);
+        for n in touched {
+            self.refresh_node(n);
+        }
+    }
+
+    /// Give back what a claim held.
+    pub fn release(&mut self, uid: &str) {
+        let Some(holdings) = self.holdings.remove(uid) else {
+            return;
+        };
+        let mut touched = BTreeSet::new();
+        for h in &holdings {
+            let gpu = &mut self.gpus[h.gpu];
+            if h.limits.exclusive {
+                gpu.used = gpu.used.saturating_sub(&gpu.total);
+                gpu.exclusive = false;
+            } else {
+                gpu.used = gpu.used.saturating_sub(&Capacity {
+                    memory_bytes: h.limits.memory_bytes,
+                    cores: u32::from(h.limits.cores),
+                });
+            }
+            gpu.holders = gpu.holders.saturating_sub(1);
+            touched.insert(gpu.node);
+        }
+        for n in touched {
+            self.refresh_node(n);
+        }
+    }
+
+    fn refresh_node(&mut self, n: usize) {
+        let gpus = &self.nodes[n].gpus;
+        let score = if gpus.is_empty() {
+            0
+        } else {
+            gpus.iter()
+                .map(|&g| self.gpus[g].utilisation_ppm())
+                .sum::<u64>()
+                / gpus.len() as u64
+        };
+        self.by_utilisation.remove(&(self.node_utilisation[n], n));
+        self.node_utilisation[n] = score;
+        self.by_utilisation.insert((score, n));
+    }
+
+    pub fn node_utilisation(&self, n: usize) -> u64 {
+        self.node_utilisation[n]
+    }
+}

@@ -1,0 +1,8 @@
+//! The cluster-wide allocator of GPU slices: the allocation engine (pure, shared by the
+//! controller loop and the simulator), CEL selectors, and the views of Kubernetes objects it
+//! reads.
+
+pub mod cel;
+pub mod engine;
+pub mod model;
+pub mod simulate;

@@ -1,0 +1,650 @@
+//! Version-neutral views of the Kubernetes objects the allocator reads: Nodes, Pods,
+//! DeviceClasses and ResourceClaims in resource.k8s.io v1 or v1beta1.
+
+use k8s_openapi::api::core::v1::{Node, NodeSelector, Pod, Taint, Toleration};
+use k8s_openapi::api::resource::{v1, v1beta1};
+use std::collections::BTreeMap;
+use vgpu_driver::class::is_controller_selector;
+use vgpu_driver::{ClaimAllocation, ConfigEntry, ConfigSource, Quantity};
+
+/// A Node as placement sees it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct NodeView {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub taints: Vec<Taint>,
+    pub unschedulable: bool,
+    /// Allocatable CPU in millicores; `None` when the node does not report it (no check).
+    pub cpu_millis: Option<i128>,
+    /// Allocatable memory in bytes; `None` when unreported.
+    pub memory_bytes: Option<i128>,
+}
+
+impl NodeView {
+    pub fn from_node(node: &Node) -> NodeView {
+        let allocatable = node.status.as_ref().and_then(|s| s.allocatable.as_ref());
+        let get = |k: &str| {
+            allocatable
+                .and_then(|a| a.get(k))
+                .and_then(|q| Quantity::parse(&q.0).ok())
+        };
+        NodeView {
+            name: node.metadata.name.clone().unwrap_or_default(),
+            labels: node.metadata.labels.clone().unwrap_or_default(),
+            taints: node
+                .spec
+                .as_ref()
+                .and_then(|s| s.taints.clone())
+                .unwrap_or_default(),
+            unschedulable: node
+                .spec
+                .as_ref()
+                .and_then(|s| s.unschedulable)
+                .unwrap_or(false),
+            cpu_millis: get("cpu").map(|q| q.nanos() / 1_000_000),
+            memory_bytes: get("memory").map(|q| q.ceil_units()),
+        }
+    }
+}
+
+/// A Pod as placement sees it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PodView {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    /// Bound node, if the pod is already scheduled.
+    pub node_name: Option<String>,
+    pub node_selector: BTreeMap<String, String>,
+    /// Required node affinity.
+    pub affinity: Option<NodeSelector>,
+    pub tolerations: Vec<Toleration>,
+    pub cpu_millis: i128,
+    pub memory_bytes: i128,
+    /// Names of the ResourceClaims the pod uses (resolved from templates through its status).
+    pub claims: Vec<String>,
+    /// Succeeded or Failed: holds no node resources.
+    pub finished: bool,
+}
+
+impl PodView {
+    pub fn from_pod(pod: &Pod) -> PodView {
+        let spec = pod.spec.as_ref();
+        let status = pod.status.as_ref();
+        let (mut cpu, mut mem) = (0i128, 0i128);
+        let request = |c: &k8s_openapi::api::core::v1::Container, k: &str| {
+            c.resources
+                .as_ref()
+                .and_then(|r| r.requests.as_ref())
+                .and_then(|r| r.get(k))
+                .and_then(|q| Quantity::parse(&q.0).ok())
+        };
+        for c in spec.map(|s| s.containers.as_slice()).unwrap_or_default() {
+            cpu += request(c, "cpu")
+                .map(|q| q.nanos() / 1_000_000)
+                .unwrap_or(0);
+            mem += request(c, "memory").map(|q| q.ceil_units()).unwrap_or(0);
+        }
+        // Init containers run one at a time before the others: the pod needs the larger of
+        // their largest request and the sum of the regular containers'.
+        for c in spec
+            .and_then(|s| s.init_containers.as_deref())
+            .unwrap_or_default()
+        {
+            cpu = cpu.max(
+                request(c, "cpu")
+                    .map(|q| q.nanos() / 1_000_000)
+                    .unwrap_or(0),
+            );
+            mem = mem.max(request(c, "memory").map(|q| q.ceil_units()).unwrap_or(0));
+        }
+        let mut claims = Vec::new();
+        for rc in spec
+            .and_then(|s| s.resource_claims.as_deref())
+            .unwrap_or_default()
+        {
+            if let Some(name) = &rc.resource_claim_name {
+                claims.push(name.clone());
+            } else if let Some(generated) = status
+                .and_then(|s| s.resource_claim_statuses.as_deref())
+                .unwrap_or_default()
+                .iter()
+                .find(|s| s.name == rc.name)
+                .and_then(|s| s.resource_claim_name.clone())
+            {
+                claims.push(generated);
+            }
+        }
+        let phase = status.and_then(|s| s.phase.as_deref()).unwrap_or("");
+        PodView {
+            namespace: pod.metadata.namespace.clone().unwrap_or_default(),
+            name: pod.metadata.name.clone().unwrap_or_default(),
+            uid: pod.metadata.uid.clone().unwrap_or_default(),
+            node_name: spec
+                .and_then(|s| s.node_name.clone())
+                .filter(|n| !n.is_empty()),
+            node_selector: spec
+                .and_then(|s| s.node_selector.clone())
+                .unwrap_or_default(),
+            affinity: spec
+                .and_then(|s| s.affinity.as_ref())
+                .and_then(|a| a.node_affinity.as_ref())
+                .and_then(|a| {
+                    a.required_during_scheduling_ignored_during_execution
+                        .clone()
+                }),
+            tolerations: spec.and_then(|s| s.tolerations.clone()).unwrap_or_default(),
+            cpu_millis: cpu,
+            memory_bytes: mem,
+            claims,
+            finished: matches!(phase, "Succeeded" | "Failed"),
+        }
+    }
+}
+
+/// A DeviceClass: its selectors (the controller marker removed) and opaque configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClassView {
+    pub name: String,
+    pub selectors: Vec<String>,
+    pub config: Vec<ConfigEntry>,
+    /// Carries the controller marker: the controller is the only allocator of its claims.
+    pub ours: bool,
+}
+
+macro_rules! class_from {
+    ($m:ident, $fn:ident) => {
+        impl ClassView {
+            pub fn $fn(class: &$m::DeviceClass) -> ClassView {
+                let mut selectors = Vec::new();
+                let mut ours = false;
+                for s in class.spec.selectors.iter().flatten() {
+                    if let Some(cel) = &s.cel {
+                        if is_controller_selector(&cel.expression) {
+                            ours = true;
+                        } else {
+                            selectors.push(cel.expression.clone());
+                        }
+                    }
+                }
+                let config = class
+                    .spec
+                    .config
+                    .iter()
+                    .flatten()
+                    .filter_map(|c| c.opaque.as_ref())
+                    .map(|o| ConfigEntry {
+                        source: ConfigSource::FromClass,
+                        requests: vec![],
+                        driver: o.driver.clone(),
+                        parameters: o.parameters.0.clone(),
+                    })
+                    .collect();
+                ClassView {
+                    name: class.metadata.name.clone().unwrap_or_default(),
+                    selectors,
+                    config,
+                    ours,
+                }
+            }
+        }
+    };
+}
+class_from!(v1, from_v1);
+class_from!(v1beta1, from_v1beta1);
+
+/// How many devices a request wants.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Count {
+    Exact(u32),
+    /// Every matching device on the chosen node (`allocationMode: All`).
+    All,
+}
+
+/// One way to satisfy a request: the request itself or one of its `firstAvailable` subrequests.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Alternative {
+    /// The name results carry: `req` or `req/sub`.
+    pub result_name: String,
+    pub class: String,
+    pub selectors: Vec<String>,
+    pub count: Count,
+    pub admin_access: bool,
+}
+
+/// A request of a claim.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RequestView {
+    pub name: String,
+    /// Tried in order; one entry for a plain request.
+    pub alternatives: Vec<Alternative>,
+}
+
+/// A matchAttribute constraint.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConstraintView {
+    /// Requests it applies to; empty = all.
+    pub requests: Vec<String>,
+    /// Fully qualified attribute name (`domain/id`).
+    pub match_attribute: Option<String>,
+    /// Fully qualified attribute name whose values must all differ.
+    pub distinct_attribute: Option<String>,
+}
+
+/// A ResourceClaim as the allocator sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClaimView {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub resource_version: Option<String>,
+    pub requests: Vec<RequestView>,
+    pub constraints: Vec<ConstraintView>,
+    /// The claim's own configuration entries (source FromClaim).
+    pub config: Vec<ConfigEntry>,
+    pub allocation: Option<ClaimAllocation>,
+    pub deleting: bool,
+    /// Pods (by UID) the claim is reserved for.
+    pub reserved_for: Vec<String>,
+    pub finalizers: Vec<String>,
+}
+
+impl ClaimView {
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+fn count_of(mode: Option<&str>, count: Option<i64>) -> Count {
+    match mode {
+        Some("All") => Count::All,
+        _ => Count::Exact(count.unwrap_or(1).clamp(0, u32::MAX as i64) as u32),
+    }
+}
+
+fn selectors_of<S>(selectors: Option<&Vec<S>>, cel: impl Fn(&S) -> Option<String>) -> Vec<String> {
+    selectors.into_iter().flatten().filter_map(cel).collect()
+}
+
+macro_rules! claim_common {
+    ($m:ident, $claim:ident) => {{
+        let devices = $claim.spec.devices.as_ref();
+        let constraints = devices
+            .and_then(|d| d.constraints.as_ref())
+            .into_iter()
+            .flatten()
+            .map(|c| ConstraintView {
+                requests: c.requests.clone().unwrap_or_default(),
+                match_attribute: c.match_attribute.clone(),
+                distinct_attribute: c.distinct_attribute.clone(),
+            })
+            .collect();
+        let config = devices
+            .and_then(|d| d.config.as_ref())
+            .into_iter()
+            .flatten()
+            .filter_map(|c| {
+                c.opaque.as_ref().map(|o| ConfigEntry {
+                    source: ConfigSource::FromClaim,
+                    requests: c.requests.clone().unwrap_or_default(),
+                    driver: o.driver.clone(),
+                    parameters: o.parameters.0.clone(),
+                })
+            })
+            .collect();
+        (constraints, config)
+    }};
+}
+
+/// Why a claim cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("ResourceClaim {claim}: {message}")]
+pub struct ClaimError {
+    pub claim: String,
+    pub message: String,
+}
+
+impl ClaimView {
+    pub fn from_v1(claim: &v1::ResourceClaim) -> Result<ClaimView, ClaimError> {
+        let devices = claim.spec.devices.as_ref();
+        let mut requests = Vec::new();
+        for r in devices
+            .and_then(|d| d.requests.as_ref())
+            .into_iter()
+            .flatten()
+        {
+            let alternatives = if let Some(e) = &r.exactly {
+                vec![Alternative {
+                    result_name: r.name.clone(),
+                    class: e.device_class_name.clone(),
+                    selectors: selectors_of(e.selectors.as_ref(), |s| {
+                        s.cel.as_ref().map(|c| c.expression.clone())
+                    }),
+                    count: count_of(e.allocation_mode.as_deref(), e.count),
+                    admin_access: e.admin_access.unwrap_or(false),
+                }]
+            } else {
+                r.first_available
+                    .iter()
+                    .flatten()
+                    .map(|s| Alternative {
+                        result_name: format!("{}/{}", r.name, s.name),
+                        class: s.device_class_name.clone(),
+                        selectors: selectors_of(s.selectors.as_ref(), |s| {
+                            s.cel.as_ref().map(|c| c.expression.clone())
+                        }),
+                        count: count_of(s.allocation_mode.as_deref(), s.count),
+                        admin_access: false,
+                    })
+                    .collect()
+            };
+            requests.push(RequestView {
+                name: r.name.clone(),
+                alternatives,
+            });
+        }
+        let (constraints, config) = claim_common!(v1, claim);
+        let allocation = match claim.status.as_ref().and_then(|s| s.allocation.as_ref()) {
+            Some(_) => Some(ClaimAllocation::from_v1(claim).map_err(|e| ClaimError {
+                claim: key_of(&claim.metadata),
+                message: e.to_string(),
+            })?),
+            None => None,
+        };
+        Ok(Self::assemble(
+            &claim.metadata,
+            requests,
+            constraints,
+            config,
+            allocation,
+            claim
+                .status
+                .as_ref()
+                .and_then(|s| s.reserved_for.as_ref())
+                .map(|r| r.iter().map(|c| c.uid.clone()).collect()),
+        ))
+    }
+
+    pub fn from_v1beta1(claim: &v1beta1::ResourceClaim) -> Result<ClaimView, ClaimError> {
+        let devices = claim.spec.devices.as_ref();
+        let mut requests = Vec::new();
+        for r in devices
+            .and_then(|d| d.requests.as_ref())
+            .into_iter()
+            .flatten()
+        {
+            let alternatives = match (&r.device_class_name, &r.first_available) {
+                (Some(class), _) => vec![Alternative {
+                    result_name: r.name.clone(),
+                    class: class.clone(),
+                    selectors: selectors_of(r.selectors.as_ref(), |s| {
+                        s.cel.as_ref().map(|c| c.expression.clone())
+                    }),
+                    count: count_of(r.allocation_mode.as_deref(), r.count),
+                    admin_access: r.admin_access.unwrap_or(false),
+                }],
+                (None, Some(subs)) => subs
+                    .iter()
+                    .map(|s| Alternative {
+                        result_name: format!("{}/{}", r.name, s.name),
+                        class: s.device_class_name.clone(),
+                        selectors: selectors_of(s.selectors.as_ref(), |s| {
+                            s.cel.as_ref().map(|c| c.expression.clone())
+                        }),
+                        count: count_of(s.allocation_mode.as_deref(), s.count),
+                        admin_access: false,
+                    })
+                    .collect(),
+                (None, None) => {
+                    return Err(ClaimError {
+                        claim: key_of(&claim.metadata),
+                        message: format!(
+                            "spec.devices.requests[{}]: neither deviceClassName nor firstAvailable is set",
+                            r.name
+                        ),
+                    });
+                }
+            };
+            requests.push(RequestView {
+                name: r.name.clone(),
+                alternatives,
+            });
+        }
+        let (constraints, config) = claim_common!(v1beta1, claim);
+        let allocation = match claim.status.as_ref().and_then(|s| s.allocation.as_ref()) {
+            Some(_) => Some(
+                ClaimAllocation::from_v1beta1(claim).map_err(|e| ClaimError {
+                    claim: key_of(&claim.metadata),
+                    message: e.to_string(),
+                })?,
+            ),
+            None => None,
+        };
+        Ok(Self::assemble(
+            &claim.metadata,
+            requests,
+            constraints,
+            config,
+            allocation,
+            claim
+                .status
+                .as_ref()
+                .and_then(|s| s.reserved_for.as_ref())
+                .map(|r| r.iter().map(|c| c.uid.clone()).collect()),
+        ))
+    }
+
+    fn assemble(
+        meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+        requests: Vec<RequestView>,
+        constraints: Vec<ConstraintView>,
+        config: Vec<ConfigEntry>,
+        allocation: Option<ClaimAllocation>,
+        reserved_for: Option<Vec<String>>,
+    ) -> ClaimView {
+        ClaimView {
+            namespace: meta.namespace.clone().unwrap_or_default(),
+            name: meta.name.clone().unwrap_or_default(),
+            uid: meta.uid.clone().unwrap_or_default(),
+            resource_version: meta.resource_version.clone(),
+            requests,
+            constraints,
+            config,
+            allocation,
+            deleting: meta.deletion_timestamp.is_some(),
+            reserved_for: reserved_for.unwrap_or_default(),
+            finalizers: meta.finalizers.clone().unwrap_or_default(),
+        }
+    }
+}
+
+fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
+    format!(
+        "{}/{}",
+        meta.namespace.as_deref().unwrap_or(""),
+        meta.name.as_deref().unwrap_or("")
+    )
+}
+
+/// Whether `tolerations` tolerate `taint` (Kubernetes' `Toleration.ToleratesTaint`).
+pub fn tolerates(tolerations: &[Toleration], taint: &Taint) -> bool {
+    tolerations.iter().any(|t| {
+        if t.effect
+            .as_deref()
+            .is_some_and(|e| !e.is_empty() && e != taint.effect)
+        {
+            return false;
+        }
+        if t.key
+            .as_deref()
+            .is_some_and(|k| !k.is_empty() && k != taint.key)
+        {
+            return false;
+        }
+        match t.operator.as_deref() {
+            None | Some("") | Some("Equal") => {
+                t.value.as_deref().unwrap_or("") == taint.value.as_deref().unwrap_or("")
+            }
+            Some("Exists") => true,
+            Some(_) => false,
+        }
+    })
+}
+
+/// Whether a node satisfies a required node selector (terms ORed, requirements ANDed).
+pub fn matches_node_selector(selector: &NodeSelector, node: &NodeView) -> bool {
+    selector.node_selector_terms.iter().any(|term| {
+        let exprs_ok = term.match_expressions.iter().flatten().all(|r| {
+            let value = node.labels.get(&r.key);
+            let values = r.values.as_deref().unwrap_or_default();
+            match r.operator.as_str() {
+                "In" => value.is_some_and(|v| values.contains(v)),
+                "NotIn" => value.is_none_or(|v| !values.contains(v)),
+                "Exists" => value.is_some(),
+                "DoesNotExist" => value.is_none(),
+                "Gt" | "Lt" => {
+                    let (Some(v), Some(bound)) = (
+                        value.and_then(|v| v.parse::<i64>().ok()),
+                        values.first().and_then(|b| b.parse::<i64>().ok()),
+                    ) else {
+                        return false;
+                    };
+                    if r.operator == "Gt" {
+                        v > bound
+                    } else {
+                        v < bound
+                    }
+                }
+                _ => false,
+            }
+        });
+        let fields_ok = term.match_fields.iter().flatten().all(|r| {
+            let values = r.values.as_deref().unwrap_or_default();
+            match (r.key.as_str(), r.operator.as_str()) {
+                ("metadata.name", "In") => values.contains(&node.name),
+                ("metadata.name", "NotIn") => !values.contains(&node.name),
+                _ => false,
+            }
+        });
+        // An empty term matches no objects.
+        let empty = term.match_expressions.as_ref().is_none_or(Vec::is_empty)
+            && term.match_fields.as_ref().is_none_or(Vec::is_empty);
+        !empty && exprs_ok && fields_ok
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{NodeSelectorRequirement, NodeSelectorTerm};
+
+    fn taint(key: &str, value: Option<&str>, effect: &str) -> Taint {
+        Taint {
+            key: key.into(),
+            value: value.map(Into::into),
+            effect: effect.into(),
+            time_added: None,
+        }
+    }
+
+    fn tol(
+        key: Option<&str>,
+        op: Option<&str>,
+        value: Option<&str>,
+        effect: Option<&str>,
+    ) -> Toleration {
+        Toleration {
+            key: key.map(Into::into),
+            operator: op.map(Into::into),
+            value: value.map(Into::into),
+            effect: effect.map(Into::into),
+            toleration_seconds: None,
+        }
+    }
+
+    #[test]
+    fn toleration_semantics() {
+        let t = taint("gpu", Some("true"), "NoSchedule");
+        assert!(tolerates(
+            &[tol(
+                Some("gpu"),
+                Some("Equal"),
+                Some("true"),
+                Some("NoSchedule")
+            )],
+            &t
+        ));
+        assert!(tolerates(
+            &[tol(Some("gpu"), Some("Exists"), None, None)],
+            &t
+        ));
+        assert!(tolerates(&[tol(None, Some("Exists"), None, None)], &t));
+        assert!(!tolerates(
+            &[tol(Some("gpu"), Some("Equal"), Some("false"), None)],
+            &t
+        ));
+        assert!(!tolerates(
+            &[tol(Some("gpu"), None, Some("true"), Some("NoExecute"))],
+            &t
+        ));
+        assert!(!tolerates(
+            &[tol(Some("other"), Some("Exists"), None, None)],
+            &t
+        ));
+        assert!(!tolerates(&[], &t));
+    }
+
+    #[test]
+    fn node_selector_semantics() {
+        let node = NodeView {
+            name: "n1".into(),
+            labels: [
+                ("zone".to_string(), "a".to_string()),
+                ("gen".to_string(), "9".to_string()),
+            ]
+            .into(),
+            ..Default::default()
+        };
+        let req = |key: &str, op: &str, values: &[&str]| NodeSelectorRequirement {
+            key: key.into(),
+            operator: op.into(),
+            values: Some(values.iter().map(|s| s.to_string()).collect()),
+        };
+        let sel = |exprs: Vec<NodeSelectorRequirement>| NodeSelector {
+            node_selector_terms: vec![NodeSelectorTerm {
+                match_expressions: Some(exprs),
+                match_fields: None,
+            }],
+        };
+        assert!(matches_node_selector(
+            &sel(vec![req("zone", "In", &["a", "b"])]),
+            &node
+        ));
+        assert!(!matches_node_selector(
+            &sel(vec![req("zone", "NotIn", &["a"])]),
+            &node
+        ));
+        assert!(matches_node_selector(
+            &sel(vec![req("gen", "Gt", &["8"]), req("zone", "Exists", &[])]),
+            &node
+        ));
+        assert!(!matches_node_selector(
+            &sel(vec![req("missing", "Exists", &[])]),
+            &node
+        ));
+        assert!(matches_node_selector(
+            &vgpu_driver::allocation::node_selector_for("n1"),
+            &node
+        ));
+        assert!(!matches_node_selector(
+            &vgpu_driver::allocation::node_selector_for("n2"),
+            &node
+        ));
+        assert!(!matches_node_selector(
+            &NodeSelector {
+                node_selector_terms: vec![NodeSelectorTerm::default()]
+            },
+            &node
+        ));
+    }
+}

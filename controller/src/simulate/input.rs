@@ -1,0 +1,278 @@
+//! Reading standard Kubernetes YAML for the simulator: Nodes, Pods, ResourceSlices,
+//! DeviceClasses, ResourceClaims and ResourceClaimTemplates (resource.k8s.io v1 or v1beta1),
+//! several documents per file. Pods that use templates get the claims the
+//! kube-controller-manager would generate.
+
+use crate::engine::Inputs;
+use crate::model::{ClaimView, ClassView, NodeView, PodView};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::resource::{v1, v1beta1};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use vgpu_driver::SliceView;
+
+/// A claim as read, kept in its own API version for output.
+#[derive(Clone, Debug)]
+pub enum ClaimObject {
+    V1(v1::ResourceClaim),
+    V1beta1(v1beta1::ResourceClaim),
+}
+
+impl ClaimObject {
+    pub fn view(&self) -> Result<ClaimView, crate::model::ClaimError> {
+        match self {
+            ClaimObject::V1(c) => ClaimView::from_v1(c),
+            ClaimObject::V1beta1(c) => ClaimView::from_v1beta1(c),
+        }
+    }
+
+    pub fn uid(&self) -> String {
+        match self {
+            ClaimObject::V1(c) => c.metadata.uid.clone().unwrap_or_default(),
+            ClaimObject::V1beta1(c) => c.metadata.uid.clone().unwrap_or_default(),
+        }
+    }
+}
+
+/// Everything read from the input, in document order.
+#[derive(Clone, Debug, Default)]
+pub struct Workload {
+    pub inputs: Inputs,
+    /// Claims in document order (generated ones right after their pod).
+    pub claims: Vec<ClaimObject>,
+    /// Kinds present but not used by the simulator (Namespaces, Services…).
+    pub ignored: Vec<String>,
+}
+
+/// Why an input cannot be simulated.
+#[derive(Debug, thiserror::Error)]
+pub enum InputError {
+    #[error("document {index}: not YAML: {source}")]
+    Yaml {
+        index: usize,
+        #[source]
+        source: serde_yaml_ng::Error,
+    },
+    #[error("document {index} ({kind} {name}): {message}")]
+    Object {
+        index: usize,
+        kind: String,
+        name: String,
+        message: String,
+    },
+}
+
+fn decode<T: DeserializeOwned>(
+    index: usize,
+    kind: &str,
+    name: &str,
+    doc: Value,
+) -> Result<T, InputError> {
+    serde_path_to_error::deserialize(doc).map_err(|e| InputError::Object {
+        index,
+        kind: kind.to_string(),
+        name: name.to_string(),
+        message: format!("{}: {}", e.path(), e.inner()),
+    })
+}
+
+/// A stable UID for objects written without one, so runs are reproducible.
+fn ensure_uid(doc: &mut Value, kind: &str) {
+    let meta = &mut doc["metadata"];
+    if meta
+        .get("uid")
+        .and_then(Value::as_str)
+        .is_none_or(str::is_empty)
+    {
+        let ns = meta
+            .get("namespace")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        let name = meta
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        meta["uid"] = Value::String(format!("sim-{}-{ns}-{name}", kind.to_lowercase()));
+    }
+    if kind != "Node"
+        && kind != "ResourceSlice"
+        && kind != "DeviceClass"
+        && meta.get("namespace").is_none()
+    {
+        meta["namespace"] = Value::String("default".into());
+    }
+}
+
+/// Parse a multi-document YAML stream.
+pub fn parse(text: &str) -> Result<Workload, InputError> {
+    let mut workload = Workload::default();
+    let mut templates: Vec<(ClaimTemplate, String)> = Vec::new();
+    let mut pods: Vec<(usize, Pod)> = Vec::new();
+    for (index, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+        let mut doc: Value = serde::Deserialize::deserialize(document)
+            .map_err(|source| InputError::Yaml { index, source })?;
+        if doc.is_null() {
+            continue;
+        }
+        let api_version = doc
+            .get("apiVersion")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        let kind = doc
+            .get("kind")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        let name = doc
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        if name.is_empty() && !kind.ends_with("List") {
+            return Err(InputError::Object {
+                index,
+                kind,
+                name,
+                message: "metadata.name is required".into(),
+            });
+        }
+        ensure_uid(&mut doc, &kind);
+        match (api_version.as_str(), kind.as_str()) {
+            ("v1", "Node") => workload
+                .inputs
+                .nodes
+                .push(NodeView::from_node(&decode::<Node>(
+                    index, &kind, &name, doc,
+                )?)),
+            ("v1", "Pod") => pods.push((index, decode(index, &kind, &name, doc)?)),
+            ("resource.k8s.io/v1", "ResourceSlice") => {
+                workload
+                    .inputs
+                    .slices
+                    .push(SliceView::from_v1(&decode(index, &kind, &name, doc)?));
+            }
+            ("resource.k8s.io/v1beta1", "ResourceSlice") => {
+                workload
+                    .inputs
+                    .slices
+                    .push(SliceView::from_v1beta1(&decode(index, &kind, &name, doc)?));
+            }
+            ("resource.k8s.io/v1", "DeviceClass") => workload
+                .inputs
+                .classes
+                .push(ClassView::from_v1(&decode(index, &kind, &name, doc)?)),
+            ("resource.k8s.io/v1beta1", "DeviceClass") => {
+                workload
+                    .inputs
+                    .classes
+                    .push(ClassView::from_v1beta1(&decode(index, &kind, &name, doc)?));
+            }
+            ("resource.k8s.io/v1", "ResourceClaim") => workload
+                .claims
+                .push(ClaimObject::V1(decode(index, &kind, &name, doc)?)),
+            ("resource.k8s.io/v1beta1", "ResourceClaim") => workload
+                .claims
+                .push(ClaimObject::V1beta1(decode(index, &kind, &name, doc)?)),
+            ("resource.k8s.io/v1", "ResourceClaimTemplate") => {
+                let t: v1::ResourceClaimTemplate = decode(index, &kind, &name, doc)?;
+                let ns = t.metadata.namespace.clone().unwrap_or_default();
+                templates.push((ClaimTemplate::V1(t), ns));
+            }
+            ("resource.k8s.io/v1beta1", "ResourceClaimTemplate") => {
+                let t: v1beta1::ResourceClaimTemplate = decode(index, &kind, &name, doc)?;
+                let ns = t.metadata.namespace.clone().unwrap_or_default();
+                templates.push((ClaimTemplate::V1beta1(t), ns));
+            }
+            _ => workload
+                .ignored
+                .push(format!("{api_version} {kind} {name}")),
+        }
+    }
+    for (index, mut pod) in pods {
+        let ns = pod.metadata.namespace.clone().unwrap_or_default();
+        let pod_name = pod.metadata.name.clone().unwrap_or_default();
+        let mut statuses = Vec::new();
+        for rc in pod
+            .spec
+            .iter()
+            .flat_map(|s| s.resource_claims.iter().flatten())
+        {
+            let Some(template_name) = &rc.resource_claim_template_name else {
+                continue;
+            };
+            let template = templates
+                .iter()
+                .find(|(t, t_ns)| t.name() == *template_name && *t_ns == ns)
+                .map(|(t, _)| t)
+                .ok_or_else(|| InputError::Object {
+                    index,
+                    kind: "Pod".into(),
+                    name: pod_name.clone(),
+                    message: format!("spec.resourceClaims[{}]: ResourceClaimTemplate {ns}/{template_name} is not in the input", rc.name),
+                })?;
+            // The kube-controller-manager names generated claims <pod>-<claim>-<random>; the
+            // simulator leaves out the random part.
+            let claim_name = format!("{pod_name}-{}", rc.name);
+            workload
+                .claims
+                .push(template.instantiate(&ns, &claim_name, &pod_name));
+            statuses.push(k8s_openapi::api::core::v1::PodResourceClaimStatus {
+                name: rc.name.clone(),
+                resource_claim_name: Some(claim_name),
+            });
+        }
+        if !statuses.is_empty() {
+            pod.status
+                .get_or_insert_with(Default::default)
+                .resource_claim_statuses = Some(statuses);
+        }
+        workload.inputs.pods.push(PodView::from_pod(&pod));
+    }
+    Ok(workload)
+}
+
+#[derive(Clone, Debug)]
+enum ClaimTemplate {
+    V1(v1::ResourceClaimTemplate),
+    V1beta1(v1beta1::ResourceClaimTemplate),
+}
+
+impl ClaimTemplate {
+    fn name(&self) -> String {
+        match self {
+            ClaimTemplate::V1(t) => t.metadata.name.clone().unwrap_or_default(),
+            ClaimTemplate::V1beta1(t) => t.metadata.name.clone().unwrap_or_default(),
+        }
+    }
+
+    fn instantiate(&self, ns: &str, name: &str, pod: &str) -> ClaimObject {
+        let metadata = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            name: Some(name.to_string()),
+            namespace: Some(ns.to_string()),
+            uid: Some(format!("sim-resourceclaim-{ns}-{name}")),
+            annotations: Some(
+                [(
+                    "resource.kubernetes.io/pod-claim-name".to_string(),
+                    name.trim_start_matches(&format!("{pod}-")).to_string(),
+                )]
+                .into(),
+            ),
+            ..Default::default()
+        };
+        match self {
+            ClaimTemplate::V1(t) => ClaimObject::V1(v1::ResourceClaim {
+                metadata,
+                spec: t.spec.spec.clone(),
+                status: None,
+            }),
+            ClaimTemplate::V1beta1(t) => ClaimObject::V1beta1(v1beta1::ResourceClaim {
+                metadata,
+                spec: t.spec.spec.clone(),
+                status: None,
+            }),
+        }
+    }
+}

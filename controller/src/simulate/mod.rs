@@ -1,0 +1,108 @@
+//! `controller simulate`: the allocation engine on a described cluster and workload, without
+//! an API server. Admins use it to compare policies before changing them.
+
+pub mod default;
+pub mod input;
+pub mod report;
+
+use crate::engine::{Engine, Policies, Refusal};
+use input::{ClaimObject, Workload};
+use std::collections::BTreeSet;
+use vgpu_driver::ClaimAllocation;
+
+/// What happened to one claim.
+#[derive(Clone, Debug)]
+pub enum Outcome {
+    /// Allocated by the simulation.
+    Placed(ClaimAllocation),
+    /// Already allocated in the input; counted as it is.
+    AlreadyAllocated,
+    /// Could not be allocated; the reason.
+    Refused(String),
+    /// Not a claim of a controller-allocated class.
+    NotOurs,
+}
+
+/// The result of a simulation.
+pub struct Simulation {
+    pub engine: Engine,
+    pub claims: Vec<(ClaimObject, Outcome)>,
+    pub ignored: Vec<String>,
+}
+
+/// Run the engine over the workload's pending claims in document order.
+pub fn run(driver: &str, workload: Workload, policies: Policies) -> Simulation {
+    let mut inputs = workload.inputs;
+    // Claims already allocated in the input are state, not work.
+    inputs.claims = workload
+        .claims
+        .iter()
+        .filter_map(|c| c.view().ok())
+        .filter(|c| c.allocation.is_some())
+        .collect();
+    let mut engine = Engine::new(driver, &inputs, policies);
+    let mut claims = Vec::new();
+    for object in workload.claims {
+        let outcome = match object.view() {
+            Err(e) => Outcome::Refused(e.to_string()),
+            Ok(view) if view.allocation.is_some() => Outcome::AlreadyAllocated,
+            Ok(view) => {
+                let pod = inputs
+                    .pods
+                    .iter()
+                    .find(|p| p.namespace == view.namespace && p.claims.contains(&view.name));
+                match engine.allocate(&view, pod, &BTreeSet::new()) {
+                    Ok(allocation) => {
+                        engine.commit(&allocation);
+                        Outcome::Placed(allocation)
+                    }
+                    Err(Refusal::NotOurs(_)) => Outcome::NotOurs,
+                    Err(e) => Outcome::Refused(e.to_string()),
+                }
+            }
+        };
+        claims.push((object, outcome));
+    }
+    Simulation {
+        engine,
+        claims,
+        ignored: workload.ignored,
+    }
+}
+
+impl Simulation {
+    /// The claims with their status.allocation, as the API server would hold them.
+    pub fn claim_objects(&self) -> Vec<serde_json::Value> {
+        self.claims
+            .iter()
+            .map(|(object, outcome)| {
+                let mut object = object.clone();
+                if let Outcome::Placed(a) = outcome {
+                    match &mut object {
+                        ClaimObject::V1(c) => {
+                            c.status.get_or_insert_with(Default::default).allocation =
+                                Some(a.to_v1());
+                            c.metadata
+                                .finalizers
+                                .get_or_insert_with(Vec::new)
+                                .push("resource.kubernetes.io/delete-protection".into());
+                        }
+                        ClaimObject::V1beta1(c) => {
+                            c.status.get_or_insert_with(Default::default).allocation =
+                                Some(a.to_v1beta1());
+                            c.metadata
+                                .finalizers
+                                .get_or_insert_with(Vec::new)
+                                .push("resource.kubernetes.io/delete-protection".into());
+                        }
+                    }
+                }
+                match object {
+                    ClaimObject::V1(c) => serde_json::to_value(c),
+                    ClaimObject::V1beta1(c) => serde_json::to_value(c),
+                }
+                .expect("k8s-openapi objects serialize")
+            })
+            .collect()
+    }
+}
