@@ -1,0 +1,214 @@
+//! Property tests over random clusters and claim streams: no GPU ever exceeds its memory or
+//! cores, every allocation satisfies its claim, and binpack never spreads over more GPUs than
+//! spread does.
+
+mod support;
+
+use controller::engine::{Engine, Policies};
+use controller::model::ConstraintView;
+use proptest::prelude::*;
+use serde_json::json;
+use std::collections::{BTreeMap, BTreeSet};
+use support::*;
+use vgpu_driver::config::{Policy, Topology};
+use vgpu_driver::{Capacity, ClaimAllocation};
+
+#[derive(Clone, Debug)]
+struct ClaimSpec {
+    count: u32,
+    memory_gib: u64,
+    cores: u32,
+    exclusive: bool,
+    numa_pair: bool,
+    topology: Topology,
+}
+
+fn claim_spec() -> impl Strategy<Value = ClaimSpec> {
+    (
+        1u32..=3,
+        1u64..=48,
+        0u32..=60,
+        prop::bool::weighted(0.1),
+        prop::bool::weighted(0.2),
+        prop_oneof![
+            Just(Topology::Required),
+            Just(Topology::Preferred),
+            Just(Topology::None)
+        ],
+    )
+        .prop_map(
+            |(count, memory_gib, cores, exclusive, numa_pair, topology)| ClaimSpec {
+                count,
+                memory_gib,
+                cores,
+                exclusive,
+                numa_pair,
+                topology,
+            },
+        )
+}
+
+fn cluster_spec() -> impl Strategy<Value = Vec<Vec<(u64, bool)>>> {
+    // Nodes of 1 to 6 GPUs of 16 to 80 GiB, each GPU NVLinked to its neighbour or not.
+    prop::collection::vec(
+        prop::collection::vec(
+            (prop_oneof![Just(16u64), Just(40), Just(80)], any::<bool>()),
+            1..=6,
+        ),
+        1..=4,
+    )
+}
+
+fn build(spec: &[Vec<(u64, bool)>]) -> controller::engine::Inputs {
+    let nodes: Vec<(String, Vec<vgpu_driver::Gpu>)> = spec
+        .iter()
+        .enumerate()
+        .map(|(n, gpus)| {
+            let list = gpus
+                .iter()
+                .enumerate()
+                .map(|(i, (mem, linked))| {
+                    let i = i as u32;
+                    let mut peers = vec![];
+                    if *linked && (i as usize) + 1 < gpus.len() {
+                        peers.push(i + 1);
+                    }
+                    if i > 0 && gpus[i as usize - 1].1 {
+                        peers.push(i - 1);
+                    }
+                    gpu(i, *mem, Some(i / 2), &peers)
+                })
+                .collect();
+            (format!("node-{n}"), list)
+        })
+        .collect();
+    let refs: Vec<(&str, Vec<vgpu_driver::Gpu>)> =
+        nodes.iter().map(|(n, g)| (n.as_str(), g.clone())).collect();
+    cluster(&refs)
+}
+
+fn to_claim(i: usize, s: &ClaimSpec) -> controller::model::ClaimView {
+    let topology = format!("{:?}", s.topology);
+    let config = if s.exclusive {
+        json!({"exclusive": true})
+    } else {
+        json!({"memory": format!("{}Gi", s.memory_gib), "cores": s.cores, "scheduling": {"topology": topology}})
+    };
+    if s.numa_pair {
+        let mut c = claim_with(
+            &format!("c{i}"),
+            vec![request("a", SLICE, 1, &[]), request("b", SLICE, 1, &[])],
+            vec![(vec![], config)],
+        );
+        c.constraints = vec![ConstraintView {
+            requests: vec![],
+            match_attribute: Some("vgpu.hami.io/numaNode".into()),
+            distinct_attribute: None,
+        }];
+        c
+    } else {
+        claim(&format!("c{i}"), s.count, config)
+    }
+}
+
+/// Run a stream; return the allocations made.
+fn run(
+    inputs: &controller::engine::Inputs,
+    claims: &[ClaimSpec],
+    policies: Policies,
+) -> (Engine, Vec<(ClaimSpec, ClaimAllocation)>) {
+    let mut e = engine(inputs, policies);
+    let mut out = Vec::new();
+    for (i, s) in claims.iter().enumerate() {
+        if let Ok(a) = e.allocate(&to_claim(i, s), None, &BTreeSet::new()) {
+            e.commit(&a);
+            out.push((s.clone(), a));
+        }
+    }
+    (e, out)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+
+    #[test]
+    fn no_gpu_is_ever_overbooked(spec in cluster_spec(), claims in prop::collection::vec(claim_spec(), 1..40),
+                                 node_binpack in any::<bool>(), gpu_binpack in any::<bool>()) {
+        let inputs = build(&spec);
+        let policies = Policies {
+            node: if node_binpack { Policy::Binpack } else { Policy::Spread },
+            gpu: if gpu_binpack { Policy::Binpack } else { Policy::Spread },
+            topology: Topology::Preferred,
+        };
+        let (e, allocations) = run(&inputs, &claims, policies);
+        // Recompute usage from the allocations alone, independently of the engine's books.
+        let mut used: BTreeMap<(String, String), (Capacity, u32, bool)> = BTreeMap::new();
+        for (spec, a) in &allocations {
+            let node = a.node_name.clone().unwrap();
+            let expected = if spec.numa_pair { 2 } else { spec.count as usize };
+            prop_assert_eq!(a.results.len(), expected);
+            let distinct: BTreeSet<&str> = a.results.iter().map(|r| r.device.as_str()).collect();
+            prop_assert_eq!(distinct.len(), a.results.len(), "a claim never gets one GPU twice");
+            for r in &a.results {
+                prop_assert_eq!(&r.pool, &node, "all results on the pinned node");
+                let g = e.state.gpu_index[&(r.pool.clone(), r.device.clone())];
+                let total = e.state.gpus[g].total;
+                let limits = a.slice_limits(r, total.memory_bytes).unwrap();
+                let entry = used.entry((r.pool.clone(), r.device.clone())).or_insert((Capacity::default(), 0, false));
+                if limits.exclusive {
+                    entry.0 = entry.0.saturating_add(&total);
+                    entry.2 = true;
+                } else {
+                    entry.0 = entry.0.saturating_add(&Capacity { memory_bytes: limits.memory_bytes, cores: limits.cores.into() });
+                }
+                entry.1 += 1;
+                prop_assert!(entry.0.memory_bytes <= total.memory_bytes, "memory overbooked on {:?}", r);
+                prop_assert!(entry.0.cores <= total.cores, "cores overbooked on {:?}", r);
+                prop_assert!(!entry.2 || entry.1 == 1, "an exclusive GPU is shared: {:?}", r);
+            }
+            if spec.numa_pair {
+                let numas: BTreeSet<u32> = a.results.iter().map(|r| r.device.trim_start_matches("gpu-").parse::<u32>().unwrap() / 2).collect();
+                prop_assert_eq!(numas.len(), 1, "matchAttribute numaNode violated");
+            }
+            if spec.topology == Topology::Required && spec.count > 1 && !spec.exclusive && !spec.numa_pair {
+                for x in &a.results {
+                    for y in &a.results {
+                        if x.device != y.device {
+                            let gx = e.state.gpu_index[&(x.pool.clone(), x.device.clone())];
+                            let gy = e.state.gpu_index[&(y.pool.clone(), y.device.clone())];
+                            prop_assert!(e.state.gpus[gx].peers.contains(&gy), "Required topology violated");
+                        }
+                    }
+                }
+            }
+        }
+        // The engine's own books agree with the recomputation.
+        for ((pool, device), (capacity, holders, _)) in &used {
+            let g = e.state.gpu_index[&(pool.clone(), device.clone())];
+            prop_assert_eq!(e.state.gpus[g].used, *capacity);
+            prop_assert_eq!(e.state.gpus[g].holders, *holders);
+        }
+    }
+
+    #[test]
+    fn binpack_never_uses_more_gpus_than_spread(gpus in 1usize..=8, claims in prop::collection::vec((1u64..=30, 0u32..=40), 1..30)) {
+        let inputs = cluster(&[("n1", hgx(gpus as u32, 80))]);
+        let stream: Vec<ClaimSpec> = claims.iter().map(|(m, c)| ClaimSpec { count: 1, memory_gib: *m, cores: *c, exclusive: false, numa_pair: false, topology: Topology::None }).collect();
+        let touched = |policy| {
+            let (e, _) = run(&inputs, &stream, Policies { node: Policy::Binpack, gpu: policy, topology: Topology::None });
+            e.state.gpus.iter().filter(|g| g.holders > 0).count()
+        };
+        prop_assert!(touched(Policy::Binpack) <= touched(Policy::Spread));
+    }
+
+    #[test]
+    fn release_restores_the_state(claims in prop::collection::vec(claim_spec(), 1..20)) {
+        let inputs = cluster(&[("n1", hgx(4, 80)), ("n2", hgx(4, 40))]);
+        let (mut e, allocations) = run(&inputs, &claims, Policies::default());
+        for (_, a) in &allocations {
+            e.release(&a.uid);
+        }
+        prop_assert!(e.state.gpus.iter().all(|g| g.used == Capacity::default() && g.holders == 0 && !g.exclusive));
+        prop_assert!(e.state.by_utilisation.iter().all(|(score, _)| *score == 0));
+    }
+}

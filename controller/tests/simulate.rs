@@ -1,0 +1,222 @@
+//! The simulator: the embedded default, the shipped DeviceClasses and examples, bad input, and
+//! the binary's command line.
+
+use controller::engine::Policies;
+use controller::simulate::{self, Outcome, default, input, report};
+use std::path::PathBuf;
+use vgpu_driver::slice::{gpu_devices, render_pool};
+use vgpu_driver::testing::validate_k8s;
+use vgpu_driver::{ApiVersion, DEFAULT_DRIVER_NAME, Inventory, NodeRef, PoolOptions};
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+#[test]
+fn the_default_places_everything_that_fits_and_outputs_valid_claims() {
+    let sim = simulate::run(
+        DEFAULT_DRIVER_NAME,
+        input::parse(&default::yaml()).unwrap(),
+        Policies::default(),
+    );
+    let refused: Vec<String> = sim
+        .claims
+        .iter()
+        .filter(|(_, o)| matches!(o, Outcome::Refused(_)))
+        .map(|(c, _)| c.view().unwrap().name)
+        .collect();
+    assert_eq!(
+        refused,
+        vec![
+            "too-big-memory",
+            "too-many-peers",
+            "wrong-model",
+            "eight-big-slices"
+        ]
+    );
+    let s = report::summary(&sim);
+    assert_eq!((s.placed, s.refused, s.gpus), (60, 4, 32));
+    let table = report::table(&sim);
+    assert!(
+        table.contains("NODE gpu-node-4") && table.contains("SUMMARY claims placed 60"),
+        "{table}"
+    );
+    assert!(table.contains("ml/too-big-memory: 0/4 nodes"), "{table}");
+    let objects = sim.claim_objects();
+    assert_eq!(objects.len(), 64);
+    assert!(
+        objects
+            .iter()
+            .filter(|o| !o["status"]["allocation"].is_null())
+            .count()
+            == 60
+    );
+    validate_k8s(&objects, "1.34.0").unwrap();
+}
+
+#[test]
+fn binpack_leaves_whole_gpus_free_where_spread_does_not() {
+    use vgpu_driver::config::{Policy, Topology};
+    let run = |gpu| {
+        let sim = simulate::run(
+            DEFAULT_DRIVER_NAME,
+            input::parse(&default::yaml()).unwrap(),
+            Policies {
+                node: Policy::Binpack,
+                gpu,
+                topology: Topology::Preferred,
+            },
+        );
+        report::summary(&sim)
+    };
+    let (binpack, spread) = (run(Policy::Binpack), run(Policy::Spread));
+    assert!(
+        binpack.gpus_untouched > spread.gpus_untouched,
+        "{binpack:?} vs {spread:?}"
+    );
+    assert!(binpack.fragmentation < spread.fragmentation);
+}
+
+/// A cluster of 2 HGX nodes in the given API version, the shipped DeviceClasses and examples.
+fn examples_workload(version: ApiVersion) -> String {
+    let (dir, overlay) = match version {
+        ApiVersion::V1 => ("v1", "k8s-1.34"),
+        ApiVersion::V1beta1 => ("v1beta1", "k8s-1.32"),
+    };
+    let gpus = Inventory::from_yaml(include_str!("../../driver/testdata/hgx-h100.yaml"))
+        .unwrap()
+        .gpus;
+    let devices = gpu_devices(&gpus).unwrap();
+    let mut text = String::new();
+    for n in 1..=2 {
+        let name = format!("node-{n}");
+        text.push_str(&format!(
+            "---\napiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n"
+        ));
+        for s in render_pool(
+            &NodeRef {
+                name: name.clone(),
+                uid: format!("uid-{n}"),
+            },
+            &devices,
+            &PoolOptions::new(DEFAULT_DRIVER_NAME, version),
+        )
+        .unwrap()
+        {
+            let mut json = s.to_json();
+            json["metadata"]["name"] = serde_json::json!(format!("{name}-slice"));
+            text.push_str(&format!(
+                "---\n{}",
+                serde_yaml_ng::to_string(&json).unwrap()
+            ));
+        }
+    }
+    text.push_str("---\n");
+    text.push_str(
+        &std::fs::read_to_string(
+            repo().join(format!("deploy/overlays/{overlay}/deviceclasses.yaml")),
+        )
+        .unwrap(),
+    );
+    let mut files: Vec<PathBuf> = std::fs::read_dir(repo().join("deploy/examples").join(dir))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    assert_eq!(files.len(), 6);
+    for f in files {
+        text.push_str("\n---\n");
+        text.push_str(&std::fs::read_to_string(f).unwrap());
+    }
+    text
+}
+
+#[test]
+fn every_shipped_example_is_allocatable_with_the_shipped_classes() {
+    for (version, k8s) in [(ApiVersion::V1, "1.34.0"), (ApiVersion::V1beta1, "1.32.0")] {
+        let workload = input::parse(&examples_workload(version)).unwrap();
+        assert_eq!(workload.inputs.pods.len(), 6, "{version:?}");
+        let sim = simulate::run(DEFAULT_DRIVER_NAME, workload, Policies::default());
+        for (claim, outcome) in &sim.claims {
+            let name = claim.view().unwrap().name;
+            match outcome {
+                Outcome::Placed(a) => assert!(!a.results.is_empty(), "{name}"),
+                // The whole-GPU example is the kube-scheduler's to allocate.
+                Outcome::NotOurs => assert_eq!(name, "whole-gpu-gpu", "{version:?}"),
+                other => panic!("{version:?}: example claim {name} was not placed: {other:?}"),
+            }
+        }
+        let placed = sim
+            .claims
+            .iter()
+            .filter(|(_, o)| matches!(o, Outcome::Placed(_)))
+            .count();
+        assert_eq!(placed, 5, "{version:?}");
+        validate_k8s(&sim.claim_objects(), k8s).unwrap();
+    }
+}
+
+#[test]
+fn bad_input_names_the_document_and_field() {
+    let err = input::parse(
+        "apiVersion: v1\nkind: Node\nmetadata: {name: n}\nspec: {unschedulable: maybe}\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("document 0") && err.contains("Node n") && err.contains("spec.unschedulable"),
+        "{err}"
+    );
+    let err = input::parse("---\napiVersion: v1\nkind: Pod\nmetadata: {name: p}\n---\n: : :\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("document 1"), "{err}");
+    let err = input::parse("apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: ml}\nspec:\n  containers: []\n  resourceClaims: [{name: gpu, resourceClaimTemplateName: missing}]\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("ResourceClaimTemplate ml/missing is not in the input"),
+        "{err}"
+    );
+    let w = input::parse("apiVersion: v1\nkind: Namespace\nmetadata: {name: ml}\n").unwrap();
+    assert_eq!(w.ignored, vec!["v1 Namespace ml".to_string()]);
+}
+
+#[test]
+fn the_binary_runs_the_main_job() {
+    let bin = env!("CARGO_BIN_EXE_controller");
+    let out = std::process::Command::new(bin)
+        .arg("simulate")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        table.contains("SUMMARY claims placed 60, refused 4"),
+        "{table}"
+    );
+    let out = std::process::Command::new(bin)
+        .args(["simulate", "-o", "json", "--gpu-policy", "binpack"])
+        .output()
+        .unwrap();
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list["items"].as_array().unwrap().len(), 64);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("broken.yaml");
+    std::fs::write(&path, "apiVersion: v1\nkind: Node\nmetadata: {}\n").unwrap();
+    let out = std::process::Command::new(bin)
+        .args(["simulate", "-f"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("metadata.name is required") && stderr.contains("broken.yaml"),
+        "{stderr}"
+    );
+}
