@@ -59,21 +59,15 @@ impl Cluster {
 
     /// Run kubectl; stdout on success, stderr on failure.
     pub fn run(&self, args: &[&str]) -> Result<String, String> {
-        let out = self.output(args, None);
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(format!(
-                "kubectl {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr)
-            ))
-        }
+        self.finish(args, self.output(args, None))
     }
 
     /// Run kubectl with `input` on stdin.
     pub fn run_with_input(&self, args: &[&str], input: &str) -> Result<String, String> {
-        let out = self.output(args, Some(input));
+        self.finish(args, self.output(args, Some(input)))
+    }
+
+    fn finish(&self, args: &[&str], out: Output) -> Result<String, String> {
         if out.status.success() {
             Ok(String::from_utf8_lossy(&out.stdout).into_owned())
         } else {
