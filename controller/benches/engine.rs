@@ -98,6 +98,21 @@ fn bench(c: &mut Criterion) {
         "decision: 10Gi/20% slice, 1000 nodes x 8 GPUs, 20k live slices",
         |b| b.iter(|| engine.allocate(black_box(&probe), None, &avoid).unwrap()),
     );
+    let refused = claim(LIVE_SLICES + 2, 100, 10);
+    c.bench_function("refusal: 100Gi fits no GPU, every node considered", |b| {
+        b.iter(|| {
+            engine
+                .allocate(black_box(&refused), None, &avoid)
+                .unwrap_err()
+        })
+    });
+    let mut training = claim(LIVE_SLICES + 3, 20, 30);
+    training.requests[0].alternatives[0].count = Count::Exact(4);
+    training.config[0].parameters["scheduling"] = json!({"topology": "Required"});
+    c.bench_function(
+        "decision: 4 NVLink-peer GPUs x 20Gi/30% (topology Required)",
+        |b| b.iter(|| engine.allocate(black_box(&training), None, &avoid).unwrap()),
+    );
     c.bench_function("cycle: allocate + commit + release", |b| {
         b.iter(|| {
             let a = engine.allocate(black_box(&probe), None, &avoid).unwrap();

@@ -3,6 +3,7 @@
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use controller::engine::Policies;
+use controller::run;
 use controller::simulate::{self, default, input, report};
 use vgpu_driver::config::{Policy, Topology};
 
@@ -58,6 +59,42 @@ enum Output {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Allocate pending ResourceClaims of the GPU-slice DeviceClasses in a cluster.
+    Run {
+        /// The driver whose devices are allocated.
+        #[arg(long, env = "DRIVER_NAME", default_value = vgpu_driver::DEFAULT_DRIVER_NAME)]
+        driver_name: String,
+        /// Path of a kubeconfig; in-cluster configuration (or ~/.kube/config) without it.
+        #[arg(long, env = "KUBECONFIG")]
+        kubeconfig: Option<std::path::PathBuf>,
+        /// Prefer the most used node that fits (binpack) or the least used (spread).
+        #[arg(long, env = "NODE_POLICY", value_enum, default_value = "binpack")]
+        node_policy: PolicyArg,
+        /// Prefer the most used GPU of the node (binpack) or the least used (spread).
+        #[arg(long, env = "GPU_POLICY", value_enum, default_value = "spread")]
+        gpu_policy: PolicyArg,
+        /// How claims of several GPUs want them connected, unless a claim says otherwise.
+        #[arg(long, env = "TOPOLOGY_POLICY", value_enum, default_value = "preferred")]
+        topology: TopologyArg,
+        /// Namespace of the leader-election Lease (the controller's own namespace).
+        #[arg(long, env = "POD_NAMESPACE", default_value = "vgpu-system")]
+        leader_election_namespace: String,
+        /// Name of the leader-election Lease.
+        #[arg(long, env = "LEADER_ELECTION_ID", default_value = "vgpu-controller")]
+        leader_election_id: String,
+        /// Run without leader election (only ever one replica).
+        #[arg(long, env = "DISABLE_LEADER_ELECTION")]
+        disable_leader_election: bool,
+        /// This replica's identity in the Lease and in Events.
+        #[arg(long, env = "POD_NAME")]
+        identity: Option<String>,
+        /// Where to serve Prometheus metrics (/metrics) and /healthz.
+        #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:8080")]
+        metrics_addr: std::net::SocketAddr,
+        /// Log as JSON lines instead of text.
+        #[arg(long, env = "LOG_JSON")]
+        log_json: bool,
+    },
     /// Run the allocator on a described cluster and workload, without an API server, and print
     /// where every claim would go.
     Simulate {
@@ -89,6 +126,80 @@ enum Command {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Run {
+            driver_name,
+            kubeconfig,
+            node_policy,
+            gpu_policy,
+            topology,
+            leader_election_namespace,
+            leader_election_id,
+            disable_leader_election,
+            identity,
+            metrics_addr,
+            log_json,
+        } => {
+            let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+            if log_json {
+                tracing_subscriber::fmt()
+                    .json()
+                    .with_env_filter(filter)
+                    .init();
+            } else {
+                tracing_subscriber::fmt().with_env_filter(filter).init();
+            }
+            let identity = match identity {
+                Some(i) => i,
+                None => std::fs::read_to_string("/etc/hostname")
+                    .map(|h| h.trim().to_string())
+                    .ok()
+                    .filter(|h| !h.is_empty())
+                    .unwrap_or_else(|| format!("vgpu-controller-{}", std::process::id())),
+            };
+            let mut options = run::Options::new(&driver_name, &identity);
+            options.policies = Policies {
+                node: node_policy.into(),
+                gpu: gpu_policy.into(),
+                topology: topology.into(),
+            };
+            options.leader_election = (!disable_leader_election).then(|| run::LeaderElection {
+                namespace: leader_election_namespace,
+                lease_name: leader_election_id,
+                timing: run::leader::LeaseTiming::default(),
+            });
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            runtime.block_on(async move {
+                let config = match &kubeconfig {
+                    Some(path) => {
+                        let kc = kube::config::Kubeconfig::read_from(path)
+                            .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+                        kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                            .await
+                            .with_context(|| format!("loading kubeconfig {}", path.display()))?
+                    }
+                    None => kube::Config::infer()
+                        .await
+                        .context("no kubeconfig given and no in-cluster configuration found")?,
+                };
+                let client = kube::Client::try_from(config).context("building the API client")?;
+                let metrics = std::sync::Arc::new(run::metrics::Metrics::new());
+                let (bound, _server) = run::metrics::serve(metrics_addr, metrics.clone())
+                    .await
+                    .with_context(|| format!("serving metrics on {metrics_addr}"))?;
+                tracing::info!(%bound, "serving /metrics and /healthz");
+                let controller = run::Controller::new(client, options, metrics);
+                let shutdown = async {
+                    let _ = tokio::signal::ctrl_c().await;
+                    tracing::info!("shutting down");
+                };
+                controller.run(shutdown).await?;
+                Ok::<(), anyhow::Error>(())
+            })
+        }
         Command::Simulate {
             file,
             output,

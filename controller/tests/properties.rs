@@ -21,7 +21,15 @@ struct ClaimSpec {
     exclusive: bool,
     numa_pair: bool,
     topology: Topology,
+    /// 0: no selector, 1: GPUs of at least 40 GiB (capacity + quantity), 2: NUMA node 0.
+    selector: u8,
 }
+
+const SELECTORS: [&str; 3] = [
+    "",
+    r#"device.capacity["vgpu.hami.io"].memory.compareTo(quantity("40Gi")) >= 0"#,
+    r#"device.attributes["vgpu.hami.io"].numaNode == 0"#,
+];
 
 fn claim_spec() -> impl Strategy<Value = ClaimSpec> {
     (
@@ -35,15 +43,17 @@ fn claim_spec() -> impl Strategy<Value = ClaimSpec> {
             Just(Topology::Preferred),
             Just(Topology::None)
         ],
+        0u8..=2,
     )
         .prop_map(
-            |(count, memory_gib, cores, exclusive, numa_pair, topology)| ClaimSpec {
+            |(count, memory_gib, cores, exclusive, numa_pair, topology, selector)| ClaimSpec {
                 count,
                 memory_gib,
                 cores,
                 exclusive,
                 numa_pair,
                 topology,
+                selector,
             },
         )
 }
@@ -94,6 +104,16 @@ fn to_claim(i: usize, s: &ClaimSpec) -> controller::model::ClaimView {
     } else {
         json!({"memory": format!("{}Gi", s.memory_gib), "cores": s.cores, "scheduling": {"topology": topology}})
     };
+    let mut c = claim_shape(i, s, config);
+    if s.selector > 0 {
+        for r in &mut c.requests {
+            r.alternatives[0].selectors = vec![SELECTORS[s.selector as usize].to_string()];
+        }
+    }
+    c
+}
+
+fn claim_shape(i: usize, s: &ClaimSpec, config: serde_json::Value) -> controller::model::ClaimView {
     if s.numa_pair {
         let mut c = claim_with(
             &format!("c{i}"),
@@ -153,6 +173,12 @@ proptest! {
                 prop_assert_eq!(&r.pool, &node, "all results on the pinned node");
                 let g = e.state.gpu_index[&(r.pool.clone(), r.device.clone())];
                 let total = e.state.gpus[g].total;
+                // The selector holds, checked without CEL: GPU index i sits on NUMA node i / 2.
+                match spec.selector {
+                    1 => prop_assert!(total.memory_bytes >= 40 * GI, "selector 40Gi violated by {:?}", r),
+                    2 => prop_assert_eq!(r.device.trim_start_matches("gpu-").parse::<u32>().unwrap() / 2, 0, "selector numaNode violated by {:?}", r),
+                    _ => {}
+                }
                 let limits = a.slice_limits(r, total.memory_bytes).unwrap();
                 let entry = used.entry((r.pool.clone(), r.device.clone())).or_insert((Capacity::default(), 0, false));
                 if limits.exclusive {
@@ -182,6 +208,12 @@ proptest! {
                 }
             }
         }
+        // The per-node index agrees with the GPUs it summarises.
+        for node in &e.state.nodes {
+            let free = |f: fn(&controller::engine::state::GpuState) -> u64| node.gpus.iter().map(|&g| &e.state.gpus[g]).filter(|g| !g.exclusive).map(f).max().unwrap_or(0);
+            prop_assert_eq!(node.max_free_memory, free(|g| g.free().memory_bytes));
+            prop_assert_eq!(u64::from(node.max_free_cores), free(|g| u64::from(g.free().cores)));
+        }
         // The engine's own books agree with the recomputation.
         for ((pool, device), (capacity, holders, _)) in &used {
             let g = e.state.gpu_index[&(pool.clone(), device.clone())];
@@ -193,7 +225,7 @@ proptest! {
     #[test]
     fn binpack_never_uses_more_gpus_than_spread(gpus in 1usize..=8, claims in prop::collection::vec((1u64..=30, 0u32..=40), 1..30)) {
         let inputs = cluster(&[("n1", hgx(gpus as u32, 80))]);
-        let stream: Vec<ClaimSpec> = claims.iter().map(|(m, c)| ClaimSpec { count: 1, memory_gib: *m, cores: *c, exclusive: false, numa_pair: false, topology: Topology::None }).collect();
+        let stream: Vec<ClaimSpec> = claims.iter().map(|(m, c)| ClaimSpec { count: 1, memory_gib: *m, cores: *c, exclusive: false, numa_pair: false, topology: Topology::None, selector: 0 }).collect();
         let touched = |policy| {
             let (e, _) = run(&inputs, &stream, Policies { node: Policy::Binpack, gpu: policy, topology: Topology::None });
             e.state.gpus.iter().filter(|g| g.holders > 0).count()
@@ -210,5 +242,11 @@ proptest! {
         }
         prop_assert!(e.state.gpus.iter().all(|g| g.used == Capacity::default() && g.holders == 0 && !g.exclusive));
         prop_assert!(e.state.by_utilisation.iter().all(|(score, _)| *score == 0));
+        // The per-node free-capacity index is back to the roomiest whole GPU.
+        for node in &e.state.nodes {
+            let roomiest = node.gpus.iter().map(|&g| e.state.gpus[g].total.memory_bytes).max().unwrap_or(0);
+            prop_assert_eq!(node.max_free_memory, roomiest);
+            prop_assert_eq!(node.max_free_cores, 100);
+        }
     }
 }

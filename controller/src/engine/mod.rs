@@ -292,15 +292,31 @@ impl Engine {
         let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
         let mut first_error: Option<String> = None;
         let total_nodes = order.len();
+        let needs: Vec<(u64, u32)> = plans.iter().map(minimum_need).collect();
+        let mut skipped = vec![0usize; plans.len()];
         for n in order {
             if let Some(reason) = self.node_rejects(n, pod, avoid) {
                 *reasons.entry(reason).or_default() += 1;
+                continue;
+            }
+            // The per-node index: a node whose roomiest GPU is too small is skipped unseen.
+            let node = &self.state.nodes[n];
+            if let Some(r) = needs.iter().position(|&(memory, cores)| {
+                node.max_free_memory < memory || node.max_free_cores < cores
+            }) {
+                // Counted here, described once after the loop: formatting per node would
+                // dominate a refusal over a large cluster.
+                skipped[r] += 1;
                 continue;
             }
             match self.place_on_node(n, &plans, claim, policies, &mut first_error) {
                 Ok(placed) => return Ok(self.allocation_of(claim, n, placed)),
                 Err(reason) => *reasons.entry(reason).or_default() += 1,
             }
+        }
+        for (r, count) in skipped.into_iter().enumerate().filter(|(_, c)| *c > 0) {
+            let reason = describe_shortfall(&plans[r].alternatives[0], 0, policies.topology);
+            *reasons.entry(reason).or_default() += count;
         }
         let mut message = format!(
             "0/{total_nodes} nodes with {} GPUs are available",
@@ -718,6 +734,26 @@ impl Engine {
     pub fn release(&mut self, uid: &str) {
         self.state.release(uid);
     }
+}
+
+/// What any GPU must have free for some alternative of a request to fit on it: a lower
+/// bound, (0, 0) when it depends on the GPU (percentages, whole-GPU memory, exclusivity).
+fn minimum_need(plan: &RequestPlan) -> (u64, u32) {
+    plan.alternatives
+        .iter()
+        .map(|alt| {
+            if alt.admin_access || alt.config.exclusive == Some(true) {
+                return (0, 0);
+            }
+            let memory = match alt.config.memory {
+                Some(vgpu_driver::config::MemoryRequest::Bytes(b)) => b,
+                _ => 0,
+            };
+            (memory, u32::from(alt.config.cores.unwrap_or(0)))
+        })
+        // Component-wise: any alternative may be the one that fits.
+        .reduce(|a, b| (a.0.min(b.0), a.1.min(b.1)))
+        .unwrap_or((0, 0))
 }
 
 fn describe_shortfall(alt: &AltPlan, found: usize, topology: Topology) -> String {

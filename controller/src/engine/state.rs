@@ -67,6 +67,11 @@ pub struct NodeState {
     pub gpus: Vec<usize>,
     pub cpu_requested: i128,
     pub memory_requested: i128,
+    /// The most memory free on one shareable GPU of the node: a slice that needs more cannot
+    /// fit anywhere on it, which lets a decision skip full nodes without looking at GPUs.
+    pub max_free_memory: u64,
+    /// The most cores free on one shareable GPU of the node.
+    pub max_free_cores: u32,
 }
 
 /// What one claim holds of one GPU.
@@ -162,6 +167,8 @@ impl ClusterState {
                         gpus: Vec::new(),
                         cpu_requested: 0,
                         memory_requested: 0,
+                        max_free_memory: 0,
+                        max_free_cores: 0,
                     });
                     state
                         .node_index
@@ -231,6 +238,7 @@ impl ClusterState {
         state.node_utilisation = vec![0; state.nodes.len()];
         for n in 0..state.nodes.len() {
             state.by_utilisation.insert((0, n));
+            state.refresh_node(n);
         }
         for claim in claims {
             if let Some(allocation) = &claim.allocation {
@@ -319,6 +327,17 @@ impl ClusterState {
                 .sum::<u64>()
                 / gpus.len() as u64
         };
+        let (mut memory, mut cores) = (0, 0);
+        for &g in gpus {
+            let gpu = &self.gpus[g];
+            if !gpu.exclusive {
+                let free = gpu.free();
+                memory = memory.max(free.memory_bytes);
+                cores = cores.max(free.cores);
+            }
+        }
+        self.nodes[n].max_free_memory = memory;
+        self.nodes[n].max_free_cores = cores;
         self.by_utilisation.remove(&(self.node_utilisation[n], n));
         self.node_utilisation[n] = score;
         self.by_utilisation.insert((score, n));

@@ -1,0 +1,306 @@
+//! `controller run`: the allocator against a live API server. Watches ResourceClaims,
+//! DeviceClasses, ResourceSlices (resource.k8s.io v1 where served, else v1beta1), Nodes and
+//! Pods; while this replica holds the leader Lease, allocates pending claims of our classes
+//! in passes triggered by changes and by retry back-off.
+
+pub mod api;
+pub mod leader;
+pub mod metrics;
+pub mod reconcile;
+
+use crate::engine::Policies;
+use crate::model::{NodeView, PodView};
+use api::{ClaimObject, ClassObject, SliceObject, Watched};
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::resource::{v1, v1beta1};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, ResourceExt};
+use leader::{Elector, Leadership, LeaseTiming};
+use metrics::Metrics;
+use reconcile::{Allocator, Backoff, PassReport, Snapshot};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Notify;
+use vgpu_driver::ApiVersion;
+
+/// Leader election settings; `None` in [`Options`] runs without (a single replica).
+#[derive(Clone, Debug)]
+pub struct LeaderElection {
+    pub namespace: String,
+    pub lease_name: String,
+    pub timing: LeaseTiming,
+}
+
+/// How the loop runs.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub driver: String,
+    pub policies: Policies,
+    /// This replica's name in the Lease and in Events (the pod name in a cluster).
+    pub identity: String,
+    pub leader_election: Option<LeaderElection>,
+    pub backoff: Backoff,
+    /// Changes arriving within this window are handled in one pass.
+    pub debounce: Duration,
+    /// A pass runs at least this often even without changes.
+    pub resync: Duration,
+    /// Publish Kubernetes Events about claims.
+    pub events: bool,
+}
+
+impl Options {
+    pub fn new(driver: &str, identity: &str) -> Options {
+        Options {
+            driver: driver.to_string(),
+            policies: Policies::default(),
+            identity: identity.to_string(),
+            leader_election: None,
+            backoff: Backoff::default(),
+            debounce: Duration::from_millis(100),
+            resync: Duration::from_secs(30),
+            events: true,
+        }
+    }
+}
+
+/// What the loop has done so far, for tests and diagnostics.
+#[derive(Clone, Debug, Default)]
+pub struct Status {
+    pub version: Option<ApiVersion>,
+    pub passes: u64,
+    pub leading: bool,
+    /// Every claim this replica allocated, (claim, node), in order.
+    pub allocated: Vec<(String, String)>,
+    pub last: PassReport,
+}
+
+/// Why the loop stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Discovery(#[from] api::DiscoveryError),
+    #[error("a watch cache stopped before its first list completed")]
+    CacheNotReady,
+}
+
+/// A controller bound to an API server.
+pub struct Controller {
+    client: Client,
+    options: Options,
+    metrics: Arc<Metrics>,
+    status: Arc<Mutex<Status>>,
+}
+
+impl Controller {
+    pub fn new(client: Client, options: Options, metrics: Arc<Metrics>) -> Controller {
+        Controller {
+            client,
+            options,
+            metrics,
+            status: Arc::default(),
+        }
+    }
+
+    /// A handle on the loop's progress.
+    pub fn status(&self) -> Arc<Mutex<Status>> {
+        self.status.clone()
+    }
+
+    /// Run until `shutdown` completes.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+        let version = api::discover(&self.client).await?;
+        tracing::info!(version = version.as_str(), "resource.k8s.io version chosen");
+        if let Ok(mut s) = self.status.lock() {
+            s.version = Some(version);
+        }
+        match version {
+            ApiVersion::V1 => {
+                self.run_typed::<v1::ResourceClaim, v1::DeviceClass, v1::ResourceSlice>(shutdown)
+                    .await
+            }
+            ApiVersion::V1beta1 => self
+                .run_typed::<v1beta1::ResourceClaim, v1beta1::DeviceClass, v1beta1::ResourceSlice>(
+                    shutdown,
+                )
+                .await,
+        }
+    }
+
+    async fn run_typed<C, D, S>(self, shutdown: impl Future<Output = ()>) -> Result<(), RunError>
+    where
+        C: ClaimObject,
+        D: ClassObject,
+        S: SliceObject,
+    {
+        let notify = Arc::new(Notify::new());
+        // Aborted when this future ends or is dropped: a stopped replica must not keep
+        // renewing its Lease or watching.
+        let mut tasks = AbortOnDrop(Vec::new());
+        let claims: Store<C> = watch(Api::all(self.client.clone()), &notify, &mut tasks);
+        let classes: Store<D> = watch(Api::all(self.client.clone()), &notify, &mut tasks);
+        let slices: Store<S> = watch(Api::all(self.client.clone()), &notify, &mut tasks);
+        let nodes: Store<Node> = watch(Api::all(self.client.clone()), &notify, &mut tasks);
+        let pods: Store<Pod> = watch(Api::all(self.client.clone()), &notify, &mut tasks);
+
+        let leadership = match &self.options.leader_election {
+            Some(le) => {
+                let elector = Elector::new(
+                    Api::<Lease>::namespaced(self.client.clone(), &le.namespace),
+                    &le.lease_name,
+                    &self.options.identity,
+                    le.timing,
+                );
+                let leadership = elector.leadership();
+                let gauge = self.metrics.leader.clone();
+                let notify = notify.clone();
+                tasks.push(tokio::spawn(elector.run(move |leading| {
+                    gauge.set(i64::from(leading));
+                    notify.notify_one();
+                })));
+                leadership
+            }
+            None => {
+                self.metrics.leader.set(1);
+                Leadership::always()
+            }
+        };
+
+        let work = async {
+            // A pass on partial caches could hand out capacity that is already taken.
+            for ready in [
+                claims.wait_until_ready().await,
+                classes.wait_until_ready().await,
+                slices.wait_until_ready().await,
+                nodes.wait_until_ready().await,
+                pods.wait_until_ready().await,
+            ] {
+                ready.map_err(|_| RunError::CacheNotReady)?;
+            }
+            tracing::info!("watch caches synced");
+            let recorder = self.options.events.then(|| {
+                Recorder::new(
+                    self.client.clone(),
+                    Reporter {
+                        controller: "vgpu-controller".into(),
+                        instance: Some(self.options.identity.clone()),
+                    },
+                )
+            });
+            let mut allocator = Allocator::new(
+                self.client.clone(),
+                &self.options.driver,
+                self.options.policies,
+                self.options.backoff,
+                recorder,
+                self.metrics.clone(),
+                leadership.clone(),
+            );
+            loop {
+                let leading = leadership.is_leading();
+                let mut next_retry = None;
+                if leading {
+                    let snapshot = snapshot(&claims, &classes, &slices, &nodes, &pods);
+                    let report = allocator.pass(snapshot).await;
+                    next_retry = report.next_retry;
+                    if let Ok(mut s) = self.status.lock() {
+                        s.passes += 1;
+                        s.allocated.extend(report.allocated.iter().cloned());
+                        s.last = report;
+                    }
+                }
+                if let Ok(mut s) = self.status.lock() {
+                    s.leading = leading;
+                }
+                let resync = tokio::time::Instant::now() + self.options.resync;
+                let wake = next_retry.map_or(resync, |r| r.min(resync));
+                tokio::select! {
+                    _ = notify.notified() => {
+                        // Let a burst of changes (our own writes echoing back included) settle.
+                        tokio::time::sleep(self.options.debounce).await;
+                    }
+                    _ = tokio::time::sleep_until(wake) => {}
+                }
+            }
+            #[allow(unreachable_code)]
+            Ok::<(), RunError>(())
+        };
+        let result = tokio::select! {
+            r = work => r,
+            _ = shutdown => Ok(()),
+        };
+        drop(tasks);
+        result
+    }
+}
+
+struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
+
+impl AbortOnDrop {
+    fn push(&mut self, task: tokio::task::JoinHandle<()>) {
+        self.0.push(task);
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}
+
+/// Start a reflector for `api`, waking the loop on every change.
+fn watch<K: Watched>(api: Api<K>, notify: &Arc<Notify>, tasks: &mut AbortOnDrop) -> Store<K> {
+    let (store, writer) = reflector::store::<K>();
+    let notify = notify.clone();
+    tasks.push(tokio::spawn(async move {
+        let stream = reflector::reflector(
+            writer,
+            watcher(api, watcher::Config::default()).default_backoff(),
+        );
+        futures::pin_mut!(stream);
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(_) => notify.notify_one(),
+                Err(e) => tracing::warn!(kind = K::KIND, error = %e, "watch failed; retrying"),
+            }
+        }
+    }));
+    store
+}
+
+fn versions<K: Watched>(store: &Store<K>) -> Vec<(String, String)> {
+    store
+        .state()
+        .iter()
+        .map(|o| (o.name_any(), o.resource_version().unwrap_or_default()))
+        .collect()
+}
+
+fn snapshot<C: ClaimObject, D: ClassObject, S: SliceObject>(
+    claims: &Store<C>,
+    classes: &Store<D>,
+    slices: &Store<S>,
+    nodes: &Store<Node>,
+    pods: &Store<Pod>,
+) -> Snapshot<C> {
+    Snapshot {
+        claims: claims.state(),
+        classes: classes.state().iter().map(|c| c.view()).collect(),
+        slices: slices.state().iter().map(|s| s.view()).collect(),
+        nodes: nodes
+            .state()
+            .iter()
+            .map(|n| NodeView::from_node(n))
+            .collect(),
+        pods: pods.state().iter().map(|p| PodView::from_pod(p)).collect(),
+        slice_versions: versions(slices),
+        node_versions: versions(nodes),
+        class_versions: versions(classes),
+    }
+}

@@ -1,0 +1,527 @@
+//! The Kubernetes loop against an in-memory API server: the allocation written (finalizer
+//! first, then status in one update), resource.k8s.io version discovery, Events and retry
+//! when capacity frees, conflict retry, a restart rebuilding the same state, nodes the
+//! scheduler rejected avoided, and two replicas under leader election never double-booking.
+
+#[path = "support/fakeapi.rs"]
+mod fakeapi;
+
+use controller::run::leader::LeaseTiming;
+use controller::run::metrics::Metrics;
+use controller::run::reconcile::Backoff;
+use controller::run::{Controller, LeaderElection, Options, Status};
+use fakeapi::FakeApi;
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use vgpu_driver::class::controller_selector;
+use vgpu_driver::config::{API_VERSION, KIND};
+use vgpu_driver::slice::{gpu_devices, render_pool};
+use vgpu_driver::{ApiVersion, ClaimAllocation, Gpu, NodeRef, PoolOptions};
+
+const DRIVER: &str = "vgpu.hami.io";
+const SLICE: &str = "gpu-slice.vgpu.hami.io";
+const GI: u64 = 1 << 30;
+
+fn gpu(index: u32) -> Gpu {
+    Gpu {
+        uuid: format!("GPU-{index:08}"),
+        index,
+        minor: index,
+        product_name: "NVIDIA H100 80GB HBM3".into(),
+        architecture: "Hopper".into(),
+        cuda_compute_capability: "9.0".into(),
+        driver_version: "560.35.03".into(),
+        cuda_driver_version: "12.6".into(),
+        pci_bus_id: format!("0000:{:02x}:00.0", index + 1),
+        numa_node: Some(0),
+        memory_bytes: 80 * GI,
+        multiprocessor_count: 132,
+        nvlink_peers: vec![],
+    }
+}
+
+fn version_str(v: ApiVersion) -> &'static str {
+    v.as_str()
+}
+
+/// A cluster of `nodes` each with `gpus` 80 GiB GPUs and the slice DeviceClass.
+fn cluster(fake: &FakeApi, version: ApiVersion, nodes: &[&str], gpus: u32) {
+    let devices = gpu_devices(&(0..gpus).map(gpu).collect::<Vec<_>>()).unwrap();
+    for name in nodes {
+        fake.create(
+            json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name},
+            "status": {"allocatable": {"cpu": "64", "memory": "512Gi", "pods": "110"}}}),
+        );
+        for (i, slice) in render_pool(
+            &NodeRef {
+                name: name.to_string(),
+                uid: format!("uid-{name}"),
+            },
+            &devices,
+            &PoolOptions::new(DRIVER, version),
+        )
+        .unwrap()
+        .into_iter()
+        .enumerate()
+        {
+            let mut s = slice.to_json();
+            s["metadata"]["name"] = json!(format!("{name}-{i}"));
+            fake.create(s);
+        }
+    }
+    fake.create(json!({"apiVersion": version_str(version), "kind": "DeviceClass",
+        "metadata": {"name": SLICE},
+        "spec": {"selectors": [
+            {"cel": {"expression": format!("device.driver == \"{DRIVER}\"")}},
+            {"cel": {"expression": controller_selector(DRIVER)}}],
+          "config": [{"opaque": {"driver": DRIVER, "parameters": {"apiVersion": API_VERSION, "kind": KIND, "cores": 10}}}]}}));
+}
+
+fn claim(version: ApiVersion, name: &str, memory_gib: u64) -> Value {
+    let request = match version {
+        ApiVersion::V1 => json!({"name": "gpu", "exactly": {"deviceClassName": SLICE}}),
+        ApiVersion::V1beta1 => json!({"name": "gpu", "deviceClassName": SLICE}),
+    };
+    json!({"apiVersion": version_str(version), "kind": "ResourceClaim",
+        "metadata": {"name": name, "namespace": "ml"},
+        "spec": {"devices": {"requests": [request],
+            "config": [{"requests": ["gpu"], "opaque": {"driver": DRIVER,
+                "parameters": {"apiVersion": API_VERSION, "kind": KIND, "memory": format!("{memory_gib}Gi"), "cores": 20}}}]}}})
+}
+
+/// A pending pod using claim `claim`.
+fn pod(name: &str, claim: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "ml"},
+        "spec": {"containers": [{"name": "c", "image": "cuda",
+                                 "resources": {"requests": {"cpu": "1", "memory": "1Gi"}}}],
+                 "resourceClaims": [{"name": "gpu", "resourceClaimName": claim}]},
+        "status": {"phase": "Pending"}})
+}
+
+/// A claim and its pending pod.
+fn workload(fake: &FakeApi, version: ApiVersion, name: &str, memory_gib: u64) -> Value {
+    let c = fake.create(claim(version, name, memory_gib));
+    fake.create(pod(&format!("{name}-pod"), name));
+    c
+}
+
+fn options(identity: &str) -> Options {
+    let mut o = Options::new(DRIVER, identity);
+    o.debounce = Duration::from_millis(20);
+    o.resync = Duration::from_millis(500);
+    o.backoff = Backoff {
+        initial: Duration::from_millis(200),
+        max: Duration::from_secs(1),
+    };
+    o
+}
+
+struct Running {
+    task: tokio::task::JoinHandle<()>,
+    status: Arc<Mutex<Status>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Running {
+    fn status(&self) -> Status {
+        self.status.lock().unwrap().clone()
+    }
+}
+
+fn start(fake: &FakeApi, options: Options) -> Running {
+    let metrics = Arc::new(Metrics::new());
+    let controller = Controller::new(fake.client(), options, metrics.clone());
+    let status = controller.status();
+    let task = tokio::spawn(async move {
+        if let Err(e) = controller.run(futures::future::pending()).await {
+            panic!("controller stopped: {e}");
+        }
+    });
+    Running {
+        task,
+        status,
+        metrics,
+    }
+}
+
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !check() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn allocation(fake: &FakeApi, claim: &Value) -> Option<ClaimAllocation> {
+    let stored = fake.get(claim)?;
+    if stored["status"]["allocation"].is_null() {
+        return None;
+    }
+    Some(match stored["apiVersion"].as_str() {
+        Some("resource.k8s.io/v1") => {
+            ClaimAllocation::from_v1(&serde_json::from_value(stored).unwrap()).unwrap()
+        }
+        _ => ClaimAllocation::from_v1beta1(&serde_json::from_value(stored).unwrap()).unwrap(),
+    })
+}
+
+/// Successful status writes per claim name.
+fn status_writes(fake: &FakeApi) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for w in fake.writes() {
+        if w.method == "PUT" && w.path.ends_with("/status") && w.status == 200 {
+            let name = w.path.rsplit('/').nth(1).unwrap().to_string();
+            *out.entry(name).or_default() += 1;
+        }
+    }
+    out
+}
+
+/// Memory allocated per (node, device), recomputed from the stored claims alone.
+fn usage(fake: &FakeApi, collection: &str) -> BTreeMap<(String, String), u64> {
+    let mut used = BTreeMap::new();
+    for c in fake.list(collection) {
+        if let Some(a) = allocation(&fake.clone(), &c) {
+            for r in &a.results {
+                let limits = a.slice_limits(r, 80 * GI).unwrap();
+                *used.entry((r.pool.clone(), r.device.clone())).or_default() += limits.memory_bytes;
+            }
+        }
+    }
+    used
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allocation_is_written_finalizer_first_then_status_in_one_update() {
+    let fake = FakeApi::new(&["v1beta1", "v1"]);
+    cluster(&fake, ApiVersion::V1, &["node-a"], 2);
+    let c = workload(&fake, ApiVersion::V1, "infer", 10);
+    let running = start(&fake, options("replica-1"));
+    eventually("the claim is allocated", || allocation(&fake, &c).is_some()).await;
+    let stored = fake.get(&c).unwrap();
+    assert_eq!(
+        stored["metadata"]["finalizers"],
+        json!(["resource.kubernetes.io/delete-protection"])
+    );
+    let a = allocation(&fake, &c).unwrap();
+    assert_eq!(a.node_name.as_deref(), Some("node-a"));
+    assert_eq!(a.results.len(), 1);
+    assert_eq!(
+        (a.results[0].driver.as_str(), a.results[0].pool.as_str()),
+        (DRIVER, "node-a")
+    );
+    // Class configuration first (FromClass), then the claim's (FromClaim): 10 Gi, 20 %.
+    let sources: Vec<String> = stored["status"]["allocation"]["devices"]["config"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["source"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(sources, ["FromClass", "FromClaim"]);
+    let limits = a.slice_limits(&a.results[0], 80 * GI).unwrap();
+    assert_eq!((limits.memory_bytes, limits.cores), (10 * GI, 20));
+    // The finalizer Update precedes the status update, and there is one status update.
+    let claim_writes: Vec<String> = fake
+        .writes()
+        .iter()
+        .filter(|w| w.path.contains("/resourceclaims/"))
+        .map(|w| format!("{} {}", w.method, w.path))
+        .collect();
+    assert_eq!(
+        claim_writes,
+        [
+            "PUT /apis/resource.k8s.io/v1/namespaces/ml/resourceclaims/infer",
+            "PUT /apis/resource.k8s.io/v1/namespaces/ml/resourceclaims/infer/status"
+        ]
+    );
+    // The stored claim is a valid Kubernetes 1.34 object.
+    let mut object = stored.clone();
+    object["metadata"]
+        .as_object_mut()
+        .unwrap()
+        .retain(|k, _| k != "creationTimestamp");
+    vgpu_driver::testing::validate_k8s(&[object], "1.34.0").unwrap();
+    // An Event says where it went.
+    eventually("an Allocated event", || {
+        fake.list("events.k8s.io/v1/events")
+            .iter()
+            .any(|e| e["reason"] == "Allocated" && e["regarding"]["name"] == "infer")
+    })
+    .await;
+    assert_eq!(running.status().version, Some(ApiVersion::V1));
+    let text = running.metrics.render();
+    assert!(
+        text.contains("vgpu_controller_claims_allocated_total 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("vgpu_controller_gpu_allocated_memory_bytes{node=\"node-a\""),
+        "{text}"
+    );
+    running.task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_v1beta1_cluster_is_allocated_through_v1beta1() {
+    let fake = FakeApi::new(&["v1beta1"]);
+    cluster(&fake, ApiVersion::V1beta1, &["node-a"], 1);
+    let c = workload(&fake, ApiVersion::V1beta1, "old-cluster", 8);
+    let running = start(&fake, options("replica-1"));
+    eventually("the claim is allocated", || allocation(&fake, &c).is_some()).await;
+    assert_eq!(running.status().version, Some(ApiVersion::V1beta1));
+    assert!(fake.writes().iter().any(|w| w.path
+        == "/apis/resource.k8s.io/v1beta1/namespaces/ml/resourceclaims/old-cluster/status"
+        && w.status == 200));
+    running.task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_claim_gets_an_event_and_is_retried_when_capacity_frees() {
+    let fake = FakeApi::new(&["v1"]);
+    cluster(&fake, ApiVersion::V1, &["node-a"], 1);
+    let big = workload(&fake, ApiVersion::V1, "big", 60);
+    let mut o = options("replica-1");
+    // Long back-off: only freed capacity can explain a quick retry.
+    o.backoff = Backoff {
+        initial: Duration::from_secs(300),
+        max: Duration::from_secs(300),
+    };
+    o.resync = Duration::from_secs(300);
+    let running = start(&fake, o);
+    eventually("big is allocated", || allocation(&fake, &big).is_some()).await;
+    let second = workload(&fake, ApiVersion::V1, "second", 40);
+    eventually("a FailedAllocation event for second", || {
+        fake.list("events.k8s.io/v1/events").iter().any(|e| {
+            e["reason"] == "FailedAllocation"
+                && e["type"] == "Warning"
+                && e["regarding"]["name"] == "second"
+                && e["note"]
+                    .as_str()
+                    .is_some_and(|n| n.contains("40Gi") && n.contains("0/1 nodes"))
+        })
+    })
+    .await;
+    assert!(allocation(&fake, &second).is_none());
+    // kube-controller-manager deallocates big (its pod finished) and removes it.
+    fake.remove(&json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "big-pod", "namespace": "ml"}}));
+    fake.remove(&big);
+    eventually("second is allocated once big is gone", || {
+        allocation(&fake, &second).is_some()
+    })
+    .await;
+    assert!(
+        running
+            .metrics
+            .render()
+            .contains("vgpu_controller_claims_refused_total{reason=\"unschedulable\"}")
+    );
+    running.task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conflict_rereads_and_retries_without_double_booking() {
+    let fake = FakeApi::new(&["v1"]);
+    cluster(&fake, ApiVersion::V1, &["node-a"], 1);
+    fake.conflict_on_next_status_write("contended");
+    let c = workload(&fake, ApiVersion::V1, "contended", 30);
+    let running = start(&fake, options("replica-1"));
+    eventually("the claim is allocated", || allocation(&fake, &c).is_some()).await;
+    let statuses: Vec<u16> = fake
+        .writes()
+        .iter()
+        .filter(|w| w.path.ends_with("/contended/status"))
+        .map(|w| w.status)
+        .collect();
+    assert_eq!(
+        statuses,
+        [409, 200],
+        "one conflict, then one successful write"
+    );
+    // The concurrent change survived the retry.
+    assert_eq!(
+        fake.get(&c).unwrap()["metadata"]["labels"]["touched-by"],
+        "another-client"
+    );
+    assert!(
+        running
+            .metrics
+            .render()
+            .contains("vgpu_controller_write_conflicts_total 1")
+    );
+    running.task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_controller_rebuilds_the_same_state() {
+    let fake = FakeApi::new(&["v1"]);
+    cluster(&fake, ApiVersion::V1, &["node-a", "node-b"], 2);
+    let claims: Vec<Value> = (0..5)
+        .map(|i| workload(&fake, ApiVersion::V1, &format!("c{i}"), 30))
+        .collect();
+    let first = start(&fake, options("replica-1"));
+    eventually("all five allocated", || {
+        claims.iter().all(|c| allocation(&fake, c).is_some())
+    })
+    .await;
+    eventually("a pass that saw all five", || {
+        first.status().last.usage.values().map(|u| u.2).sum::<u32>() == 5
+    })
+    .await;
+    let before = first.status().last.usage;
+    first.task.abort();
+    let _ = first.task.await;
+
+    let second = start(&fake, options("replica-2"));
+    eventually("the restarted controller made a pass", || {
+        second.status().passes > 0
+    })
+    .await;
+    assert_eq!(
+        second.status().last.usage,
+        before,
+        "same state after restart"
+    );
+    assert!(second.status().allocated.is_empty(), "nothing re-allocated");
+    // New claims go where there is room: 4 GPUs x 80 GiB hold 8 slices of 30 GiB, 5 taken.
+    let more: Vec<Value> = (5..9)
+        .map(|i| workload(&fake, ApiVersion::V1, &format!("c{i}"), 30))
+        .collect();
+    eventually("three of four more allocated", || {
+        more.iter()
+            .filter(|c| allocation(&fake, c).is_some())
+            .count()
+            == 3
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        more.iter()
+            .filter(|c| allocation(&fake, c).is_some())
+            .count(),
+        3
+    );
+    for ((node, device), bytes) in usage(&fake, "resource.k8s.io/v1/resourceclaims") {
+        assert!(bytes <= 80 * GI, "{node}/{device} holds {bytes} bytes");
+    }
+    assert!(status_writes(&fake).values().all(|n| *n == 1));
+    second.task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_the_scheduler_rejected_is_avoided_next_time() {
+    let fake = FakeApi::new(&["v1"]);
+    cluster(&fake, ApiVersion::V1, &["node-a", "node-b"], 1);
+    let c = workload(&fake, ApiVersion::V1, "picky", 10);
+    let running = start(&fake, options("replica-1"));
+    eventually("allocated", || allocation(&fake, &c).is_some()).await;
+    let first = allocation(&fake, &c).unwrap().node_name.unwrap();
+    // The kube-scheduler could not fit the pod there and cleared the allocation (PostFilter).
+    fake.modify(&c, |o| {
+        o["status"] = json!({});
+    });
+    eventually("allocated again", || allocation(&fake, &c).is_some()).await;
+    let second = allocation(&fake, &c).unwrap().node_name.unwrap();
+    assert_ne!(first, second, "the rejected node is avoided");
+    running.task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_never_double_book_and_the_standby_takes_over() {
+    let fake = FakeApi::new(&["v1"]);
+    cluster(&fake, ApiVersion::V1, &["node-a"], 2);
+    let election = |identity: &str| {
+        let mut o = options(identity);
+        o.leader_election = Some(LeaderElection {
+            namespace: "vgpu-system".into(),
+            lease_name: "vgpu-controller".into(),
+            timing: LeaseTiming {
+                lease_duration: Duration::from_millis(1500),
+                renew_deadline: Duration::from_millis(1000),
+                retry_period: Duration::from_millis(200),
+            },
+        });
+        o
+    };
+    let a = start(&fake, election("replica-a"));
+    let b = start(&fake, election("replica-b"));
+    // 2 GPUs x 80 GiB hold four 35 GiB slices; six are asked for.
+    let claims: Vec<Value> = (0..6)
+        .map(|i| workload(&fake, ApiVersion::V1, &format!("c{i}"), 35))
+        .collect();
+    eventually("four allocated", || {
+        claims
+            .iter()
+            .filter(|c| allocation(&fake, c).is_some())
+            .count()
+            == 4
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        claims
+            .iter()
+            .filter(|c| allocation(&fake, c).is_some())
+            .count(),
+        4
+    );
+    let (sa, sb) = (a.status(), b.status());
+    assert!(
+        sa.allocated.is_empty() || sb.allocated.is_empty(),
+        "only the leader writes: {:?} / {:?}",
+        sa.allocated,
+        sb.allocated
+    );
+    let (leader, standby, standby_name) = if sa.allocated.is_empty() {
+        (b, a, "replica-a")
+    } else {
+        (a, b, "replica-b")
+    };
+    // The leader goes away; two allocated claims are released.
+    leader.task.abort();
+    let _ = leader.task.await;
+    let released: Vec<&Value> = claims
+        .iter()
+        .filter(|c| allocation(&fake, c).is_some())
+        .take(2)
+        .collect();
+    for c in &released {
+        let name = c["metadata"]["name"].as_str().unwrap().to_string();
+        fake.remove(&json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": format!("{name}-pod"), "namespace": "ml"}}));
+        fake.remove(c);
+    }
+    eventually("the standby allocates the two waiting claims", || {
+        claims
+            .iter()
+            .filter(|c| fake.get(c).is_some() && allocation(&fake, c).is_some())
+            .count()
+            == 4
+    })
+    .await;
+    // The standby's status is updated when its pass ends, just after the writes.
+    eventually("the standby reports its two allocations", || {
+        standby.status().allocated.len() == 2
+    })
+    .await;
+    let lease = fake
+        .get(
+            &json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                      "metadata": {"name": "vgpu-controller", "namespace": "vgpu-system"}}),
+        )
+        .unwrap();
+    assert_eq!(lease["spec"]["holderIdentity"], standby_name);
+    // Never two status writes for one claim, never a GPU over its memory.
+    assert!(
+        status_writes(&fake).values().all(|n| *n == 1),
+        "{:?}",
+        status_writes(&fake)
+    );
+    for ((node, device), bytes) in usage(&fake, "resource.k8s.io/v1/resourceclaims") {
+        assert!(bytes <= 80 * GI, "{node}/{device} holds {bytes} bytes");
+    }
+    standby.task.abort();
+}
