@@ -1,1193 +1,500 @@
-//! An in-memory Kubernetes API server for tests: kube-rs clients talk to it through a tower
-//! service (no sockets), and tests assert on exactly what was written.
+//! An in-memory Kubernetes API server for tests. No real API server runs on CI machines, so
+//! the kubelet plugin and the controller test their Kubernetes code through kube-rs against
+//! this one, over plain HTTP on 127.0.0.1, and assert on exactly what was written.
 //!
-//! It keeps the semantics our components depend on: resourceVersion and optimistic concurrency
-//! (409 Conflict on a stale update), the status subresource (the main resource ignores status,
-//! `/status` takes only status), finalizers and deletionTimestamp, generateName, list and
-//! watch with resourceVersion replay, label and field selectors, merge patches, discovery of
-//! the registered group versions, and fault injection (conflicts, dropped watches).
-//! Not supported: strategic merge semantics beyond a JSON merge patch, JSON patch,
-//! server-side apply field ownership (apply is a merge that creates when missing),
-//! pagination (`limit`/`continue` are ignored: lists are complete), and admission.
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use fake_apiserver::{DraVersions, FakeApiServer, Gvr};
+//! use k8s_openapi::api::core::v1::Node;
+//! use kube::api::{Api, PostParams};
+//!
+//! let server = FakeApiServer::start_with_builtin(DraVersions::V1Only).await?;
+//! let nodes: Api<Node> = Api::all(server.client());
+//! let mut node = Node::default();
+//! node.metadata.name = Some("n1".into());
+//! nodes.create(&PostParams::default(), &node).await?;
+//! assert_eq!(server.writes().len(), 1);
+//! assert!(server.get(Gvr::of::<Node>(), "", "n1").is_some());
+//! # Ok(()) }
+//! ```
+//!
+//! # What behaves like the real server
+//!
+//! - **Storage**: objects are `serde_json::Value`s keyed by (group, version, plural,
+//!   namespace, name). Each registered group version has its own store: a `resource.k8s.io/v1`
+//!   and a `v1beta1` ResourceClaim with the same name are two unrelated objects (the real
+//!   server converts between versions of one stored object; tests that need that register
+//!   one version only). One global resourceVersion counts every write.
+//! - **Discovery**: `/version`, `/api`, `/api/v1`, `/apis`, `/apis/<group>` and
+//!   `/apis/<group>/<version>` list exactly what is registered (with `<plural>/status` where
+//!   a resource has the status subresource; versions in Kubernetes priority order, the first
+//!   preferred), and the aggregated `apidiscovery.k8s.io/v2` form when asked for it.
+//!   Unregistered paths are 404, like a server without the API.
+//! - **GET**, and **LIST** with `labelSelector` (`=`, `==`, `!=`, `in`, `notin`, `key`,
+//!   `!key`), `fieldSelector` (`=`, `==`, `!=` on `metadata.name`, `metadata.namespace`, and
+//!   per resource: pods `spec.nodeName`/`status.phase`, nodes `spec.unschedulable`, core
+//!   events `involvedObject.*`/`reason`/`type`, resourceslices `spec.nodeName`/`spec.driver`;
+//!   any other field is 400 `field label not supported`), `limit`/`continue` paging, and
+//!   metadata-only responses (`Accept: ...;as=PartialObjectMetadata...`).
+//! - **WATCH** (`?watch=true`): newline-delimited `{type, object}` events. Without a
+//!   resourceVersion (or with "0") it starts with ADDED for the current state; with one it
+//!   replays every change after it (410 Expired as an ERROR event when that history was
+//!   [compacted](FakeApiServer::compact)); `sendInitialEvents=true` streams the state and then
+//!   a BOOKMARK annotated `k8s.io/initial-events-end`. Selectors apply to events, and a change
+//!   that moves an object into or out of a selector is ADDED or DELETED. With
+//!   `allowWatchBookmarks` a BOOKMARK is sent when the watch reaches `timeoutSeconds` and on
+//!   [`FakeApiServer::send_bookmarks`]. The watch ends at `timeoutSeconds`, on
+//!   [`FakeApiServer::drop_watches`], or when it falls 16384 events behind.
+//! - **CREATE**: `generateName` gets a random 5-character suffix; uid, resourceVersion,
+//!   creationTimestamp and generation 1 are set; 409 AlreadyExists; 422 Invalid for a
+//!   missing or non-DNS-subdomain name; 400 when apiVersion, kind or namespace in the body
+//!   contradict the URL; 500 when a resourceVersion is sent, as the real storage does. Status
+//!   is dropped on create where it is a subresource, except nodes (kubelets register with
+//!   status); pods start `Pending` and namespaces `Active`.
+//! - **UPDATE** (PUT): a non-empty stale `metadata.resourceVersion` is 409 Conflict (empty is
+//!   unconditional); a different uid is 409; where the resource has a status subresource the
+//!   main resource keeps the stored status and `/status` takes only `status`. uid, name,
+//!   namespace, creationTimestamp, deletionTimestamp and generation are server-owned;
+//!   generation goes up when anything outside metadata (and status) changes. A write that
+//!   changes nothing keeps the resourceVersion and sends no event.
+//! - **PATCH**: `application/merge-patch+json`; `application/strategic-merge-patch+json`
+//!   applied as a merge patch (lists are replaced, not merged by key);
+//!   `application/json-patch+json` (a patch that does not apply is 422; as on the real
+//!   server, `test` of a missing path against null passes, which kube-runtime's finalizer
+//!   helper relies on); and server-side apply
+//!   `application/apply-patch+yaml`, applied as a merge patch that creates a missing object,
+//!   requiring `fieldManager` but tracking no field ownership (no managedFields, no conflicts
+//!   between managers, `force` ignored). A patch that carries a resourceVersion is a
+//!   precondition (409 when stale). Status subresource rules as for UPDATE.
+//! - **DELETE**: with `metadata.finalizers` the object gets a deletionTimestamp (and its
+//!   generation goes up) instead of going away, and removing the last finalizer deletes it;
+//!   no finalizers can be added once deleting (422). `preconditions` on uid and
+//!   resourceVersion give 409. A finished deletion answers a Success Status (the object, for
+//!   pods); a pending one the object. **DELETECOLLECTION** deletes what the selectors match.
+//! - Errors are `metav1.Status` bodies with the real code and reason (NotFound 404,
+//!   AlreadyExists 409, Conflict 409, BadRequest 400, Invalid 422, MethodNotAllowed 405,
+//!   UnsupportedMediaType 415), so kube-rs reports `kube::Error::Api` as it would.
+//!
+//! # What is not supported
+//!
+//! Authentication, authorization and admission (nothing is ever forbidden); conversion
+//! between versions; defaulting and schema validation (any JSON is stored as sent, beyond the
+//! name and identity checks above); subresources other than `status` (no `pods/log`,
+//! `eviction`, `binding`, `scale`); `dryRun` (400); list `resourceVersion`/
+//! `resourceVersionMatch` (lists always serve the latest state, and pages after `continue`
+//! see the state at that moment, not a snapshot); graceful deletion of pods
+//! (`gracePeriodSeconds` is ignored: without finalizers a pod goes at once);
+//! `propagationPolicy` and garbage collection of dependents; namespace lifecycle (objects may
+//! be created in namespaces that do not exist, and deleting a namespace deletes nothing
+//! else); the Table format, protobuf and CBOR; HTTP/2 and TLS; legacy `/watch/` paths.
+//!
+//! Writes made with the direct helpers ([`FakeApiServer::put_object`],
+//! [`FakeApiServer::update_object`], [`FakeApiServer::delete_object`]) notify watches but are
+//! not part of [`FakeApiServer::writes`], which records only what clients wrote, and they
+//! bypass faults, latency and request counting.
 
-use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
-use serde_json::{Value, json};
-use std::collections::{BTreeMap, HashMap};
-use std::convert::Infallible;
-use std::sync::{Arc, Mutex};
-use tokio::sync::broadcast;
+mod discovery;
+mod error;
+mod resource;
+mod selector;
+mod server;
+mod store;
+mod watch;
 
-/// A registered resource.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ResourceKind {
-    /// "" for the core group.
-    pub group: String,
-    pub version: String,
-    pub kind: String,
-    pub plural: String,
-    pub namespaced: bool,
-    pub has_status: bool,
+pub use error::{ApiError, Error};
+pub use resource::{DraVersions, Gvr, ResourceKind};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use server::Shared;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use store::{Deleted, Signal};
+
+/// A Kubernetes API verb, as RBAC names them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Verb {
+    Get,
+    List,
+    Watch,
+    Create,
+    Update,
+    Patch,
+    Delete,
+    DeleteCollection,
 }
 
-impl ResourceKind {
-    pub fn new(
-        group: &str,
-        version: &str,
-        kind: &str,
-        plural: &str,
-        namespaced: bool,
-        has_status: bool,
-    ) -> Self {
-        ResourceKind {
-            group: group.into(),
-            version: version.into(),
-            kind: kind.into(),
-            plural: plural.into(),
-            namespaced,
-            has_status,
+impl Verb {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verb::Get => "get",
+            Verb::List => "list",
+            Verb::Watch => "watch",
+            Verb::Create => "create",
+            Verb::Update => "update",
+            Verb::Patch => "patch",
+            Verb::Delete => "delete",
+            Verb::DeleteCollection => "deletecollection",
         }
     }
 
-    fn api_version(&self) -> String {
-        if self.group.is_empty() {
-            self.version.clone()
-        } else {
-            format!("{}/{}", self.group, self.version)
-        }
+    pub fn is_write(self) -> bool {
+        !matches!(self, Verb::Get | Verb::List | Verb::Watch)
     }
 }
 
-/// Which resource.k8s.io versions the fake serves, like a cluster of that release.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Release {
-    /// 1.32/1.33: resource.k8s.io/v1beta1 only.
-    K8s132,
-    /// 1.34+: resource.k8s.io/v1 only (v1beta1 is off by default).
-    K8s134,
+impl fmt::Display for Verb {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
-/// One recorded write.
-#[derive(Clone, Debug)]
+/// One successful write by a client, in the order the server applied them.
+#[derive(Clone, Debug, PartialEq)]
 pub struct Write {
-    pub verb: &'static str,
+    pub verb: Verb,
+    /// The request path, without the query.
     pub path: String,
-    /// The object after the write (the deleted object for a delete).
+    pub gvr: Gvr,
+    /// None for cluster-scoped resources.
+    pub namespace: Option<String>,
+    pub name: String,
+    /// `Some("status")` for writes to the status subresource.
+    pub subresource: Option<String>,
+    /// The object after the write; for a deletion, its last state (with a deletionTimestamp
+    /// when finalizers hold it).
     pub object: Value,
 }
 
-#[derive(Clone, Debug)]
-struct WatchEvent {
-    key: (String, String),
-    rv: u64,
-    kind: &'static str,
-    object: Value,
+/// What an injected fault answers a write with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// 409 Conflict, worded like a stale resourceVersion.
+    Conflict,
+    /// 500 InternalError.
+    InternalError,
+    /// 429 TooManyRequests (kube-rs retries these itself by default).
+    TooManyRequests,
+    /// 503 ServiceUnavailable (kube-rs retries these itself by default).
+    ServiceUnavailable,
 }
 
-#[derive(Default)]
-struct Store {
-    kinds: Vec<ResourceKind>,
-    /// (apiVersion, plural) -> (namespace, name) -> object
-    objects: HashMap<(String, String), BTreeMap<(String, String), Value>>,
-    events: Vec<WatchEvent>,
-    rv: u64,
-    uid: u64,
-    writes: Vec<Write>,
-    conflicts: HashMap<String, usize>,
-    requests: BTreeMap<String, usize>,
-}
-
-/// The fake API server. Cheap to clone; clones share state.
-#[derive(Clone)]
+/// The running server. Dropping it stops the server and closes its connections.
 pub struct FakeApiServer {
-    store: Arc<Mutex<Store>>,
-    events: broadcast::Sender<WatchEvent>,
-    drops: broadcast::Sender<()>,
+    shared: Arc<Shared>,
+    url: String,
+    client: kube::Client,
+    task: tokio::task::JoinHandle<()>,
 }
 
-type Body = BoxBody<Bytes, Infallible>;
-
-fn full(status: StatusCode, value: &Value) -> Response<Body> {
-    Response::builder()
-        .status(status)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(value.to_string())).boxed())
-        .expect("static response parts are valid")
-}
-
-fn status(code: StatusCode, reason: &str, message: String) -> Response<Body> {
-    full(
-        code,
-        &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                "message": message, "reason": reason, "code": code.as_u16()}),
-    )
-}
-
-/// The parts of a request path.
-struct Target {
-    kind: ResourceKind,
-    namespace: Option<String>,
-    name: Option<String>,
-    subresource: Option<String>,
-}
-
-fn merge(target: &mut Value, patch: &Value) {
-    match (target, patch) {
-        (Value::Object(t), Value::Object(p)) => {
-            for (k, v) in p {
-                if v.is_null() {
-                    t.remove(k);
-                } else {
-                    merge(t.entry(k.clone()).or_insert(Value::Null), v);
-                }
-            }
-        }
-        (t, p) => *t = p.clone(),
+impl Drop for FakeApiServer {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 
-fn query_map(query: Option<&str>) -> HashMap<String, String> {
-    query
-        .unwrap_or("")
-        .split('&')
-        .filter(|s| !s.is_empty())
-        .map(|kv| {
-            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-            (decode(k), decode(v))
-        })
-        .collect()
-}
-
-fn decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' if i + 2 < bytes.len() => {
-                let hex = std::str::from_utf8(&bytes[i + 1..i + 3])
-                    .ok()
-                    .and_then(|h| u8::from_str_radix(h, 16).ok());
-                match hex {
-                    Some(b) => {
-                        out.push(b);
-                        i += 3;
-                    }
-                    None => {
-                        out.push(b'%');
-                        i += 1;
-                    }
-                }
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            b => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// `key=value`, `key!=value`, `key`, `!key`, `key in (a,b)` label selectors, comma-joined.
-fn labels_match(selector: &str, labels: &serde_json::Map<String, Value>) -> bool {
-    let get = |k: &str| labels.get(k).and_then(Value::as_str);
-    let mut parts = Vec::new();
-    let mut depth = 0;
-    let mut start = 0;
-    for (i, c) in selector.char_indices() {
-        match c {
-            '(' => depth += 1,
-            ')' => depth -= 1,
-            ',' if depth == 0 => {
-                parts.push(&selector[start..i]);
-                start = i + 1;
-            }
-            _ => {}
-        }
-    }
-    parts.push(&selector[start..]);
-    parts
-        .into_iter()
-        .map(str::trim)
-        .filter(|p| !p.is_empty())
-        .all(|p| {
-            if let Some((k, v)) = p.split_once("!=") {
-                get(k.trim()) != Some(v.trim())
-            } else if let Some((k, v)) = p.split_once("==").or_else(|| p.split_once('=')) {
-                get(k.trim()) == Some(v.trim())
-            } else if let Some((k, set)) = p.split_once(" notin ") {
-                let set: Vec<&str> = set
-                    .trim()
-                    .trim_matches(['(', ')'])
-                    .split(',')
-                    .map(str::trim)
-                    .collect();
-                get(k.trim()).is_none_or(|v| !set.contains(&v))
-            } else if let Some((k, set)) = p.split_once(" in ") {
-                let set: Vec<&str> = set
-                    .trim()
-                    .trim_matches(['(', ')'])
-                    .split(',')
-                    .map(str::trim)
-                    .collect();
-                get(k.trim()).is_some_and(|v| set.contains(&v))
-            } else if let Some(k) = p.strip_prefix('!') {
-                get(k.trim()).is_none()
-            } else {
-                get(p).is_some()
-            }
-        })
-}
-
-const FIELD_SELECTORS: [&str; 4] = [
-    "metadata.name",
-    "metadata.namespace",
-    "spec.nodeName",
-    "spec.driver",
-];
-
-fn field_value<'a>(object: &'a Value, field: &str) -> Option<&'a str> {
-    let pointer = format!("/{}", field.replace('.', "/"));
-    object.pointer(&pointer).and_then(Value::as_str)
-}
-
-fn fields_match(selector: &str, object: &Value) -> Result<bool, String> {
-    for part in selector.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (field, want, negate) = if let Some((f, v)) = part.split_once("!=") {
-            (f, v, true)
-        } else if let Some((f, v)) = part.split_once("==").or_else(|| part.split_once('=')) {
-            (f, v, false)
-        } else {
-            return Err(format!("invalid field selector {part:?}"));
-        };
-        let field = field.trim();
-        if !FIELD_SELECTORS.contains(&field) {
-            return Err(format!("field label not supported: {field}"));
-        }
-        let have = field_value(object, field).unwrap_or("");
-        if (have == want.trim()) == negate {
-            return Ok(false);
-        }
-    }
-    Ok(true)
-}
-
-impl Default for FakeApiServer {
-    fn default() -> Self {
-        Self::new()
+impl fmt::Debug for FakeApiServer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FakeApiServer")
+            .field("url", &self.url)
+            .finish_non_exhaustive()
     }
 }
 
 impl FakeApiServer {
-    /// An empty server with nothing registered.
-    pub fn new() -> Self {
-        let (events, _) = broadcast::channel(4096);
-        let (drops, _) = broadcast::channel(16);
-        FakeApiServer {
-            store: Arc::new(Mutex::new(Store::default())),
-            events,
-            drops,
-        }
-    }
-
-    /// A server of `release` with the resources the driver uses registered.
-    pub fn for_release(release: Release) -> Self {
-        let server = Self::new();
-        for kind in [
-            ResourceKind::new("", "v1", "Node", "nodes", false, true),
-            ResourceKind::new("", "v1", "Pod", "pods", true, true),
-            ResourceKind::new("", "v1", "Event", "events", true, false),
-            ResourceKind::new("", "v1", "Namespace", "namespaces", false, true),
-            ResourceKind::new("events.k8s.io", "v1", "Event", "events", true, false),
-            ResourceKind::new("coordination.k8s.io", "v1", "Lease", "leases", true, false),
-        ] {
-            server.register(kind);
-        }
-        let version = match release {
-            Release::K8s132 => "v1beta1",
-            Release::K8s134 => "v1",
-        };
-        for (kind, plural, namespaced, has_status) in [
-            ("ResourceSlice", "resourceslices", false, false),
-            ("ResourceClaim", "resourceclaims", true, true),
-            ("DeviceClass", "deviceclasses", false, false),
-            (
-                "ResourceClaimTemplate",
-                "resourceclaimtemplates",
-                true,
-                false,
-            ),
-        ] {
-            server.register(ResourceKind::new(
-                "resource.k8s.io",
-                version,
-                kind,
-                plural,
-                namespaced,
-                has_status,
-            ));
-        }
-        server
-    }
-
-    pub fn register(&self, kind: ResourceKind) {
-        let mut store = self.store.lock().expect("store lock");
-        if !store.kinds.contains(&kind) {
-            store.kinds.push(kind);
-        }
-    }
-
-    /// A kube-rs client talking to this server.
-    pub fn client(&self) -> kube::Client {
-        let server = self.clone();
-        let service = tower::service_fn(move |request: Request<kube::client::Body>| {
-            let server = server.clone();
-            async move { Ok::<_, Infallible>(server.handle(request).await) }
-        });
-        kube::Client::new(service, "default")
-    }
-
-    /// Every write so far, in order.
-    pub fn writes(&self) -> Vec<Write> {
-        self.store.lock().expect("store lock").writes.clone()
-    }
-
-    /// Requests served so far, keyed by `VERB path-without-query`.
-    pub fn requests(&self) -> BTreeMap<String, usize> {
-        self.store.lock().expect("store lock").requests.clone()
-    }
-
-    /// The stored object, if any.
-    pub fn get(
-        &self,
-        api_version: &str,
-        plural: &str,
-        namespace: &str,
-        name: &str,
-    ) -> Option<Value> {
-        let store = self.store.lock().expect("store lock");
-        store
-            .objects
-            .get(&(api_version.to_string(), plural.to_string()))?
-            .get(&(namespace.to_string(), name.to_string()))
-            .cloned()
-    }
-
-    /// All stored objects of a resource.
-    pub fn list(&self, api_version: &str, plural: &str) -> Vec<Value> {
-        let store = self.store.lock().expect("store lock");
-        store
-            .objects
-            .get(&(api_version.to_string(), plural.to_string()))
-            .map(|m| m.values().cloned().collect())
-            .unwrap_or_default()
-    }
-
-    /// Store an object as someone else would (created or replaced), notifying watchers.
-    pub fn put_object(&self, plural: &str, mut object: Value) -> Value {
-        let api_version = object["apiVersion"].as_str().unwrap_or("").to_string();
-        let ns = object
-            .pointer("/metadata/namespace")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string();
-        let name = object
-            .pointer("/metadata/name")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string();
-        let mut store = self.store.lock().expect("store lock");
-        let key = (ns, name);
-        let existed = store
-            .objects
-            .get(&(api_version.clone(), plural.to_string()))
-            .is_some_and(|m| m.contains_key(&key));
-        store.stamp(&mut object, !existed);
-        store
-            .objects
-            .entry((api_version, plural.to_string()))
-            .or_default()
-            .insert(key.clone(), object.clone());
-        let event = store.record(key, if existed { "MODIFIED" } else { "ADDED" }, &object);
-        drop(store);
-        let _ = self.events.send(event);
-        object
-    }
-
-    /// Delete an object as someone else would (no finalizer handling), notifying watchers.
-    pub fn delete_object(
-        &self,
-        api_version: &str,
-        plural: &str,
-        namespace: &str,
-        name: &str,
-    ) -> Option<Value> {
-        let mut store = self.store.lock().expect("store lock");
-        let key = (namespace.to_string(), name.to_string());
-        let mut object = store
-            .objects
-            .get_mut(&(api_version.to_string(), plural.to_string()))?
-            .remove(&key)?;
-        store.rv += 1;
-        object["metadata"]["resourceVersion"] = json!(store.rv.to_string());
-        let event = store.record(key, "DELETED", &object);
-        drop(store);
-        let _ = self.events.send(event);
-        Some(object)
-    }
-
-    /// The next `count` writes (updates, patches, creates) to paths containing `path_part`
-    /// fail with 409 Conflict.
-    pub fn inject_conflicts(&self, path_part: &str, count: usize) {
-        self.store
-            .lock()
-            .expect("store lock")
-            .conflicts
-            .insert(path_part.to_string(), count);
-    }
-
-    /// Close every open watch now, as an API server restart or a network blip does.
-    pub fn drop_watches(&self) {
-        let _ = self.drops.send(());
-    }
-
-    // The error is the response to send: handlers return it as is.
-    #[allow(clippy::result_large_err)]
-    fn target(&self, path: &str) -> Result<Target, Response<Body>> {
-        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-        let (group, version, rest) = match segments.as_slice() {
-            ["api", version, rest @ ..] => ("", *version, rest),
-            ["apis", group, version, rest @ ..] => (*group, *version, rest),
-            _ => {
-                return Err(status(
-                    StatusCode::NOT_FOUND,
-                    "NotFound",
-                    format!("the server could not find the requested resource {path}"),
-                ));
+    /// Starts a server with nothing registered on 127.0.0.1 and a random port.
+    pub async fn start() -> Result<Self, Error> {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .map_err(Error::Bind)?;
+        let addr = listener.local_addr().map_err(Error::Bind)?;
+        let shared = Arc::new(Shared::new(addr));
+        let url = format!("http://{addr}");
+        let task = tokio::spawn(server::serve(listener, shared.clone()));
+        let client = match kube::Client::try_from(config_for(&url)?) {
+            Ok(client) => client,
+            Err(error) => {
+                task.abort();
+                return Err(Error::Client(error));
             }
         };
-        let (namespace, rest) = match rest {
-            ["namespaces", ns, rest @ ..] if !rest.is_empty() => (Some(ns.to_string()), rest),
-            rest => (None, rest),
-        };
-        let (plural, name, subresource) = match rest {
-            [plural] => (*plural, None, None),
-            [plural, name] => (*plural, Some(name.to_string()), None),
-            [plural, name, sub] => (*plural, Some(name.to_string()), Some(sub.to_string())),
-            _ => {
-                return Err(status(
-                    StatusCode::NOT_FOUND,
-                    "NotFound",
-                    format!("the server could not find the requested resource {path}"),
-                ));
-            }
-        };
-        let store = self.store.lock().expect("store lock");
-        let kind = store
-            .kinds
-            .iter()
-            .find(|k| k.group == group && k.version == version && k.plural == plural)
-            .cloned()
-            .ok_or_else(|| status(StatusCode::NOT_FOUND, "NotFound", format!("the server could not find the requested resource ({group}/{version} {plural})")))?;
-        Ok(Target {
-            kind,
-            namespace,
-            name,
-            subresource,
+        Ok(FakeApiServer {
+            shared,
+            url,
+            client,
+            task,
         })
     }
 
-    async fn handle(&self, request: Request<kube::client::Body>) -> Response<Body> {
-        let (parts, body) = request.into_parts();
-        let path = parts.uri.path().to_string();
-        let query = query_map(parts.uri.query());
-        *self
-            .store
+    /// Starts a server with [`ResourceKind::builtin`] registered and `/version` set to match
+    /// (1.32 for `V1beta1Only`, 1.34 otherwise).
+    pub async fn start_with_builtin(dra: DraVersions) -> Result<Self, Error> {
+        let server = Self::start().await?;
+        server.register_builtin(dra);
+        Ok(server)
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.shared.addr
+    }
+
+    /// A kube client for this server: no auth, default namespace "default". Clones share a
+    /// connection pool.
+    pub fn client(&self) -> kube::Client {
+        self.client.clone()
+    }
+
+    /// A kube config for this server, to build clients with other settings.
+    pub fn config(&self) -> kube::Config {
+        // The URL was parsed when the server started, so this cannot fail.
+        config_for(&self.url).unwrap_or_else(|_| kube::Config::new(::http::Uri::default()))
+    }
+
+    /// Serves `kind` from now on (a no-op if it already is).
+    pub fn register(&self, kind: ResourceKind) {
+        let mut state = self.shared.lock();
+        if !state.kinds.contains(&kind) {
+            state.kinds.push(kind);
+        }
+    }
+
+    /// Registers the resources our components use, with the chosen DRA versions, and sets
+    /// `/version` to a release that serves them.
+    pub fn register_builtin(&self, dra: DraVersions) {
+        for kind in ResourceKind::builtin(dra) {
+            self.register(kind);
+        }
+        let minor = match dra {
+            DraVersions::V1beta1Only => "32",
+            DraVersions::V1Only | DraVersions::Both => "34",
+        };
+        self.set_server_version("1", minor);
+    }
+
+    /// Stops serving a resource (its objects stay stored and come back if it is registered
+    /// again), as when an API version is switched off.
+    pub fn unregister(&self, gvr: impl Into<Gvr>) {
+        let gvr = gvr.into();
+        self.shared.lock().kinds.retain(|k| k.gvr() != gvr);
+    }
+
+    pub fn registered(&self) -> Vec<ResourceKind> {
+        self.shared.lock().kinds.clone()
+    }
+
+    /// What `/version` reports.
+    pub fn set_server_version(&self, major: &str, minor: &str) {
+        self.shared.lock().version = (major.to_string(), minor.to_string());
+    }
+
+    /// The current global resourceVersion.
+    pub fn resource_version(&self) -> u64 {
+        self.shared.lock().rv
+    }
+
+    fn kind(&self, gvr: &Gvr) -> Result<ResourceKind, Error> {
+        self.shared
             .lock()
-            .expect("store lock")
-            .requests
-            .entry(format!("{} {}", parts.method, path))
-            .or_default() += 1;
-        if let Some(discovery) = self.discovery(&path) {
-            return discovery;
-        }
-        let body = match body.collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(e) => {
-                return status(
-                    StatusCode::BAD_REQUEST,
-                    "BadRequest",
-                    format!("reading the body: {e}"),
-                );
-            }
-        };
-        let target = match self.target(&path) {
-            Ok(t) => t,
-            Err(response) => return response,
-        };
-        let content_type = parts
-            .headers
-            .get("content-type")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_string();
-        match (parts.method.clone(), &target.name) {
-            (Method::GET, None) if query.get("watch").is_some_and(|w| w == "true" || w == "1") => {
-                self.watch(&target, &query)
-            }
-            (Method::GET, None) => self.list_response(&target, &query),
-            (Method::GET, Some(name)) => self.get_response(&target, name),
-            (Method::POST, None) => self.write(&target, "create", &path, body, &content_type),
-            (Method::PUT, Some(_)) => self.write(&target, "update", &path, body, &content_type),
-            (Method::PATCH, Some(_)) => self.write(&target, "patch", &path, body, &content_type),
-            (Method::DELETE, Some(name)) => self.delete_response(&target, name, &path, body),
-            (Method::DELETE, None) => self.delete_collection(&target, &query, &path),
-            (method, _) => status(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "MethodNotAllowed",
-                format!("{method} is not supported on {path}"),
-            ),
-        }
-    }
-
-    fn discovery(&self, path: &str) -> Option<Response<Body>> {
-        let store = self.store.lock().expect("store lock");
-        let resources = |group: &str, version: &str| -> Vec<Value> {
-            store
-                .kinds
-                .iter()
-                .filter(|k| k.group == group && k.version == version)
-                .flat_map(|k| {
-                    let mut list = vec![json!({"name": k.plural, "singularName": k.kind.to_lowercase(), "namespaced": k.namespaced, "kind": k.kind,
-                        "verbs": ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]})];
-                    if k.has_status {
-                        list.push(json!({"name": format!("{}/status", k.plural), "singularName": "", "namespaced": k.namespaced, "kind": k.kind, "verbs": ["get", "patch", "update"]}));
-                    }
-                    list
-                })
-                .collect()
-        };
-        let groups: BTreeMap<String, Vec<String>> = store
-            .kinds
-            .iter()
-            .filter(|k| !k.group.is_empty())
-            .fold(BTreeMap::new(), |mut m, k| {
-                let versions: &mut Vec<String> = m.entry(k.group.clone()).or_default();
-                if !versions.contains(&k.version) {
-                    versions.push(k.version.clone());
-                }
-                m
-            });
-        let group_json = |name: &str, versions: &[String]| {
-            let vs: Vec<Value> = versions
-                .iter()
-                .map(|v| json!({"groupVersion": format!("{name}/{v}"), "version": v}))
-                .collect();
-            json!({"name": name, "versions": vs, "preferredVersion": vs[0]})
-        };
-        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-        let body = match segments.as_slice() {
-            ["api"] => {
-                json!({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []})
-            }
-            ["api", "v1"] => {
-                json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "v1", "resources": resources("", "v1")})
-            }
-            ["apis"] => {
-                json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups.iter().map(|(g, v)| group_json(g, v)).collect::<Vec<_>>()})
-            }
-            ["apis", group] => match groups.get(*group) {
-                Some(versions) => {
-                    let mut g = group_json(group, versions);
-                    g["kind"] = json!("APIGroup");
-                    g["apiVersion"] = json!("v1");
-                    g
-                }
-                None => {
-                    return Some(status(
-                        StatusCode::NOT_FOUND,
-                        "NotFound",
-                        format!("group {group} not served"),
-                    ));
-                }
-            },
-            ["apis", group, version] => {
-                if !groups
-                    .get(*group)
-                    .is_some_and(|v| v.iter().any(|x| x == version))
-                {
-                    return Some(status(
-                        StatusCode::NOT_FOUND,
-                        "NotFound",
-                        format!("{group}/{version} not served"),
-                    ));
-                }
-                json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": format!("{group}/{version}"), "resources": resources(group, version)})
-            }
-            _ => return None,
-        };
-        Some(full(StatusCode::OK, &body))
-    }
-
-    #[allow(clippy::result_large_err)]
-    fn matching(
-        &self,
-        target: &Target,
-        query: &HashMap<String, String>,
-    ) -> Result<(Vec<Value>, u64), Response<Body>> {
-        let store = self.store.lock().expect("store lock");
-        let key = (target.kind.api_version(), target.kind.plural.clone());
-        let mut items = Vec::new();
-        for ((ns, _), object) in store.objects.get(&key).into_iter().flatten() {
-            if target.namespace.as_ref().is_some_and(|want| want != ns) {
-                continue;
-            }
-            if let Some(selector) = query.get("labelSelector") {
-                let empty = serde_json::Map::new();
-                let labels = object
-                    .pointer("/metadata/labels")
-                    .and_then(Value::as_object)
-                    .unwrap_or(&empty);
-                if !labels_match(selector, labels) {
-                    continue;
-                }
-            }
-            if let Some(selector) = query.get("fieldSelector") {
-                match fields_match(selector, object) {
-                    Ok(true) => {}
-                    Ok(false) => continue,
-                    Err(e) => return Err(status(StatusCode::BAD_REQUEST, "BadRequest", e)),
-                }
-            }
-            items.push(object.clone());
-        }
-        Ok((items, store.rv))
-    }
-
-    fn list_response(&self, target: &Target, query: &HashMap<String, String>) -> Response<Body> {
-        match self.matching(target, query) {
-            Ok((items, rv)) => full(
-                StatusCode::OK,
-                &json!({"apiVersion": target.kind.api_version(), "kind": format!("{}List", target.kind.kind), "metadata": {"resourceVersion": rv.to_string()}, "items": items}),
-            ),
-            Err(response) => response,
-        }
-    }
-
-    fn get_response(&self, target: &Target, name: &str) -> Response<Body> {
-        let store = self.store.lock().expect("store lock");
-        let key = (target.kind.api_version(), target.kind.plural.clone());
-        let ns = target.namespace.clone().unwrap_or_default();
-        match store
-            .objects
-            .get(&key)
-            .and_then(|m| m.get(&(ns, name.to_string())))
-        {
-            Some(object) => full(StatusCode::OK, object),
-            None => status(
-                StatusCode::NOT_FOUND,
-                "NotFound",
-                format!("{} \"{name}\" not found", target.kind.plural),
-            ),
-        }
-    }
-
-    fn watch(&self, target: &Target, query: &HashMap<String, String>) -> Response<Body> {
-        let since: u64 = query
-            .get("resourceVersion")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        let timeout = query
-            .get("timeoutSeconds")
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(300);
-        let bookmarks = query
-            .get("allowWatchBookmarks")
-            .is_some_and(|v| v == "true");
-        let api_version = target.kind.api_version();
-        let plural = target.kind.plural.clone();
-        let namespace = target.namespace.clone();
-        let label = query.get("labelSelector").cloned();
-        let field = query.get("fieldSelector").cloned();
-        if let Some(f) = &field
-            && let Err(e) = fields_match(f, &json!({}))
-        {
-            return status(StatusCode::BAD_REQUEST, "BadRequest", e);
-        }
-        let wanted = move |e: &WatchEvent| -> bool {
-            e.object["apiVersion"] == api_version.as_str()
-                && e.object.get("kind").is_some()
-                && namespace.as_ref().is_none_or(|ns| &e.key.0 == ns)
-                && label.as_ref().is_none_or(|l| {
-                    let empty = serde_json::Map::new();
-                    labels_match(
-                        l,
-                        e.object
-                            .pointer("/metadata/labels")
-                            .and_then(Value::as_object)
-                            .unwrap_or(&empty),
-                    )
-                })
-                && field
-                    .as_ref()
-                    .is_none_or(|f| fields_match(f, &e.object).unwrap_or(false))
-        };
-        let mut live = self.events.subscribe();
-        let mut drops = self.drops.subscribe();
-        let (backlog, current_rv) = {
-            let store = self.store.lock().expect("store lock");
-            let backlog: Vec<WatchEvent> = store
-                .events
-                .iter()
-                .filter(|e| e.rv > since)
-                .cloned()
-                .collect();
-            (backlog, store.rv)
-        };
-        let plural_for_events = plural;
-        let store = self.store.clone();
-        let stream = async_stream(move |tx| async move {
-            let belongs = |e: &WatchEvent| -> bool {
-                let s = store.lock().expect("store lock");
-                s.kinds.iter().any(|k| {
-                    k.api_version() == e.object["apiVersion"].as_str().unwrap_or("")
-                        && k.plural == plural_for_events
-                        && e.object["kind"] == k.kind.as_str()
-                })
-            };
-            for e in backlog.iter().filter(|e| wanted(e) && belongs(e)) {
-                if tx
-                    .send(json!({"type": e.kind, "object": e.object}))
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-            }
-            if bookmarks {
-                let _ = tx.send(json!({"type": "BOOKMARK", "object": {"kind": "Bookmark", "apiVersion": "v1", "metadata": {"resourceVersion": current_rv.to_string()}}})).await;
-            }
-            let deadline = tokio::time::sleep(std::time::Duration::from_secs(timeout));
-            tokio::pin!(deadline);
-            loop {
-                tokio::select! {
-                    _ = &mut deadline => return,
-                    _ = drops.recv() => return,
-                    event = live.recv() => match event {
-                        Ok(e) if e.rv > since && wanted(&e) && belongs(&e) => {
-                            if tx.send(json!({"type": e.kind, "object": e.object})).await.is_err() {
-                                return;
-                            }
-                        }
-                        Ok(_) => {}
-                        // A watcher that fell behind is closed, as the API server does.
-                        Err(_) => return,
-                    }
-                }
-            }
-        });
-        Response::builder()
-            .status(StatusCode::OK)
-            .header("content-type", "application/json")
-            .body(stream)
-            .expect("static response parts are valid")
-    }
-
-    fn take_conflict(&self, path: &str) -> bool {
-        let mut store = self.store.lock().expect("store lock");
-        for (part, left) in store.conflicts.iter_mut() {
-            if *left > 0 && path.contains(part.as_str()) {
-                *left -= 1;
-                return true;
-            }
-        }
-        false
-    }
-
-    fn write(
-        &self,
-        target: &Target,
-        verb: &'static str,
-        path: &str,
-        body: Bytes,
-        content_type: &str,
-    ) -> Response<Body> {
-        if self.take_conflict(path) {
-            return status(
-                StatusCode::CONFLICT,
-                "Conflict",
-                format!(
-                    "Operation cannot be fulfilled on {} (injected conflict): the object has been modified; please apply your changes to the latest version and try again",
-                    target.kind.plural
-                ),
-            );
-        }
-        let input: Value = match serde_json::from_slice(&body) {
-            Ok(v) => v,
-            Err(e) => {
-                return status(
-                    StatusCode::BAD_REQUEST,
-                    "BadRequest",
-                    format!("the body is not JSON: {e}"),
-                );
-            }
-        };
-        if content_type.contains("json-patch") {
-            return status(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "UnsupportedMediaType",
-                "JSON patch is not supported by the fake API server".into(),
-            );
-        }
-        let api_version = target.kind.api_version();
-        let key = (api_version.clone(), target.kind.plural.clone());
-        let ns = if target.kind.namespaced {
-            target.namespace.clone().unwrap_or_default()
-        } else {
-            String::new()
-        };
-        let mut store = self.store.lock().expect("store lock");
-        let (result, event_kind) = match verb {
-            "create" => {
-                let mut object = input;
-                object["apiVersion"] = json!(api_version);
-                object["kind"] = json!(target.kind.kind);
-                let mut name = object
-                    .pointer("/metadata/name")
-                    .and_then(Value::as_str)
-                    .unwrap_or("")
-                    .to_string();
-                if name.is_empty() {
-                    let Some(prefix) = object
-                        .pointer("/metadata/generateName")
-                        .and_then(Value::as_str)
-                        .map(String::from)
-                    else {
-                        return status(
-                            StatusCode::UNPROCESSABLE_ENTITY,
-                            "Invalid",
-                            "metadata.name or metadata.generateName is required".into(),
-                        );
-                    };
-                    store.uid += 1;
-                    name = format!("{prefix}{:05x}", store.uid);
-                    object["metadata"]["name"] = json!(name);
-                }
-                if target.kind.namespaced {
-                    object["metadata"]["namespace"] = json!(ns);
-                }
-                if store
-                    .objects
-                    .get(&key)
-                    .is_some_and(|m| m.contains_key(&(ns.clone(), name.clone())))
-                {
-                    return status(
-                        StatusCode::CONFLICT,
-                        "AlreadyExists",
-                        format!("{} \"{name}\" already exists", target.kind.plural),
-                    );
-                }
-                store.stamp(&mut object, true);
-                store
-                    .objects
-                    .entry(key.clone())
-                    .or_default()
-                    .insert((ns.clone(), name.clone()), object.clone());
-                ((ns, name, object), "ADDED")
-            }
-            _ => {
-                let name = target.name.clone().unwrap_or_default();
-                let existing = store
-                    .objects
-                    .get(&key)
-                    .and_then(|m| m.get(&(ns.clone(), name.clone())))
-                    .cloned();
-                let apply = content_type.contains("apply-patch");
-                let Some(existing) = existing.or_else(|| apply.then(|| json!({"apiVersion": api_version, "kind": target.kind.kind, "metadata": {"name": name, "namespace": ns}}))) else {
-                    return status(StatusCode::NOT_FOUND, "NotFound", format!("{} \"{name}\" not found", target.kind.plural));
-                };
-                let mut object = if verb == "update" {
-                    let sent_rv = input
-                        .pointer("/metadata/resourceVersion")
-                        .and_then(Value::as_str)
-                        .unwrap_or("");
-                    let have_rv = existing
-                        .pointer("/metadata/resourceVersion")
-                        .and_then(Value::as_str)
-                        .unwrap_or("");
-                    if !sent_rv.is_empty() && sent_rv != have_rv {
-                        return status(
-                            StatusCode::CONFLICT,
-                            "Conflict",
-                            format!(
-                                "Operation cannot be fulfilled on {} \"{name}\": the object has been modified; please apply your changes to the latest version and try again",
-                                target.kind.plural
-                            ),
-                        );
-                    }
-                    input
-                } else {
-                    let mut merged = existing.clone();
-                    merge(&mut merged, &input);
-                    merged
-                };
-                // The status subresource: the main resource keeps the stored status and
-                // /status keeps everything but status.
-                if target.kind.has_status {
-                    match target.subresource.as_deref() {
-                        Some("status") => {
-                            let new_status = object.get("status").cloned();
-                            object = existing.clone();
-                            match new_status {
-                                Some(s) => object["status"] = s,
-                                None => {
-                                    if let Some(o) = object.as_object_mut() {
-                                        o.remove("status");
-                                    }
-                                }
-                            }
-                        }
-                        _ => match existing.get("status") {
-                            Some(s) => object["status"] = s.clone(),
-                            None => {
-                                if let Some(o) = object.as_object_mut() {
-                                    o.remove("status");
-                                }
-                            }
-                        },
-                    }
-                }
-                object["apiVersion"] = json!(api_version);
-                object["kind"] = json!(target.kind.kind);
-                // Identity and server-owned fields do not change on update.
-                for field in [
-                    "uid",
-                    "creationTimestamp",
-                    "deletionTimestamp",
-                    "name",
-                    "namespace",
-                ] {
-                    match existing["metadata"].get(field) {
-                        Some(v) => object["metadata"][field] = v.clone(),
-                        None => {
-                            if let Some(m) = object["metadata"].as_object_mut() {
-                                m.remove(field);
-                            }
-                        }
-                    }
-                }
-                store.stamp(&mut object, false);
-                let deleting = object.pointer("/metadata/deletionTimestamp").is_some();
-                let no_finalizers = object
-                    .pointer("/metadata/finalizers")
-                    .and_then(Value::as_array)
-                    .is_none_or(Vec::is_empty);
-                if deleting && no_finalizers {
-                    store
-                        .objects
-                        .get_mut(&key)
-                        .map(|m| m.remove(&(ns.clone(), name.clone())));
-                    ((ns, name, object), "DELETED")
-                } else {
-                    store
-                        .objects
-                        .entry(key.clone())
-                        .or_default()
-                        .insert((ns.clone(), name.clone()), object.clone());
-                    ((ns, name, object), "MODIFIED")
-                }
-            }
-        };
-        let (ns, name, object) = result;
-        store.writes.push(Write {
-            verb,
-            path: path.to_string(),
-            object: object.clone(),
-        });
-        let event = store.record((ns, name), event_kind, &object);
-        drop(store);
-        let _ = self.events.send(event);
-        full(
-            if verb == "create" {
-                StatusCode::CREATED
-            } else {
-                StatusCode::OK
-            },
-            &object,
-        )
-    }
-
-    fn delete_response(
-        &self,
-        target: &Target,
-        name: &str,
-        path: &str,
-        body: Bytes,
-    ) -> Response<Body> {
-        if self.take_conflict(path) {
-            return status(StatusCode::CONFLICT, "Conflict", "injected conflict".into());
-        }
-        let options: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-        let key = (target.kind.api_version(), target.kind.plural.clone());
-        let ns = target.namespace.clone().unwrap_or_default();
-        let mut store = self.store.lock().expect("store lock");
-        let Some(mut object) = store
-            .objects
-            .get(&key)
-            .and_then(|m| m.get(&(ns.clone(), name.to_string())))
+            .kind(gvr)
             .cloned()
-        else {
-            return status(
-                StatusCode::NOT_FOUND,
-                "NotFound",
-                format!("{} \"{name}\" not found", target.kind.plural),
-            );
-        };
-        for (field, pointer) in [
-            ("uid", "/preconditions/uid"),
-            ("resourceVersion", "/preconditions/resourceVersion"),
-        ] {
-            if let Some(want) = options.pointer(pointer).and_then(Value::as_str)
-                && object["metadata"][field].as_str() != Some(want)
-            {
-                {
-                    return status(
-                        StatusCode::CONFLICT,
-                        "Conflict",
-                        format!(
-                            "Precondition failed: {field} in precondition: {want}, {field} in object meta: {}",
-                            object["metadata"][field]
-                        ),
-                    );
-                }
-            }
-        }
-        let has_finalizers = object
-            .pointer("/metadata/finalizers")
-            .and_then(Value::as_array)
-            .is_some_and(|f| !f.is_empty());
-        let event_kind = if has_finalizers {
-            if object.pointer("/metadata/deletionTimestamp").is_none() {
-                object["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
-            }
-            store.stamp(&mut object, false);
-            store
-                .objects
-                .entry(key)
-                .or_default()
-                .insert((ns.clone(), name.to_string()), object.clone());
-            "MODIFIED"
-        } else {
-            store
-                .objects
-                .get_mut(&key)
-                .map(|m| m.remove(&(ns.clone(), name.to_string())));
-            store.rv += 1;
-            let rv = store.rv;
-            object["metadata"]["resourceVersion"] = json!(rv.to_string());
-            "DELETED"
-        };
-        store.writes.push(Write {
-            verb: "delete",
-            path: path.to_string(),
-            object: object.clone(),
-        });
-        let event = store.record((ns, name.to_string()), event_kind, &object);
-        drop(store);
-        let _ = self.events.send(event);
-        full(StatusCode::OK, &object)
+            .ok_or_else(|| Error::NotRegistered(gvr.clone()))
     }
 
-    fn delete_collection(
+    /// The stored object. `namespace` is ignored for cluster-scoped resources.
+    pub fn get(&self, gvr: impl Into<Gvr>, namespace: &str, name: &str) -> Option<Value> {
+        let gvr = gvr.into();
+        let state = self.shared.lock();
+        let namespaced = state.kind(&gvr).is_none_or(|k| k.namespaced);
+        let namespace = if namespaced { namespace } else { "" };
+        state.get(&gvr, namespace, name).cloned()
+    }
+
+    /// The stored object as a typed resource.
+    pub fn get_as<K>(&self, namespace: &str, name: &str) -> Result<Option<K>, Error>
+    where
+        K: kube::Resource<DynamicType = ()> + DeserializeOwned,
+    {
+        self.get(Gvr::of::<K>(), namespace, name)
+            .map(serde_json::from_value)
+            .transpose()
+            .map_err(Error::Json)
+    }
+
+    /// Every stored object of a collection, in (namespace, name) order.
+    pub fn list(&self, gvr: impl Into<Gvr>) -> Vec<Value> {
+        let gvr = gvr.into();
+        self.shared
+            .lock()
+            .collection(&gvr)
+            .map(|(_, o)| o.clone())
+            .collect()
+    }
+
+    pub fn list_as<K>(&self) -> Result<Vec<K>, Error>
+    where
+        K: kube::Resource<DynamicType = ()> + DeserializeOwned,
+    {
+        self.list(Gvr::of::<K>())
+            .into_iter()
+            .map(serde_json::from_value)
+            .collect::<Result<_, _>>()
+            .map_err(Error::Json)
+    }
+
+    /// Seeds an object as someone else would have written it: created or replaced
+    /// unconditionally, status included, with uid, creationTimestamp and generation filled in
+    /// where missing (a namespaced object without a namespace goes to "default"). Watches see
+    /// ADDED or MODIFIED. Returns the stored object.
+    pub fn put_object(&self, gvr: impl Into<Gvr>, object: Value) -> Result<Value, Error> {
+        let kind = self.kind(&gvr.into())?;
+        Ok(self.shared.lock().put(&kind, object)?)
+    }
+
+    /// [`Self::put_object`] for a typed resource.
+    pub fn put<K>(&self, object: &K) -> Result<K, Error>
+    where
+        K: kube::Resource<DynamicType = ()> + Serialize + DeserializeOwned,
+    {
+        let value = serde_json::to_value(object).map_err(Error::Json)?;
+        let stored = self.put_object(Gvr::of::<K>(), value)?;
+        serde_json::from_value(stored).map_err(Error::Json)
+    }
+
+    /// Edits a stored object as someone else would: the closure may change anything (status
+    /// and finalizers included; not its name or namespace), then the object gets a new
+    /// resourceVersion and watches see MODIFIED, or DELETED if it was being deleted and has
+    /// no finalizers left. Returns the object after the edit.
+    pub fn update_object(
         &self,
-        target: &Target,
-        query: &HashMap<String, String>,
-        path: &str,
-    ) -> Response<Body> {
-        let items = match self.matching(target, query) {
-            Ok((items, _)) => items,
-            Err(response) => return response,
-        };
-        let mut deleted = Vec::new();
-        for item in items {
-            let ns = item
-                .pointer("/metadata/namespace")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_string();
-            let name = item
-                .pointer("/metadata/name")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_string();
-            let t = Target {
-                kind: target.kind.clone(),
-                namespace: Some(ns).filter(|n| !n.is_empty()),
-                name: Some(name.clone()),
-                subresource: None,
-            };
-            let response = self.delete_response(&t, &name, path, Bytes::new());
-            if response.status() == StatusCode::OK {
-                deleted.push(item);
-            }
-        }
-        full(
-            StatusCode::OK,
-            &json!({"apiVersion": target.kind.api_version(), "kind": format!("{}List", target.kind.kind), "metadata": {}, "items": deleted}),
-        )
+        gvr: impl Into<Gvr>,
+        namespace: &str,
+        name: &str,
+        edit: impl FnOnce(&mut Value),
+    ) -> Result<Value, Error> {
+        let kind = self.kind(&gvr.into())?;
+        Ok(self
+            .shared
+            .lock()
+            .edit(&kind, namespace, name, edit)?
+            .object)
+    }
+
+    /// Deletes a stored object as someone else would, honouring finalizers like DELETE does:
+    /// returns the last state, which carries a deletionTimestamp when finalizers keep it.
+    pub fn delete_object(
+        &self,
+        gvr: impl Into<Gvr>,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Value, Error> {
+        let kind = self.kind(&gvr.into())?;
+        let deleted =
+            self.shared
+                .lock()
+                .delete(&kind, namespace, name, &store::Preconditions::default())?;
+        let (Deleted::Gone(object) | Deleted::Pending(object)) = deleted;
+        Ok(object)
+    }
+
+    /// Every successful client write so far, in order.
+    pub fn writes(&self) -> Vec<Write> {
+        self.shared.lock().writes.clone()
+    }
+
+    pub fn clear_writes(&self) {
+        self.shared.lock().writes.clear();
+    }
+
+    /// Requests per (verb, path without query), failed ones included. Discovery and other
+    /// non-resource requests count as `get`.
+    pub fn request_counts(&self) -> BTreeMap<(Verb, String), u64> {
+        self.shared.lock().requests.clone()
+    }
+
+    pub fn request_count(&self, verb: Verb, path: &str) -> u64 {
+        self.shared
+            .lock()
+            .requests
+            .get(&(verb, path.to_string()))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    pub fn reset_request_counts(&self) {
+        self.shared.lock().requests.clear();
+    }
+
+    /// The next `count` writes (create, update, patch, delete, deletecollection, status
+    /// included) to `gvr` fail with 409 Conflict without changing anything.
+    pub fn inject_conflicts(&self, gvr: impl Into<Gvr>, count: usize) {
+        self.inject_faults(gvr, count, Fault::Conflict);
+    }
+
+    /// The next `count` writes to `gvr` fail with `fault`, after any already queued.
+    pub fn inject_faults(&self, gvr: impl Into<Gvr>, count: usize, fault: Fault) {
+        let gvr = gvr.into();
+        self.shared
+            .lock()
+            .faults
+            .entry(gvr)
+            .or_default()
+            .extend(std::iter::repeat_n(fault, count));
+    }
+
+    pub fn clear_faults(&self) {
+        self.shared.lock().faults.clear();
+    }
+
+    /// Every request waits this long before it is handled.
+    pub fn set_latency(&self, latency: Duration) {
+        self.shared.lock().latency = latency;
+    }
+
+    /// Ends every open watch now, as an API server restart or a load balancer would.
+    pub fn drop_watches(&self) {
+        self.shared.lock().signal(Signal::DropWatches);
+    }
+
+    /// Forgets the change history, as etcd compaction does: a watch that resumes from an
+    /// older resourceVersion then gets 410 Expired and must re-list.
+    pub fn compact(&self) {
+        self.shared.lock().compact();
+    }
+
+    /// Sends a BOOKMARK at the current resourceVersion to every watch that allows them.
+    pub fn send_bookmarks(&self) {
+        let state = self.shared.lock();
+        state.signal(Signal::Bookmark(state.rv));
+    }
+
+    /// How many watches are open now.
+    pub fn open_watches(&self) -> usize {
+        *self.shared.watches.borrow()
+    }
+
+    /// Waits until at least `count` watches are open (a watch is open once it is certain to
+    /// see every later change). Wrap it in a timeout.
+    pub async fn wait_for_watches(&self, count: usize) {
+        let mut watches = self.shared.watches.subscribe();
+        // The sender lives as long as `self`, so this cannot fail while we wait.
+        let _ = watches.wait_for(|open| *open >= count).await;
     }
 }
 
-impl Store {
-    fn stamp(&mut self, object: &mut Value, created: bool) {
-        self.rv += 1;
-        if !object["metadata"].is_object() {
-            object["metadata"] = json!({});
-        }
-        object["metadata"]["resourceVersion"] = json!(self.rv.to_string());
-        if created {
-            if object
-                .pointer("/metadata/uid")
-                .and_then(Value::as_str)
-                .is_none_or(str::is_empty)
-            {
-                self.uid += 1;
-                object["metadata"]["uid"] =
-                    json!(format!("00000000-0000-4000-8000-{:012x}", self.uid));
-            }
-            object["metadata"]["creationTimestamp"] = json!("2026-01-01T00:00:00Z");
-            object["metadata"]["generation"] = json!(1);
-        }
-    }
-
-    fn record(&mut self, key: (String, String), kind: &'static str, object: &Value) -> WatchEvent {
-        let event = WatchEvent {
-            key,
-            rv: self.rv,
-            kind,
-            object: object.clone(),
-        };
-        self.events.push(event.clone());
-        event
-    }
-}
-
-/// A body streaming one JSON value per line from a producer task.
-fn async_stream<F, Fut>(producer: F) -> Body
-where
-    F: FnOnce(tokio::sync::mpsc::Sender<Value>) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let (tx, rx) = tokio::sync::mpsc::channel::<Value>(256);
-    tokio::spawn(producer(tx));
-    let frames =
-        tokio_stream::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), |v| {
-            Ok::<_, Infallible>(http_body::Frame::data(Bytes::from(format!("{v}\n"))))
-        });
-    StreamBody::new(frames).boxed()
+fn config_for(url: &str) -> Result<kube::Config, Error> {
+    let uri: ::http::Uri = url
+        .parse()
+        .map_err(|e: ::http::uri::InvalidUri| Error::Url(format!("{url}: {e}")))?;
+    let mut config = kube::Config::new(uri);
+    config.default_namespace = "default".into();
+    Ok(config)
 }
