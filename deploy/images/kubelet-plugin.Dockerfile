@@ -13,9 +13,11 @@ RUN cargo build --release --locked -p libvgpu && cp target/release/libvgpu.so /l
 FROM rust:1-bookworm AS plugin
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked -p kubelet-plugin && cp target/release/kubelet-plugin /kubelet-plugin
+RUN cargo build --release --locked -p kubelet-plugin \
+ && cp target/release/kubelet-plugin /kubelet-plugin && cp target/release/install-library /install-library
 
 FROM gcr.io/distroless/cc-debian12
 COPY --from=plugin /kubelet-plugin /kubelet-plugin
+COPY --from=plugin /install-library /install-library
 COPY --from=library /libvgpu.so /usr/local/vgpu/libvgpu.so
 ENTRYPOINT ["/kubelet-plugin"]

@@ -1,0 +1,284 @@
+//! The plugin's record of prepared claims, so that prepare answers the same after a restart,
+//! unprepare works after the claim is gone from the API server, and CDI specs can be
+//! reconciled at start.
+//!
+//! The file is versioned (`apiVersion`/`kind`) and carries a sha256 checksum of its canonical
+//! payload (the payload serialized as compact JSON with a fixed field order and sorted maps).
+//! It is written atomically: a temporary file in the same directory, fsync, rename over the
+//! old file, fsync of the directory, so a crash leaves either the old or the new file.
+
+use crate::prepare::PreparedClaim;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// `apiVersion` of the checkpoint file.
+pub const API_VERSION: &str = "vgpu.hami.io/v1";
+/// `kind` of the checkpoint file.
+pub const KIND: &str = "KubeletPluginCheckpoint";
+/// File name in the plugin directory.
+pub const FILE_NAME: &str = "checkpoint.json";
+
+/// What the checkpoint records.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Payload {
+    /// Claim UID → what was prepared.
+    pub claims: BTreeMap<String, PreparedClaim>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Envelope {
+    api_version: String,
+    kind: String,
+    checksum: String,
+    payload: Payload,
+}
+
+/// Why the checkpoint cannot be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("checkpoint {path}: {op}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("checkpoint {path} is not a checkpoint file: {message}")]
+    Malformed { path: PathBuf, message: String },
+    #[error(
+        "checkpoint {path} has apiVersion {api_version:?} kind {kind:?}; this plugin reads only \
+         {API_VERSION} {KIND}"
+    )]
+    Version {
+        path: PathBuf,
+        api_version: String,
+        kind: String,
+    },
+    #[error(
+        "checkpoint {path} is corrupt: checksum {found} does not match its content ({computed}); \
+         inspect it, then remove it to start over (prepared claims will have to be prepared again)"
+    )]
+    Checksum {
+        path: PathBuf,
+        found: String,
+        computed: String,
+    },
+    #[error("checkpoint: cannot encode: {0}")]
+    Encode(serde_json::Error),
+}
+
+fn checksum(payload: &Payload) -> Result<String, CheckpointError> {
+    let bytes = serde_json::to_vec(payload).map_err(CheckpointError::Encode)?;
+    let digest = Sha256::digest(&bytes);
+    Ok(digest.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// The checkpoint file at `<dir>/checkpoint.json`.
+#[derive(Clone, Debug)]
+pub struct Checkpoint {
+    path: PathBuf,
+}
+
+impl Checkpoint {
+    pub fn in_dir(dir: &Path) -> Self {
+        Checkpoint {
+            path: dir.join(FILE_NAME),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Read and verify the file; a missing file is an empty payload.
+    pub fn load(&self) -> Result<Payload, CheckpointError> {
+        let path = &self.path;
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Payload::default()),
+            Err(source) => {
+                return Err(CheckpointError::Io {
+                    op: "read",
+                    path: path.clone(),
+                    source,
+                });
+            }
+        };
+        let malformed = |message: String| CheckpointError::Malformed {
+            path: path.clone(),
+            message,
+        };
+        // The version is checked before the payload is decoded, so a file from another
+        // version is reported as such rather than as a decoding error.
+        let value: serde_json::Value =
+            serde_json::from_slice(&bytes).map_err(|e| malformed(e.to_string()))?;
+        let api_version = value
+            .get("apiVersion")
+            .and_then(|v| v.as_str())
+            .unwrap_or("");
+        let kind = value.get("kind").and_then(|v| v.as_str()).unwrap_or("");
+        if api_version != API_VERSION || kind != KIND {
+            return Err(CheckpointError::Version {
+                path: path.clone(),
+                api_version: api_version.to_string(),
+                kind: kind.to_string(),
+            });
+        }
+        let envelope: Envelope =
+            serde_json::from_value(value).map_err(|e| malformed(e.to_string()))?;
+        let computed = checksum(&envelope.payload)?;
+        if computed != envelope.checksum {
+            return Err(CheckpointError::Checksum {
+                path: path.clone(),
+                found: envelope.checksum,
+                computed,
+            });
+        }
+        Ok(envelope.payload)
+    }
+
+    /// Write the payload atomically.
+    pub fn store(&self, payload: &Payload) -> Result<(), CheckpointError> {
+        let envelope = Envelope {
+            api_version: API_VERSION.into(),
+            kind: KIND.into(),
+            checksum: checksum(payload)?,
+            payload: payload.clone(),
+        };
+        let mut bytes = serde_json::to_vec_pretty(&envelope).map_err(CheckpointError::Encode)?;
+        bytes.push(b'\n');
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        let io = |op: &'static str, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| CheckpointError::Io { op, path, source }
+        };
+        std::fs::create_dir_all(dir).map_err(io("create directory", dir))?;
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".checkpoint.")
+            .suffix(".tmp")
+            .tempfile_in(dir)
+            .map_err(io("create temporary file", dir))?;
+        tmp.write_all(&bytes).map_err(io("write", tmp.path()))?;
+        tmp.as_file().sync_all().map_err(io("fsync", &self.path))?;
+        tmp.persist(&self.path)
+            .map_err(|e| io("rename into place", &self.path)(e.error))?;
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io("fsync directory", dir))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::prepare::{KubeletDevice, PreparedClaim, PreparedGpu};
+
+    fn payload() -> Payload {
+        let kind = crate::cdi_spec::claim_kind("vgpu.hami.io").unwrap();
+        let spec = vgpu_cdi::Spec::new(
+            &kind,
+            vec![vgpu_cdi::Device::new(
+                "u1-gpu",
+                vgpu_cdi::ContainerEdits {
+                    env: vec!["A=1".into()],
+                    ..Default::default()
+                },
+            )],
+        );
+        let claim = PreparedClaim {
+            namespace: "ml".into(),
+            name: "train".into(),
+            devices: vec![KubeletDevice {
+                request_names: vec!["gpu".into()],
+                pool_name: "node-a".into(),
+                device_name: "gpu-0".into(),
+                cdi_device_ids: vec!["k8s.vgpu.hami.io/claim=u1-gpu".into()],
+                share_id: None,
+            }],
+            gpus: vec![PreparedGpu {
+                device: "gpu-0".into(),
+                uuid: "GPU-a".into(),
+                request: "gpu".into(),
+                memory_bytes: 4 << 30,
+                cores: 30,
+                exclusive: false,
+                admin_access: false,
+            }],
+            spec,
+        };
+        Payload {
+            claims: [("u1".to_string(), claim)].into(),
+        }
+    }
+
+    #[test]
+    fn round_trip_and_missing_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = Checkpoint::in_dir(dir.path());
+        assert_eq!(cp.load().unwrap(), Payload::default());
+        cp.store(&payload()).unwrap();
+        assert_eq!(cp.load().unwrap(), payload());
+        let text = std::fs::read_to_string(cp.path()).unwrap();
+        assert!(
+            text.contains("\"apiVersion\": \"vgpu.hami.io/v1\""),
+            "{text}"
+        );
+        assert!(
+            text.contains("\"kind\": \"KubeletPluginCheckpoint\""),
+            "{text}"
+        );
+        // No temporary files are left behind.
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from(FILE_NAME)]);
+    }
+
+    #[test]
+    fn tampering_is_detected() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = Checkpoint::in_dir(dir.path());
+        cp.store(&payload()).unwrap();
+        let text = std::fs::read_to_string(cp.path()).unwrap();
+        std::fs::write(cp.path(), text.replace("\"cores\": 30", "\"cores\": 31")).unwrap();
+        let err = cp.load().unwrap_err();
+        assert!(matches!(err, CheckpointError::Checksum { .. }), "{err}");
+        assert!(err.to_string().contains("corrupt"), "{err}");
+    }
+
+    #[test]
+    fn other_versions_and_garbage_are_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = Checkpoint::in_dir(dir.path());
+        cp.store(&payload()).unwrap();
+        let text = std::fs::read_to_string(cp.path()).unwrap();
+        std::fs::write(
+            cp.path(),
+            text.replace("vgpu.hami.io/v1\"", "vgpu.hami.io/v2\""),
+        )
+        .unwrap();
+        let err = cp.load().unwrap_err();
+        assert!(matches!(err, CheckpointError::Version { .. }), "{err}");
+        assert!(err.to_string().contains("vgpu.hami.io/v2"), "{err}");
+        for garbage in ["", "{", "[]", "{\"apiVersion\": 3}", "\u{0}\u{1}"] {
+            std::fs::write(cp.path(), garbage).unwrap();
+            assert!(cp.load().is_err(), "{garbage:?} was accepted");
+        }
+        std::fs::write(
+            cp.path(),
+            format!("{{\"apiVersion\":\"{API_VERSION}\",\"kind\":\"{KIND}\",\"checksum\":\"x\",\"payload\":{{\"claims\":{{\"u\":{{}}}}}}}}"),
+        )
+        .unwrap();
+        assert!(matches!(
+            cp.load().unwrap_err(),
+            CheckpointError::Malformed { .. }
+        ));
+    }
+}

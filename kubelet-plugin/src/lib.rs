@@ -1,0 +1,15 @@
+//! The node agent of the vGPU DRA driver.
+//!
+//! It discovers the node's GPUs ([`discovery`]), publishes them as ResourceSlices
+//! ([`publish`]), registers with the kubelet and serves the DRA gRPC services ([`grpc`]), and
+//! prepares claims as CDI specs ([`prepare`], [`cdi_spec`], [`checkpoint`]). [`plugin`] wires
+//! them together; the binary only parses flags.
+
+pub mod cdi_spec;
+pub mod checkpoint;
+pub mod discovery;
+pub mod grpc;
+pub mod metrics;
+pub mod plugin;
+pub mod prepare;
+pub mod publish;

@@ -1,0 +1,272 @@
+//! Prometheus metrics, served as text over HTTP at `/metrics` on `--metrics-addr`.
+//!
+//! The HTTP side is a deliberately tiny HTTP/1.1 responder (one GET, connection closed after
+//! the answer): a scrape endpoint needs nothing more, and it keeps a web framework out of the
+//! node agent.
+
+use crate::discovery::Snapshot;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// `success` or `error`.
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GpuLabels {
+    pub device: String,
+    pub uuid: String,
+}
+
+/// The plugin's metrics. Cheap to clone.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Arc<Registry>,
+    prepare: Family<ResultLabels, Counter>,
+    unprepare: Family<ResultLabels, Counter>,
+    prepare_seconds: Histogram,
+    unprepare_seconds: Histogram,
+    published_devices: Gauge,
+    prepared_claims: Gauge,
+    gpu_healthy: Family<GpuLabels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn label(ok: bool) -> ResultLabels {
+    ResultLabels {
+        result: if ok { "success" } else { "error" }.into(),
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("vgpu_kubelet_plugin");
+        let prepare = Family::<ResultLabels, Counter>::default();
+        let unprepare = Family::<ResultLabels, Counter>::default();
+        // 1 ms to ~16 s: preparing is file I/O plus one API GET.
+        let prepare_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 15));
+        let unprepare_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 15));
+        let published_devices = Gauge::default();
+        let prepared_claims = Gauge::default();
+        let gpu_healthy = Family::<GpuLabels, Gauge>::default();
+        registry.register(
+            "prepare_claims",
+            "Claims prepared, by result",
+            prepare.clone(),
+        );
+        registry.register(
+            "unprepare_claims",
+            "Claims unprepared, by result",
+            unprepare.clone(),
+        );
+        registry.register(
+            "prepare_duration_seconds",
+            "Time to answer one NodePrepareResources call",
+            prepare_seconds.clone(),
+        );
+        registry.register(
+            "unprepare_duration_seconds",
+            "Time to answer one NodeUnprepareResources call",
+            unprepare_seconds.clone(),
+        );
+        registry.register(
+            "published_devices",
+            "GPUs offered in this node's ResourceSlices",
+            published_devices.clone(),
+        );
+        registry.register(
+            "prepared_claims",
+            "Claims prepared on this node now",
+            prepared_claims.clone(),
+        );
+        registry.register(
+            "gpu_healthy",
+            "1 while the GPU is healthy and offered, 0 once it is taken out of service",
+            gpu_healthy.clone(),
+        );
+        Metrics {
+            registry: Arc::new(registry),
+            prepare,
+            unprepare,
+            prepare_seconds,
+            unprepare_seconds,
+            published_devices,
+            prepared_claims,
+            gpu_healthy,
+        }
+    }
+
+    pub fn prepared(&self, ok: bool) {
+        self.prepare.get_or_create(&label(ok)).inc();
+    }
+
+    pub fn unprepared(&self, ok: bool) {
+        self.unprepare.get_or_create(&label(ok)).inc();
+    }
+
+    pub fn observe_prepare(&self, took: Duration) {
+        self.prepare_seconds.observe(took.as_secs_f64());
+    }
+
+    pub fn observe_unprepare(&self, took: Duration) {
+        self.unprepare_seconds.observe(took.as_secs_f64());
+    }
+
+    pub fn set_published_devices(&self, n: usize) {
+        self.published_devices.set(n as i64);
+    }
+
+    pub fn set_prepared_claims(&self, n: usize) {
+        self.prepared_claims.set(n as i64);
+    }
+
+    pub fn set_gpu_health(&self, snapshot: &Snapshot) {
+        for gpu in &snapshot.gpus {
+            let labels = GpuLabels {
+                device: gpu.device_name(),
+                uuid: gpu.uuid.clone(),
+            };
+            let healthy = snapshot.unhealthy_reason(&gpu.uuid).is_none();
+            self.gpu_healthy
+                .get_or_create(&labels)
+                .set(i64::from(healthy));
+        }
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// Serve `/metrics` on `listener` until `stop` fires.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        loop {
+            let (mut socket, _) = tokio::select! {
+                _ = stop.changed() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "metrics: accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let metrics = self.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut len = 0;
+                // Read the request head (bounded, with a timeout against idle clients).
+                let read = tokio::time::timeout(Duration::from_secs(5), async {
+                    while len < buf.len() {
+                        let n = socket.read(&mut buf[len..]).await?;
+                        if n == 0 {
+                            break;
+                        }
+                        len += n;
+                        if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+                            break;
+                        }
+                    }
+                    Ok::<_, std::io::Error>(())
+                })
+                .await;
+                if !matches!(read, Ok(Ok(()))) {
+                    return;
+                }
+                let head = String::from_utf8_lossy(&buf[..len]);
+                let first = head.lines().next().unwrap_or("");
+                let (status, content_type, body) =
+                    if first.starts_with("GET /metrics ") || first == "GET /metrics" {
+                        (
+                            "200 OK",
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            metrics.encode(),
+                        )
+                    } else {
+                        (
+                            "404 Not Found",
+                            "text/plain",
+                            "only /metrics is served\n".to_string(),
+                        )
+                    };
+                let response = format!(
+                    "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = socket.write_all(response.as_bytes()).await;
+                let _ = socket.shutdown().await;
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn metrics_are_served_over_http() {
+        let metrics = Metrics::new();
+        metrics.prepared(true);
+        metrics.prepared(false);
+        metrics.prepared(true);
+        metrics.observe_prepare(Duration::from_millis(3));
+        metrics.set_published_devices(7);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop_tx, stop) = tokio::sync::watch::channel(false);
+        let server = tokio::spawn(metrics.clone().serve(listener, stop));
+        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+        conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut text = String::new();
+        conn.read_to_string(&mut text).await.unwrap();
+        assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+        assert!(
+            text.contains("vgpu_kubelet_plugin_prepare_claims_total{result=\"success\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("vgpu_kubelet_plugin_prepare_claims_total{result=\"error\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("vgpu_kubelet_plugin_published_devices 7"),
+            "{text}"
+        );
+        assert!(
+            text.contains("vgpu_kubelet_plugin_prepare_duration_seconds_count 1"),
+            "{text}"
+        );
+        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+        conn.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut text = String::new();
+        conn.read_to_string(&mut text).await.unwrap();
+        assert!(text.starts_with("HTTP/1.1 404"), "{text}");
+        stop_tx.send(true).unwrap();
+        server.await.unwrap();
+    }
+}

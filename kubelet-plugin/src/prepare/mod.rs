@@ -1,0 +1,592 @@
+//! Claim preparation: from a claim's allocation to a CDI spec on disk, recorded in the
+//! checkpoint before the kubelet gets its answer.
+//!
+//! This is the last line of defense: the API server never checks that two claims do not
+//! over-commit a GPU, so prepare refuses a claim that would push the prepared slices of a GPU
+//! past its memory or 100 % of its cores, share a GPU with an exclusive claim, use an
+//! unhealthy GPU or a device that is not in this node's pool.
+//!
+//! Order of effects, for crash safety: checkpoint entry, then the spec (a crash in between
+//! leaves an entry whose spec is missing, which [`Preparer::reconcile`] rewrites at start).
+//! Unprepare: spec and claim directory, then the entry (a crash in between leaves an entry
+//! that is re-prepared at start and unprepared again when the kubelet retries).
+
+pub mod devnodes;
+
+use crate::cdi_spec::{self, ClaimSpecParams, GpuLimit, RequestDevices};
+use crate::checkpoint::{Checkpoint, CheckpointError, Payload};
+use crate::discovery::{GpuState, Snapshot};
+use devnodes::DeviceNodes;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use vgpu_cdi::{Kind, Spec, SpecDir};
+use vgpu_driver::ClaimAllocation;
+
+/// A device in the kubelet's answer (`NodePrepareResourceResponse.devices[]`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KubeletDevice {
+    pub request_names: Vec<String>,
+    pub pool_name: String,
+    pub device_name: String,
+    pub cdi_device_ids: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub share_id: Option<String>,
+}
+
+/// What a prepared claim holds of one GPU.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PreparedGpu {
+    /// Published device name, `gpu-<index>`.
+    pub device: String,
+    pub uuid: String,
+    /// Main request name.
+    pub request: String,
+    pub memory_bytes: u64,
+    pub cores: u8,
+    pub exclusive: bool,
+    /// Admin access neither takes nor is refused capacity.
+    pub admin_access: bool,
+}
+
+/// A prepared claim, as recorded in the checkpoint.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PreparedClaim {
+    pub namespace: String,
+    pub name: String,
+    pub devices: Vec<KubeletDevice>,
+    pub gpus: Vec<PreparedGpu>,
+    pub spec: Spec,
+}
+
+/// Why a claim cannot be prepared or unprepared. Each is reported for that claim alone.
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    #[error("claim UID {uid:?} cannot name a CDI spec: {message}")]
+    BadUid { uid: String, message: String },
+    #[error("claim {claim}: no devices of driver {driver} on this node's pool {pool}")]
+    NoDevices {
+        claim: String,
+        driver: String,
+        pool: String,
+    },
+    #[error("claim {claim}: device {device} is not in this node's pool {pool}")]
+    UnknownDevice {
+        claim: String,
+        device: String,
+        pool: String,
+    },
+    #[error("claim {claim}: {device} ({uuid}) is unhealthy: {reason}")]
+    Unhealthy {
+        claim: String,
+        device: String,
+        uuid: String,
+        reason: String,
+    },
+    #[error("claim {claim}: invalid configuration: {source}")]
+    Config {
+        claim: String,
+        #[source]
+        source: vgpu_driver::AllocationError,
+    },
+    #[error("claim {claim}: {device} would be over-committed: {message}")]
+    OverCommitted {
+        claim: String,
+        device: String,
+        message: String,
+    },
+    #[error("claim {claim}: {device} is held exclusively by claim {holder}")]
+    Exclusive {
+        claim: String,
+        device: String,
+        holder: String,
+    },
+    #[error(
+        "claim {claim}: the enforcement library {path} does not exist on this node; install it \
+         (or set --enforcement-library) so that slice limits can be enforced"
+    )]
+    MissingLibrary { claim: String, path: PathBuf },
+    #[error("claim {claim}: {source}")]
+    Spec {
+        claim: String,
+        #[source]
+        source: Box<cdi_spec::CdiSpecError>,
+    },
+    // Boxed: CDI errors are large and every Result of this module carries the type.
+    #[error("CDI: {0}")]
+    Cdi(Box<vgpu_cdi::Error>),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl From<vgpu_cdi::Error> for PrepareError {
+    fn from(e: vgpu_cdi::Error) -> Self {
+        PrepareError::Cdi(Box::new(e))
+    }
+}
+
+fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> PrepareError + use<> {
+    let path = path.to_path_buf();
+    move |source| PrepareError::Io { op, path, source }
+}
+
+/// Where prepare reads and writes.
+#[derive(Clone, Debug)]
+pub struct PrepareConfig {
+    pub driver: String,
+    /// Node name = pool name.
+    pub node: String,
+    pub cdi_root: PathBuf,
+    /// Checkpoint, per-claim directories and the preload file live here.
+    pub plugin_dir: PathBuf,
+    /// Host path of the enforcement library.
+    pub enforcement_library: PathBuf,
+    pub device_nodes: DeviceNodes,
+}
+
+/// What start-up reconciliation did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReconcileReport {
+    /// Spec ids (claim UIDs) removed because no checkpoint entry owns them.
+    pub removed: Vec<String>,
+    /// Claim UIDs whose spec was missing or different and was written again.
+    pub rewritten: Vec<String>,
+}
+
+/// Prepares and unprepares claims; one at a time (the kubelet may call concurrently).
+pub struct Preparer {
+    cfg: PrepareConfig,
+    kind: Kind,
+    specs: SpecDir,
+    checkpoint: Checkpoint,
+    gpus: GpuState,
+    state: Mutex<Payload>,
+}
+
+impl Preparer {
+    /// Load the checkpoint (a corrupt one is an error: without it we cannot know what is in
+    /// use) and reconcile the CDI directory with it.
+    pub fn open(
+        cfg: PrepareConfig,
+        gpus: GpuState,
+    ) -> Result<(Self, ReconcileReport), PrepareError> {
+        let kind = cdi_spec::claim_kind(&cfg.driver).map_err(vgpu_cdi::Error::from)?;
+        let checkpoint = Checkpoint::in_dir(&cfg.plugin_dir);
+        let payload = checkpoint.load()?;
+        let preparer = Preparer {
+            specs: SpecDir::new(&cfg.cdi_root),
+            kind,
+            checkpoint,
+            gpus,
+            state: Mutex::new(payload),
+            cfg,
+        };
+        let report = preparer.reconcile()?;
+        Ok((preparer, report))
+    }
+
+    pub fn kind(&self) -> &Kind {
+        &self.kind
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Payload> {
+        // A panic while holding the lock cannot leave the payload half-updated (it is only
+        // replaced after the checkpoint was written), so a poisoned lock is still usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The prepared claims now.
+    pub fn prepared(&self) -> BTreeMap<String, PreparedClaim> {
+        self.lock().claims.clone()
+    }
+
+    /// The recorded answer for a claim, if it is prepared (its spec is restored if missing).
+    pub fn prepared_claim(&self, uid: &str) -> Result<Option<PreparedClaim>, PrepareError> {
+        let state = self.lock();
+        match state.claims.get(uid) {
+            Some(claim) => {
+                self.ensure_on_disk(uid, claim)?;
+                Ok(Some(claim.clone()))
+            }
+            None => Ok(None),
+        }
+    }
+
+    fn claims_dir(&self) -> PathBuf {
+        self.cfg.plugin_dir.join("claims")
+    }
+
+    fn claim_dir(&self, uid: &str) -> PathBuf {
+        self.claims_dir().join(uid)
+    }
+
+    fn preload_file(&self) -> PathBuf {
+        self.cfg.plugin_dir.join("ld.so.preload")
+    }
+
+    /// The preload file holds only the library's container path; rewritten atomically when
+    /// it is missing or differs.
+    fn ensure_preload_file(&self) -> Result<(), PrepareError> {
+        let path = self.preload_file();
+        let want = cdi_spec::preload_file_content();
+        if std::fs::read_to_string(&path).ok().as_deref() == Some(want.as_str()) {
+            return Ok(());
+        }
+        std::fs::create_dir_all(&self.cfg.plugin_dir)
+            .map_err(io_err("create directory", &self.cfg.plugin_dir))?;
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".ld.so.preload.")
+            .tempfile_in(&self.cfg.plugin_dir)
+            .map_err(io_err("create temporary file in", &self.cfg.plugin_dir))?;
+        std::io::Write::write_all(&mut tmp, want.as_bytes()).map_err(io_err("write", &path))?;
+        tmp.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o644))
+            .map_err(io_err("chmod", &path))?;
+        tmp.as_file().sync_all().map_err(io_err("fsync", &path))?;
+        tmp.persist(&path)
+            .map_err(|e| io_err("rename into place", &path)(e.error))?;
+        Ok(())
+    }
+
+    /// The per-claim shared directory; world-writable like HAMi's cache directories because
+    /// container processes may run as any user.
+    fn ensure_claim_dir(&self, uid: &str) -> Result<PathBuf, PrepareError> {
+        let dir = self.claim_dir(uid);
+        std::fs::create_dir_all(&dir).map_err(io_err("create directory", &dir))?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777))
+            .map_err(io_err("chmod", &dir))?;
+        Ok(dir)
+    }
+
+    fn ensure_on_disk(&self, uid: &str, claim: &PreparedClaim) -> Result<bool, PrepareError> {
+        if claim.gpus.iter().any(|g| !g.admin_access) {
+            self.ensure_claim_dir(uid)?;
+            self.ensure_preload_file()?;
+        }
+        match self.specs.read(&self.kind, uid) {
+            Ok(spec) if spec == claim.spec => Ok(false),
+            _ => {
+                self.specs.write(&claim.spec, uid)?;
+                Ok(true)
+            }
+        }
+    }
+
+    /// Prepare a claim; repeated calls return the recorded answer.
+    pub fn prepare(&self, alloc: &ClaimAllocation) -> Result<PreparedClaim, PrepareError> {
+        let mut state = self.lock();
+        if let Some(claim) = state.claims.get(&alloc.uid) {
+            self.ensure_on_disk(&alloc.uid, claim)?;
+            return Ok(claim.clone());
+        }
+        let snapshot = self.gpus.current();
+        let claim = self.plan(alloc, &snapshot, &state)?;
+        let uid = alloc.uid.as_str();
+        if claim.gpus.iter().any(|g| !g.admin_access) {
+            self.ensure_claim_dir(uid)?;
+            self.ensure_preload_file()?;
+        }
+        let mut next = state.clone();
+        next.claims.insert(uid.to_string(), claim.clone());
+        self.checkpoint.store(&next)?;
+        *state = next;
+        if let Err(e) = self.specs.write(&claim.spec, uid) {
+            // Undo the entry so the claim is not recorded as prepared without its spec.
+            let mut undo = state.clone();
+            undo.claims.remove(uid);
+            if self.checkpoint.store(&undo).is_ok() {
+                *state = undo;
+            }
+            return Err(e.into());
+        }
+        Ok(claim)
+    }
+
+    /// Decide what a claim gets, without side effects.
+    fn plan(
+        &self,
+        alloc: &ClaimAllocation,
+        snapshot: &Snapshot,
+        state: &Payload,
+    ) -> Result<PreparedClaim, PrepareError> {
+        let key = alloc.key();
+        let uid = alloc.uid.as_str();
+        vgpu_cdi::validate_spec_id(uid).map_err(|e| PrepareError::BadUid {
+            uid: uid.to_string(),
+            message: e.to_string(),
+        })?;
+        let driver = self.cfg.driver.as_str();
+        let pool = self.cfg.node.as_str();
+        let results: Vec<_> = alloc.results_for(driver, pool).collect();
+        if results.is_empty() {
+            return Err(PrepareError::NoDevices {
+                claim: key,
+                driver: driver.into(),
+                pool: pool.into(),
+            });
+        }
+        let mut gpus = Vec::new();
+        let mut requests: Vec<RequestDevices> = Vec::new();
+        let mut devices = Vec::new();
+        for result in &results {
+            let gpu = snapshot.gpu_by_device(&result.device).ok_or_else(|| {
+                PrepareError::UnknownDevice {
+                    claim: key.clone(),
+                    device: result.device.clone(),
+                    pool: pool.into(),
+                }
+            })?;
+            if let Some(reason) = snapshot.unhealthy_reason(&gpu.uuid) {
+                return Err(PrepareError::Unhealthy {
+                    claim: key.clone(),
+                    device: result.device.clone(),
+                    uuid: gpu.uuid.clone(),
+                    reason: reason.into(),
+                });
+            }
+            let main = result.main_request().to_string();
+            let (memory_bytes, cores, exclusive) = if result.admin_access {
+                (gpu.memory_bytes, 100, false)
+            } else {
+                let limits = alloc
+                    .slice_limits(result, gpu.memory_bytes)
+                    .map_err(|source| PrepareError::Config {
+                        claim: key.clone(),
+                        source,
+                    })?;
+                (limits.memory_bytes, limits.cores, limits.exclusive)
+            };
+            gpus.push(PreparedGpu {
+                device: result.device.clone(),
+                uuid: gpu.uuid.clone(),
+                request: main.clone(),
+                memory_bytes,
+                cores,
+                exclusive,
+                admin_access: result.admin_access,
+            });
+            let limit = GpuLimit {
+                uuid: gpu.uuid.clone(),
+                node: self.cfg.device_nodes.gpu(gpu.minor),
+                memory_bytes,
+                cores,
+            };
+            let cdi_id = self
+                .kind
+                .device(&cdi_spec::device_name(uid, &main))
+                .map_err(vgpu_cdi::Error::from)?
+                .to_string();
+            // The CDI id goes on the first device of each request only: the kubelet gives a
+            // container the ids of every device of the requests it uses, and one request is
+            // one CDI device, so repeating it would apply the same edits twice.
+            let first_of_request = match requests.iter_mut().find(|r| r.request == main) {
+                Some(r) => {
+                    r.gpus.push(limit);
+                    false
+                }
+                None => {
+                    requests.push(RequestDevices {
+                        request: main.clone(),
+                        admin_access: result.admin_access,
+                        gpus: vec![limit],
+                    });
+                    true
+                }
+            };
+            devices.push(KubeletDevice {
+                request_names: vec![main],
+                pool_name: result.pool.clone(),
+                device_name: result.device.clone(),
+                cdi_device_ids: if first_of_request {
+                    vec![cdi_id]
+                } else {
+                    vec![]
+                },
+                share_id: result.share_id.clone(),
+            });
+        }
+        admit(&key, &gpus, snapshot, state)?;
+        if gpus.iter().any(|g| !g.admin_access) && !self.cfg.enforcement_library.is_file() {
+            return Err(PrepareError::MissingLibrary {
+                claim: key,
+                path: self.cfg.enforcement_library.clone(),
+            });
+        }
+        let control = self.cfg.device_nodes.control();
+        let shared_dir = self.claim_dir(uid);
+        let preload = self.preload_file();
+        let params = ClaimSpecParams {
+            kind: &self.kind,
+            claim_uid: uid,
+            enforcement_library: &self.cfg.enforcement_library,
+            preload_file: &preload,
+            shared_dir: &shared_dir,
+            control_nodes: &control,
+        };
+        let mut spec = cdi_spec::build_claim_spec(&params, &requests).map_err(|source| {
+            PrepareError::Spec {
+                claim: key.clone(),
+                source: Box::new(source),
+            }
+        })?;
+        spec.set_minimum_version();
+        Ok(PreparedClaim {
+            namespace: alloc.namespace.clone(),
+            name: alloc.name.clone(),
+            devices,
+            gpus,
+            spec,
+        })
+    }
+
+    /// Unprepare a claim: remove its spec, its directory and its entry. Unknown claims
+    /// succeed (the kubelet retries until it hears success, also after a claim is deleted).
+    pub fn unprepare(&self, uid: &str) -> Result<bool, PrepareError> {
+        let mut state = self.lock();
+        if vgpu_cdi::validate_spec_id(uid).is_err() {
+            // No spec or directory could ever have been created for it.
+            return Ok(false);
+        }
+        self.specs.remove(&self.kind, uid)?;
+        let dir = self.claim_dir(uid);
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("remove", &dir)(e)),
+        }
+        if !state.claims.contains_key(uid) {
+            return Ok(false);
+        }
+        let mut next = state.clone();
+        next.claims.remove(uid);
+        self.checkpoint.store(&next)?;
+        *state = next;
+        Ok(true)
+    }
+
+    /// Make the CDI directory and the claim directories agree with the checkpoint: specs of
+    /// our kind that no entry owns are removed, entries whose spec is missing or altered are
+    /// written again, claim directories without an entry are removed.
+    pub fn reconcile(&self) -> Result<ReconcileReport, PrepareError> {
+        let state = self.lock();
+        let mut report = ReconcileReport::default();
+        self.specs
+            .cleanup_stale_temp_files(&self.kind, std::time::Duration::ZERO)?;
+        for owned in self.specs.list_owned(&self.kind)? {
+            if !state.claims.contains_key(&owned.id) {
+                std::fs::remove_file(&owned.path).map_err(io_err("remove", &owned.path))?;
+                tracing::info!(claim_uid = %owned.id, "removed a CDI spec no prepared claim owns");
+                report.removed.push(owned.id);
+            }
+        }
+        for (uid, claim) in &state.claims {
+            if self.ensure_on_disk(uid, claim)? {
+                tracing::info!(claim_uid = %uid, "rewrote the CDI spec of a prepared claim");
+                report.rewritten.push(uid.clone());
+            }
+        }
+        if let Ok(entries) = std::fs::read_dir(self.claims_dir()) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if !state.claims.contains_key(&name) {
+                    let path = entry.path();
+                    std::fs::remove_dir_all(&path).map_err(io_err("remove", &path))?;
+                }
+            }
+        }
+        Ok(report)
+    }
+}
+
+/// The capacity check across every prepared claim and this one.
+fn admit(
+    claim: &str,
+    new: &[PreparedGpu],
+    snapshot: &Snapshot,
+    state: &Payload,
+) -> Result<(), PrepareError> {
+    for gpu in snapshot.gpus.iter() {
+        let mine: Vec<&PreparedGpu> = new
+            .iter()
+            .filter(|g| g.uuid == gpu.uuid && !g.admin_access)
+            .collect();
+        if mine.is_empty() {
+            continue;
+        }
+        let device = gpu.device_name();
+        let others: Vec<(String, &PreparedGpu)> = state
+            .claims
+            .iter()
+            .flat_map(|(uid, c)| {
+                c.gpus
+                    .iter()
+                    .filter(|g| g.uuid == gpu.uuid && !g.admin_access)
+                    .map(move |g| (format!("{}/{} ({uid})", c.namespace, c.name), g))
+            })
+            .collect();
+        if let Some((holder, _)) = others.iter().find(|(_, g)| g.exclusive) {
+            return Err(PrepareError::Exclusive {
+                claim: claim.into(),
+                device,
+                holder: holder.clone(),
+            });
+        }
+        if mine.len() > 1 && mine.iter().any(|g| g.exclusive) {
+            return Err(PrepareError::OverCommitted {
+                claim: claim.into(),
+                device,
+                message: "the claim holds it exclusively and also for another request".into(),
+            });
+        }
+        if let Some((holder, _)) = others.first()
+            && mine.iter().any(|g| g.exclusive)
+        {
+            return Err(PrepareError::OverCommitted {
+                claim: claim.into(),
+                device,
+                message: format!(
+                    "it asks for the GPU exclusively but claim {holder} already uses it"
+                ),
+            });
+        }
+        let used_memory: u64 = others.iter().map(|(_, g)| g.memory_bytes).sum();
+        let used_cores: u32 = others.iter().map(|(_, g)| u32::from(g.cores)).sum();
+        let want_memory: u64 = mine.iter().map(|g| g.memory_bytes).sum();
+        let want_cores: u32 = mine.iter().map(|g| u32::from(g.cores)).sum();
+        if used_memory.saturating_add(want_memory) > gpu.memory_bytes {
+            return Err(PrepareError::OverCommitted {
+                claim: claim.into(),
+                device,
+                message: format!(
+                    "memory: {want_memory} bytes requested, {used_memory} of {} bytes already prepared for other claims",
+                    gpu.memory_bytes
+                ),
+            });
+        }
+        if used_cores + want_cores > 100 {
+            return Err(PrepareError::OverCommitted {
+                claim: claim.into(),
+                device,
+                message: format!(
+                    "cores: {want_cores} % requested, {used_cores} % already prepared for other claims"
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

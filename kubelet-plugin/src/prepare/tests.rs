@@ -1,0 +1,229 @@
+use super::*;
+use crate::discovery::tests::gpu;
+use serde_json::json;
+use vgpu_driver::config::{API_VERSION, KIND};
+use vgpu_driver::{AllocatedDevice, ConfigEntry, ConfigSource};
+
+pub(crate) struct Env {
+    pub dir: tempfile::TempDir,
+    pub state: GpuState,
+}
+
+impl Env {
+    pub fn new() -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("root/dev")).unwrap();
+        std::fs::write(dir.path().join("libvgpu.so"), b"not really a library").unwrap();
+        Env {
+            dir,
+            state: GpuState::new(Snapshot {
+                gpus: vec![gpu(0), gpu(1)],
+                unhealthy: BTreeMap::new(),
+            }),
+        }
+    }
+
+    pub fn config(&self) -> PrepareConfig {
+        PrepareConfig {
+            driver: "vgpu.hami.io".into(),
+            node: "node-a".into(),
+            cdi_root: self.dir.path().join("cdi"),
+            plugin_dir: self.dir.path().join("plugin"),
+            enforcement_library: self.dir.path().join("libvgpu.so"),
+            device_nodes: DeviceNodes::under_root(&self.dir.path().join("root")),
+        }
+    }
+
+    pub fn open(&self) -> Preparer {
+        Preparer::open(self.config(), self.state.clone()).unwrap().0
+    }
+}
+
+fn result(request: &str, device: &str) -> AllocatedDevice {
+    AllocatedDevice {
+        request: request.into(),
+        driver: "vgpu.hami.io".into(),
+        pool: "node-a".into(),
+        device: device.into(),
+        admin_access: false,
+        share_id: None,
+        consumed_capacity: BTreeMap::new(),
+    }
+}
+
+fn slice(uid: &str, devices: &[&str], memory: &str, cores: u32) -> ClaimAllocation {
+    ClaimAllocation {
+        namespace: "ml".into(),
+        name: format!("claim-{uid}"),
+        uid: uid.into(),
+        results: devices.iter().map(|d| result("gpu", d)).collect(),
+        config: vec![ConfigEntry {
+            source: ConfigSource::FromClaim,
+            requests: vec![],
+            driver: "vgpu.hami.io".into(),
+            parameters: json!({"apiVersion": API_VERSION, "kind": KIND, "memory": memory, "cores": cores}),
+        }],
+        node_name: Some("node-a".into()),
+    }
+}
+
+#[test]
+fn prepare_writes_spec_dir_and_checkpoint_and_is_idempotent() {
+    let env = Env::new();
+    let p = env.open();
+    let claim = p
+        .prepare(&slice("u1", &["gpu-0", "gpu-1"], "4Gi", 30))
+        .unwrap();
+    assert_eq!(claim.devices.len(), 2);
+    assert_eq!(
+        claim.devices[0].cdi_device_ids,
+        vec!["k8s.vgpu.hami.io/claim=u1-gpu"]
+    );
+    assert!(claim.devices[1].cdi_device_ids.is_empty());
+    assert_eq!(claim.spec.devices.len(), 1);
+    let on_disk = SpecDir::new(env.dir.path().join("cdi"))
+        .read(p.kind(), "u1")
+        .unwrap();
+    assert_eq!(on_disk, claim.spec);
+    assert!(env.dir.path().join("plugin/claims/u1").is_dir());
+    assert_eq!(
+        std::fs::read_to_string(env.dir.path().join("plugin/ld.so.preload")).unwrap(),
+        "/usr/local/vgpu/libvgpu.so\n"
+    );
+    let again = p
+        .prepare(&slice("u1", &["gpu-0", "gpu-1"], "4Gi", 30))
+        .unwrap();
+    assert_eq!(again, claim);
+    // A reopened preparer (a restart) answers from the checkpoint.
+    drop(p);
+    let p = env.open();
+    assert_eq!(p.prepared_claim("u1").unwrap(), Some(claim));
+    assert!(p.unprepare("u1").unwrap());
+    assert!(!env.dir.path().join("plugin/claims/u1").exists());
+    assert!(
+        SpecDir::new(env.dir.path().join("cdi"))
+            .read(p.kind(), "u1")
+            .is_err()
+    );
+    assert!(!p.unprepare("u1").unwrap(), "second unprepare is a no-op");
+    assert!(!p.unprepare("never-seen").unwrap());
+    assert!(!p.unprepare("../../etc").unwrap());
+}
+
+#[test]
+fn oversubscription_exclusivity_health_and_pool_are_enforced() {
+    let env = Env::new();
+    let p = env.open();
+    p.prepare(&slice("a", &["gpu-0"], "60Gi", 50)).unwrap();
+    let err = p.prepare(&slice("b", &["gpu-0"], "30Gi", 10)).unwrap_err();
+    assert!(matches!(err, PrepareError::OverCommitted { .. }), "{err}");
+    assert!(
+        err.to_string().contains("gpu-0") && err.to_string().contains("memory"),
+        "{err}"
+    );
+    let err = p.prepare(&slice("c", &["gpu-0"], "1Gi", 60)).unwrap_err();
+    assert!(err.to_string().contains("cores"), "{err}");
+    p.prepare(&slice("d", &["gpu-0"], "20Gi", 50)).unwrap();
+
+    // Whole GPU (no slice config) is exclusive.
+    let mut whole = slice("e", &["gpu-1"], "1Gi", 1);
+    whole.config.clear();
+    let claim = p.prepare(&whole).unwrap();
+    assert!(claim.gpus[0].exclusive && claim.gpus[0].cores == 100);
+    let err = p.prepare(&slice("f", &["gpu-1"], "1Gi", 1)).unwrap_err();
+    assert!(matches!(err, PrepareError::Exclusive { .. }), "{err}");
+    let mut whole0 = slice("g", &["gpu-0"], "1Gi", 1);
+    whole0.config.clear();
+    assert!(
+        p.prepare(&whole0).is_err(),
+        "an exclusive claim cannot join a shared GPU"
+    );
+
+    // Admin access neither takes nor is refused capacity.
+    let mut admin = slice("h", &["gpu-1"], "1Gi", 1);
+    admin.results[0].admin_access = true;
+    let claim = p.prepare(&admin).unwrap();
+    assert!(claim.spec.devices[0].container_edits.mounts.is_empty());
+
+    let err = p.prepare(&slice("i", &["gpu-7"], "1Gi", 1)).unwrap_err();
+    assert!(matches!(err, PrepareError::UnknownDevice { .. }), "{err}");
+    env.state.mark_unhealthy(&gpu(1).uuid, "Xid 79");
+    p.unprepare("e").unwrap();
+    let err = p.prepare(&slice("j", &["gpu-1"], "1Gi", 1)).unwrap_err();
+    assert!(
+        matches!(err, PrepareError::Unhealthy { .. }) && err.to_string().contains("Xid 79"),
+        "{err}"
+    );
+    let mut elsewhere = slice("k", &["gpu-0"], "1Gi", 1);
+    elsewhere.results[0].pool = "node-b".into();
+    assert!(matches!(
+        p.prepare(&elsewhere).unwrap_err(),
+        PrepareError::NoDevices { .. }
+    ));
+    let mut bad = slice("l", &["gpu-0"], "1Gi", 1);
+    bad.config[0].parameters = json!({"apiVersion": API_VERSION, "kind": KIND, "cores": "lots"});
+    let err = p.prepare(&bad).unwrap_err();
+    assert!(
+        matches!(err, PrepareError::Config { .. }) && err.to_string().contains("cores"),
+        "{err}"
+    );
+    // Refused claims left nothing behind.
+    assert_eq!(
+        p.prepared().keys().cloned().collect::<Vec<_>>(),
+        vec!["a", "d", "h"]
+    );
+}
+
+#[test]
+fn missing_library_is_refused_for_sliced_claims_only() {
+    let env = Env::new();
+    std::fs::remove_file(env.dir.path().join("libvgpu.so")).unwrap();
+    let p = env.open();
+    let err = p.prepare(&slice("a", &["gpu-0"], "1Gi", 1)).unwrap_err();
+    assert!(matches!(err, PrepareError::MissingLibrary { .. }), "{err}");
+    let mut admin = slice("b", &["gpu-0"], "1Gi", 1);
+    admin.results[0].admin_access = true;
+    p.prepare(&admin).unwrap();
+}
+
+#[test]
+fn reconcile_removes_orphans_and_restores_missing_specs() {
+    let env = Env::new();
+    let p = env.open();
+    p.prepare(&slice("keep", &["gpu-0"], "1Gi", 1)).unwrap();
+    let specs = SpecDir::new(env.dir.path().join("cdi"));
+    let kind = p.kind().clone();
+    drop(p);
+    // An orphan of our kind (crash after unprepare removed the entry but not the file is
+    // impossible by construction; a spec written by hand or by an older plugin is not).
+    let mut orphan = specs.read(&kind, "keep").unwrap();
+    orphan.devices[0].name = "orphan-gpu".into();
+    specs.write(&orphan, "orphan").unwrap();
+    std::fs::create_dir_all(env.dir.path().join("plugin/claims/orphan")).unwrap();
+    // Another vendor's spec is left alone.
+    let other: Kind = "example.com/gpu".parse().unwrap();
+    let mut foreign = orphan.clone();
+    foreign.kind = other.to_string();
+    specs.write(&foreign, "x").unwrap();
+    // The kept claim's spec disappears.
+    specs.remove(&kind, "keep").unwrap();
+
+    let (p, report) = Preparer::open(env.config(), env.state.clone()).unwrap();
+    assert_eq!(report.removed, vec!["orphan"]);
+    assert_eq!(report.rewritten, vec!["keep"]);
+    assert!(specs.read(&kind, "keep").is_ok());
+    assert!(specs.read(&other, "x").is_ok());
+    assert!(!env.dir.path().join("plugin/claims/orphan").exists());
+    assert!(env.dir.path().join("plugin/claims/keep").is_dir());
+    drop(p);
+    // A corrupt checkpoint stops the plugin with a clear error.
+    std::fs::write(
+        env.dir.path().join("plugin/checkpoint.json"),
+        "{\"apiVersion\":",
+    )
+    .unwrap();
+    let err = Preparer::open(env.config(), env.state.clone())
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("checkpoint"), "{err}");
+}

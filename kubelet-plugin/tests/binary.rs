@@ -1,0 +1,198 @@
+//! The binary itself: flags and help, a plain failure without NVML, and a full run with a
+//! fake inventory against the fake API server that stops cleanly on SIGTERM.
+
+mod common;
+
+use common::*;
+use fake_apiserver::DraVersions;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_kubelet-plugin");
+
+#[test]
+fn help_explains_every_flag() {
+    let out = Command::new(BIN).arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for (flag, env) in [
+        ("--driver-name", "DRIVER_NAME"),
+        ("--node-name", "NODE_NAME"),
+        ("--kubeconfig", "KUBECONFIG"),
+        ("--fake-gpus", "FAKE_GPUS"),
+        ("--cdi-root", "CDI_ROOT"),
+        ("--plugin-dir", "PLUGIN_DIR"),
+        ("--registrar-dir", "REGISTRAR_DIR"),
+        ("--enforcement-library", "ENFORCEMENT_LIBRARY"),
+        ("--metrics-addr", "METRICS_ADDR"),
+        ("--log-format", "LOG_FORMAT"),
+    ] {
+        let block = help
+            .split("\n  -")
+            .find(|b| b.contains(flag))
+            .unwrap_or_else(|| panic!("{flag} missing from --help:\n{help}"));
+        assert!(
+            block.contains(&format!("[env: {env}")),
+            "{flag}: no env fallback:\n{block}"
+        );
+        assert!(block.contains('.'), "{flag}: no explanation:\n{block}");
+    }
+    assert!(help.contains("[default: /var/run/cdi]"), "{help}");
+    assert!(
+        help.contains("[default: /usr/local/vgpu/libvgpu.so]"),
+        "{help}"
+    );
+}
+
+#[test]
+fn without_nvml_the_binary_says_so_and_fails() {
+    let has_nvml = Command::new("ldconfig")
+        .arg("-p")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("libnvidia-ml.so.1"))
+        .unwrap_or(false);
+    let out = Command::new(BIN)
+        .args(["--node-name", "n1", "--metrics-addr", "127.0.0.1:0"])
+        .env_remove("KUBECONFIG")
+        .env_remove("FAKE_GPUS")
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "started without NVML and without a cluster"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !has_nvml {
+        assert!(
+            stderr.contains("NVML (libnvidia-ml.so.1) could not be loaded")
+                && stderr.contains("--fake-gpus"),
+            "{stderr}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_with_fake_gpus_and_stops_cleanly_on_sigterm() {
+    let h = Harness::new(DraVersions::V1Only, &example("fake-gpus-hgx-h100.yaml")).await;
+    let kubeconfig = h.path("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\n\
+             users:\n- name: nobody\n  user: {{}}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: nobody\n\
+             current-context: fake\n",
+            h.server.url()
+        ),
+    )
+    .unwrap();
+    let cfg = h.config();
+    let mut child = tokio::process::Command::new(BIN)
+        .args([
+            "--node-name",
+            NODE,
+            "--log-format",
+            "json",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .arg("--fake-gpus")
+        .arg(h.path("inventory.yaml"))
+        .arg("--cdi-root")
+        .arg(&cfg.cdi_root)
+        .arg("--plugin-dir")
+        .arg(&cfg.plugin_dir)
+        .arg("--registrar-dir")
+        .arg(&cfg.registrar_dir)
+        .arg("--enforcement-library")
+        .arg(&cfg.enforcement_library)
+        .arg("--dev-root")
+        .arg(&cfg.dev_root)
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    h.eventually("the registration socket", || {
+        h.registration_socket().exists()
+    })
+    .await;
+    h.eventually("a published slice", || h.slices().len() == 1)
+        .await;
+    let uid = h.put_claim(&ClaimSpec::sliced("train", &["gpu-0"], "1Gi", 10));
+    let answer = h
+        .v1()
+        .await
+        .node_prepare_resources(vgpu_proto::dra::v1::NodePrepareResourcesRequest {
+            claims: vec![v1_claim(&uid, "train")],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.claims[&uid].error, "");
+
+    let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .expect("the plugin stops within 15 s of SIGTERM")
+        .unwrap();
+    let mut stderr = String::new();
+    tokio::io::AsyncReadExt::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr)
+        .await
+        .unwrap();
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(
+        !h.dra_socket().exists() && !h.registration_socket().exists(),
+        "{stderr}"
+    );
+    // Structured logs: one JSON object per line.
+    for line in stderr.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(v.get("level").is_some(), "{line}");
+    }
+    assert!(stderr.contains("SIGTERM"), "{stderr}");
+}
+
+#[test]
+fn install_library_copies_atomically_with_mode_0755() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let from = dir.path().join("image/libvgpu.so");
+    std::fs::create_dir_all(from.parent().unwrap()).unwrap();
+    std::fs::write(&from, b"\x7fELF library bytes").unwrap();
+    let to = dir.path().join("host/usr/local/vgpu/libvgpu.so");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_install-library"))
+        .arg("--from")
+        .arg(&from)
+        .arg("--to")
+        .arg(&to)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(&to).unwrap(), b"\x7fELF library bytes");
+    assert_eq!(
+        std::fs::metadata(&to).unwrap().permissions().mode() & 0o777,
+        0o755
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(to.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(leftovers.len(), 1, "no temporary file left: {leftovers:?}");
+    // A missing source is an error that names it, and nothing is installed.
+    let other = dir.path().join("host/other.so");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_install-library"))
+        .args(["--from", "/nonexistent/libvgpu.so", "--to"])
+        .arg(&other)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/libvgpu.so"));
+    assert!(!other.exists());
+}
