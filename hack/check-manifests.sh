@@ -31,6 +31,26 @@ for f in "$out"/*.yaml; do
   grep -q 'has(device.attributes\["vgpu.hami.io"\].allocatedByController)' "$f" ||
     { echo "$f: the gpu-slice class lacks the controller marker" >&2; exit 1; }
 done
+# The monitoring overlay: the core objects validate; the PodMonitors (a CRD the schemas do not
+# carry) must select the pods and name the port that serves /metrics.
+kubectl kustomize deploy/overlays/k8s-1.34-monitoring > "$out/monitoring-all.yaml"
+python3 - "$out/monitoring-all.yaml" "$out/monitoring-core.yaml" <<'PY'
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+monitors = [d for d in docs if d["kind"] == "PodMonitor"]
+core = [d for d in docs if d["kind"] != "PodMonitor"]
+assert len(monitors) == 2, monitors
+pods = {d["metadata"]["name"]: d["spec"]["template"] for d in core if d["kind"] in ("DaemonSet", "Deployment")}
+for m in monitors:
+    want = m["spec"]["selector"]["matchLabels"]
+    matched = [t for t in pods.values() if all(t["metadata"]["labels"].get(k) == v for k, v in want.items())]
+    assert len(matched) == 1, f"PodMonitor {m['metadata']['name']} selects {len(matched)} workloads"
+    ports = {p["name"] for c in matched[0]["spec"]["containers"] for p in c.get("ports", [])}
+    assert all(e["port"] in ports for e in m["spec"]["podMetricsEndpoints"]), (m, ports)
+yaml.safe_dump_all(core, open(sys.argv[2], "w"))
+PY
+validate 1.34.0 "$out/monitoring-core.yaml"
+
 grep -q 'vgpu.hami.io/fake-gpus' "$out/fake-gpus-1.32.yaml" && grep -q 'resource.k8s.io/v1beta1' "$out/fake-gpus-1.32.yaml" ||
   { echo "the 1.32 fake-GPU overlay is not a 1.32 fake-GPU installation" >&2; exit 1; }
-echo "manifests: 4 overlays and $(ls deploy/examples/v1/*.yaml | wc -l) examples × 2 API versions validate"
+echo "manifests: 5 overlays and $(ls deploy/examples/v1/*.yaml | wc -l) examples × 2 API versions validate"

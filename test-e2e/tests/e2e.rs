@@ -12,6 +12,9 @@ use test_e2e::{Cluster, parse_env};
 
 const DRIVER: &str = "vgpu.hami.io";
 const MINUTE: Duration = Duration::from_secs(60);
+/// The memory of each GPU of the fake-GPU installation (deploy/components/fake-gpus), in
+/// HAMi-core's format.
+const FAKE_GPU_MEMORY: &str = "81559m";
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -130,8 +133,21 @@ fn every_example_runs_with_its_limits_and_mounts() {
             Some("10240m"),
             Some("25"),
         ),
-        ("exclusive-gpu.yaml", "exclusive-gpu", &["cuda"], None, None),
-        ("whole-gpu.yaml", "whole-gpu", &["cuda"], None, None),
+        // A whole GPU still gets its (full) memory limit; 100 % means no throttling.
+        (
+            "exclusive-gpu.yaml",
+            "exclusive-gpu",
+            &["cuda"],
+            Some(FAKE_GPU_MEMORY),
+            None,
+        ),
+        (
+            "whole-gpu.yaml",
+            "whole-gpu",
+            &["cuda"],
+            Some(FAKE_GPU_MEMORY),
+            None,
+        ),
     ];
     for (file, pod, containers, memory, sm) in cases {
         let ns = cluster.namespace("vgpu-e2e");
