@@ -180,6 +180,11 @@ fn bad_input_names_the_document_and_field() {
     );
     let w = input::parse("apiVersion: v1\nkind: Namespace\nmetadata: {name: ml}\n").unwrap();
     assert_eq!(w.ignored, vec!["v1 Namespace ml".to_string()]);
+    // `kubectl get -o yaml` output: a List whose items are the objects.
+    let list = "apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Node\n  metadata: {name: n1}\n- apiVersion: v1\n  kind: Namespace\n  metadata: {name: ml}\n";
+    let w = input::parse(list).unwrap();
+    assert_eq!(w.inputs.nodes.len(), 1);
+    assert_eq!(w.ignored, vec!["v1 Namespace ml".to_string()]);
 }
 
 #[test]

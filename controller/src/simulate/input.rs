@@ -110,9 +110,24 @@ pub fn parse(text: &str) -> Result<Workload, InputError> {
     let mut workload = Workload::default();
     let mut templates: Vec<(ClaimTemplate, String)> = Vec::new();
     let mut pods: Vec<(usize, Pod)> = Vec::new();
+    // `kubectl get -o yaml` wraps objects in a List: its items count as documents.
+    let mut documents = Vec::new();
     for (index, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
-        let mut doc: Value = serde::Deserialize::deserialize(document)
+        let doc: Value = serde::Deserialize::deserialize(document)
             .map_err(|source| InputError::Yaml { index, source })?;
+        match doc.get("items").and_then(Value::as_array) {
+            Some(items)
+                if doc
+                    .get("kind")
+                    .and_then(Value::as_str)
+                    .is_some_and(|k| k.ends_with("List")) =>
+            {
+                documents.extend(items.iter().cloned().map(|item| (index, item)));
+            }
+            _ => documents.push((index, doc)),
+        }
+    }
+    for (index, mut doc) in documents {
         if doc.is_null() {
             continue;
         }
