@@ -1,0 +1,274 @@
+/* A CUDA application for the tests: it reaches the driver one of three ways and reports what
+ * it sees, one "key=value" line per fact.
+ *
+ *   probe PATH COMMAND [ARGS]
+ *   PATH: direct (linked against libcuda), dlsym (dlopen + dlsym), procaddr (cuGetProcAddress
+ *         with base names, as CUDA 12 runtimes do)
+ *   fill MIB               allocate MIB chunks until refused; report count, error, meminfo
+ *   refill MIB             fill, free everything, fill again
+ *   try MIB                one allocation
+ *   hold MIB               allocate, print held=1, then sleep until killed
+ *   apis MIB               each allocation API once (and its free)
+ *   meminfo                cuMemGetInfo and cuDeviceTotalMem
+ *   nvml                   NVML's memory info for device 0 (v1 and v2)
+ *   launch SECONDS GRID    launch GRID-block kernels in a loop; report the busy share
+ *   threads N MIB          8 threads, each N alloc+free pairs of MIB; then meminfo
+ *   bench N                ns per alloc+free pair and per launch
+ */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+typedef int CUresult;
+typedef unsigned long long CUdeviceptr;
+typedef struct { unsigned kind, handle_types, loc_type; int loc_id; void *win32; unsigned long long flags; } Prop;
+typedef struct { size_t w, h; unsigned fmt, ch; } ArrayDesc;
+typedef struct { size_t w, h, d; unsigned fmt, ch, flags; } Array3DDesc;
+typedef struct { unsigned grid[3], block[3], shmem; void *stream; void *attrs; unsigned nattrs; } LaunchConfig;
+
+extern CUresult cuInit(unsigned);
+extern CUresult cuCtxCreate_v2(void **, unsigned, int);
+extern CUresult cuMemAlloc_v2(CUdeviceptr *, size_t);
+extern CUresult cuMemFree_v2(CUdeviceptr);
+extern CUresult cuMemGetInfo_v2(size_t *, size_t *);
+extern CUresult cuDeviceTotalMem_v2(size_t *, int);
+extern CUresult cuMemAllocPitch_v2(CUdeviceptr *, size_t *, size_t, size_t, unsigned);
+extern CUresult cuMemAllocManaged(CUdeviceptr *, size_t, unsigned);
+extern CUresult cuMemAllocAsync(CUdeviceptr *, size_t, void *);
+extern CUresult cuMemFreeAsync(CUdeviceptr, void *);
+extern CUresult cuMemAllocFromPoolAsync(CUdeviceptr *, size_t, void *, void *);
+extern CUresult cuMemCreate(unsigned long long *, size_t, const Prop *, unsigned long long);
+extern CUresult cuMemRelease(unsigned long long);
+extern CUresult cuArrayCreate_v2(void **, const ArrayDesc *);
+extern CUresult cuArray3DCreate_v2(void **, const Array3DDesc *);
+extern CUresult cuArrayDestroy(void *);
+extern CUresult cuLaunchKernel(void *, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, void *, void **, void **);
+extern CUresult cuLaunchKernelEx(const LaunchConfig *, void *, void **, void **);
+extern CUresult cuCtxSynchronize(void);
+extern unsigned long long stub_now_ns(void);
+extern unsigned long long stub_busy_ns(int, unsigned long long, unsigned long long);
+
+static struct {
+  CUresult (*init)(unsigned);
+  CUresult (*ctx_create)(void **, unsigned, int);
+  CUresult (*alloc)(CUdeviceptr *, size_t);
+  CUresult (*free)(CUdeviceptr);
+  CUresult (*meminfo)(size_t *, size_t *);
+  CUresult (*totalmem)(size_t *, int);
+  CUresult (*pitch)(CUdeviceptr *, size_t *, size_t, size_t, unsigned);
+  CUresult (*managed)(CUdeviceptr *, size_t, unsigned);
+  CUresult (*alloc_async)(CUdeviceptr *, size_t, void *);
+  CUresult (*free_async)(CUdeviceptr, void *);
+  CUresult (*alloc_pool)(CUdeviceptr *, size_t, void *, void *);
+  CUresult (*create)(unsigned long long *, size_t, const Prop *, unsigned long long);
+  CUresult (*release)(unsigned long long);
+  CUresult (*array)(void **, const ArrayDesc *);
+  CUresult (*array3d)(void **, const Array3DDesc *);
+  CUresult (*array_destroy)(void *);
+  CUresult (*launch)(void *, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, void *, void **, void **);
+  CUresult (*launch_ex)(const LaunchConfig *, void *, void **, void **);
+  CUresult (*sync)(void);
+} cu;
+
+static void *resolve(const char *path, void *lib, CUresult (*gpa)(const char *, void **, int, unsigned long long, int *),
+                     const char *versioned, const char *base) {
+  void *fn = NULL;
+  if (strcmp(path, "dlsym") == 0) fn = dlsym(lib, versioned);
+  if (strcmp(path, "procaddr") == 0) {
+    int status = -1;
+    if (gpa(base, &fn, 12040, 0, &status) != 0) fn = NULL;
+  }
+  if (!fn) { fprintf(stderr, "probe: cannot resolve %s\n", versioned); exit(3); }
+  return fn;
+}
+
+static void load(const char *path) {
+  if (strcmp(path, "direct") == 0) {
+    cu.init = cuInit; cu.ctx_create = cuCtxCreate_v2; cu.alloc = cuMemAlloc_v2; cu.free = cuMemFree_v2;
+    cu.meminfo = cuMemGetInfo_v2; cu.totalmem = cuDeviceTotalMem_v2; cu.pitch = cuMemAllocPitch_v2;
+    cu.managed = cuMemAllocManaged; cu.alloc_async = cuMemAllocAsync; cu.free_async = cuMemFreeAsync;
+    cu.alloc_pool = cuMemAllocFromPoolAsync; cu.create = cuMemCreate; cu.release = cuMemRelease;
+    cu.array = cuArrayCreate_v2; cu.array3d = cuArray3DCreate_v2; cu.array_destroy = cuArrayDestroy;
+    cu.launch = cuLaunchKernel; cu.launch_ex = cuLaunchKernelEx; cu.sync = cuCtxSynchronize;
+    return;
+  }
+  void *lib = dlopen("libcuda.so.1", RTLD_NOW);
+  if (!lib) { fprintf(stderr, "probe: %s\n", dlerror()); exit(3); }
+  CUresult (*gpa)(const char *, void **, int, unsigned long long, int *) = dlsym(lib, "cuGetProcAddress_v2");
+  if (!gpa) { fprintf(stderr, "probe: no cuGetProcAddress_v2\n"); exit(3); }
+#define R(field, v, b) cu.field = resolve(path, lib, gpa, v, b)
+  R(init, "cuInit", "cuInit"); R(ctx_create, "cuCtxCreate_v2", "cuCtxCreate");
+  R(alloc, "cuMemAlloc_v2", "cuMemAlloc"); R(free, "cuMemFree_v2", "cuMemFree");
+  R(meminfo, "cuMemGetInfo_v2", "cuMemGetInfo"); R(totalmem, "cuDeviceTotalMem_v2", "cuDeviceTotalMem");
+  R(pitch, "cuMemAllocPitch_v2", "cuMemAllocPitch"); R(managed, "cuMemAllocManaged", "cuMemAllocManaged");
+  R(alloc_async, "cuMemAllocAsync", "cuMemAllocAsync"); R(free_async, "cuMemFreeAsync", "cuMemFreeAsync");
+  R(alloc_pool, "cuMemAllocFromPoolAsync", "cuMemAllocFromPoolAsync"); R(create, "cuMemCreate", "cuMemCreate");
+  R(release, "cuMemRelease", "cuMemRelease"); R(array, "cuArrayCreate_v2", "cuArrayCreate");
+  R(array3d, "cuArray3DCreate_v2", "cuArray3DCreate"); R(array_destroy, "cuArrayDestroy", "cuArrayDestroy");
+  R(launch, "cuLaunchKernel", "cuLaunchKernel"); R(launch_ex, "cuLaunchKernelEx", "cuLaunchKernelEx");
+  R(sync, "cuCtxSynchronize", "cuCtxSynchronize");
+#undef R
+}
+
+static void meminfo(void) {
+  size_t free_b = 0, total = 0, devtotal = 0;
+  CUresult rc = cu.meminfo(&free_b, &total);
+  cu.totalmem(&devtotal, 0);
+  printf("meminfo_rc=%d\nfree_mib=%zu\ntotal_mib=%zu\ndevice_total_mib=%zu\n", rc, free_b >> 20, total >> 20, devtotal >> 20);
+}
+
+static CUdeviceptr ptrs[100000];
+
+static int fill(size_t mib, CUresult *last) {
+  int n = 0;
+  while (n < 100000) {
+    CUresult rc = cu.alloc(&ptrs[n], mib << 20);
+    if (rc != 0) { *last = rc; break; }
+    n++;
+  }
+  return n;
+}
+
+static void *ctx_for_threads;
+static long thread_iterations;
+static size_t thread_bytes;
+static int thread_failures;
+extern CUresult cuCtxSetCurrent(void *);
+
+static void *churn(void *arg) {
+  (void)arg;
+  cuCtxSetCurrent(ctx_for_threads);
+  for (long i = 0; i < thread_iterations; i++) {
+    CUdeviceptr p;
+    if (cu.alloc(&p, thread_bytes) != 0) { __atomic_add_fetch(&thread_failures, 1, __ATOMIC_RELAXED); continue; }
+    cu.free(p);
+  }
+  return NULL;
+}
+
+int main(int argc, char **argv) {
+  if (argc < 3) { fprintf(stderr, "usage: probe PATH COMMAND [ARGS]\n"); return 2; }
+  const char *cmd = argv[2];
+  setvbuf(stdout, NULL, _IOLBF, 0);
+  if (strcmp(cmd, "nvml") == 0) {
+    void *lib = dlopen("libnvidia-ml.so.1", RTLD_NOW);
+    if (!lib) { fprintf(stderr, "probe: %s\n", dlerror()); return 3; }
+    int (*init)(void) = dlsym(lib, "nvmlInit_v2");
+    int (*by_index)(unsigned, void **) = dlsym(lib, "nvmlDeviceGetHandleByIndex_v2");
+    int (*info)(void *, unsigned long long *) = dlsym(lib, "nvmlDeviceGetMemoryInfo");
+    int (*info2)(void *, void *) = dlsym(lib, "nvmlDeviceGetMemoryInfo_v2");
+    unsigned index = argc > 3 ? (unsigned)atoi(argv[3]) : 0;
+    void *dev;
+    unsigned long long m[3];
+    struct { unsigned version; unsigned long long total, reserved, free, used; } m2 = {0};
+    init();
+    by_index(index, &dev);
+    info(dev, m);
+    info2(dev, &m2);
+    printf("nvml_total_mib=%llu\nnvml_free_mib=%llu\nnvml_used_mib=%llu\n", m[0] >> 20, m[1] >> 20, m[2] >> 20);
+    printf("nvml2_total_mib=%llu\nnvml2_free_mib=%llu\nnvml2_used_mib=%llu\n", m2.total >> 20, m2.free >> 20, m2.used >> 20);
+    return 0;
+  }
+  load(argv[1]);
+  void *ctx;
+  cu.init(0);
+  int device = getenv("PROBE_DEVICE") ? atoi(getenv("PROBE_DEVICE")) : 0;
+  if (cu.ctx_create(&ctx, 0, device) != 0) { fprintf(stderr, "probe: no context\n"); return 3; }
+  if (strcmp(cmd, "fill") == 0 || strcmp(cmd, "refill") == 0) {
+    size_t mib = (size_t)atol(argv[3]);
+    CUresult last = 0;
+    int n = fill(mib, &last);
+    printf("allocated=%d\nerror=%d\n", n, last);
+    meminfo();
+    if (strcmp(cmd, "refill") == 0) {
+      for (int i = 0; i < n; i++) cu.free(ptrs[i]);
+      printf("after_free_free_mib=");
+      size_t f = 0, t = 0;
+      cu.meminfo(&f, &t);
+      printf("%zu\n", f >> 20);
+      n = fill(mib, &last);
+      printf("reallocated=%d\n", n);
+    }
+    return 0;
+  }
+  if (strcmp(cmd, "try") == 0) {
+    CUdeviceptr p;
+    printf("rc=%d\n", cu.alloc(&p, (size_t)atol(argv[3]) << 20));
+    return 0;
+  }
+  if (strcmp(cmd, "hold") == 0) {
+    CUdeviceptr p;
+    CUresult rc = cu.alloc(&p, (size_t)atol(argv[3]) << 20);
+    printf("held=%d\n", rc == 0);
+    for (;;) pause();
+  }
+  if (strcmp(cmd, "meminfo") == 0) { meminfo(); return 0; }
+  if (strcmp(cmd, "apis") == 0) {
+    size_t bytes = (size_t)atol(argv[3]) << 20;
+    CUdeviceptr p; size_t pitch; void *arr; unsigned long long h; size_t f, t;
+    CUresult rc;
+#define REPORT(name, expr, undo) rc = (expr); cu.meminfo(&f, &t); printf(name "=%d\n" name "_free_mib=%zu\n", rc, f >> 20); if (rc == 0) { undo; }
+    REPORT("pitch", cu.pitch(&p, &pitch, 1000, bytes / 1024, 4), cu.free(p));
+    REPORT("managed", cu.managed(&p, bytes, 1), cu.free(p));
+    REPORT("async", cu.alloc_async(&p, bytes, NULL), cu.free_async(p, NULL));
+    REPORT("pool", cu.alloc_pool(&p, bytes, NULL, NULL), cu.free_async(p, NULL));
+    Prop prop = {1, 0, 1, device, NULL, 0};
+    REPORT("vmm", cu.create(&h, bytes, &prop, 0), cu.release(h));
+    ArrayDesc ad = {1024, bytes / 4096, 0x20, 1};
+    REPORT("array", cu.array(&arr, &ad), cu.array_destroy(arr));
+    Array3DDesc a3 = {1024, 1024, bytes / (4096 * 1024), 0x20, 1, 0};
+    REPORT("array3d", cu.array3d(&arr, &a3), cu.array_destroy(arr));
+    meminfo();
+    return 0;
+  }
+  if (strcmp(cmd, "launch") == 0) {
+    double seconds = atof(argv[3]);
+    unsigned grid = (unsigned)atoi(argv[4]);
+    unsigned long long start = stub_now_ns(), warm = start + 1000000000ull;
+    unsigned long long end = start + (unsigned long long)(seconds * 1e9);
+    unsigned long long launches = 0;
+    LaunchConfig lc = {{grid, 1, 1}, {128, 1, 1}, 0, NULL, NULL, 0};
+    while (stub_now_ns() < end) {
+      CUresult rc = (launches & 1) ? cu.launch_ex(&lc, NULL, NULL, NULL)
+                                   : cu.launch(NULL, grid, 1, 1, 128, 1, 1, 0, NULL, NULL, NULL);
+      if (rc != 0) { printf("launch_error=%d\n", rc); return 1; }
+      launches++;
+    }
+    unsigned long long stop = stub_now_ns();
+    printf("launches=%llu\nbusy=%.3f\n", launches, (double)stub_busy_ns(device, warm, stop) / (double)(stop - warm));
+    return 0;
+  }
+  if (strcmp(cmd, "threads") == 0) {
+    pthread_t t[8];
+    ctx_for_threads = ctx;
+    thread_iterations = atol(argv[3]);
+    thread_bytes = (size_t)atol(argv[4]) << 20;
+    for (int i = 0; i < 8; i++) pthread_create(&t[i], NULL, churn, NULL);
+    for (int i = 0; i < 8; i++) pthread_join(t[i], NULL);
+    printf("refused=%d\n", thread_failures);
+    meminfo();
+    return 0;
+  }
+  if (strcmp(cmd, "bench") == 0) {
+    long n = atol(argv[3]);
+    CUdeviceptr p;
+    unsigned long long t0 = stub_now_ns();
+    for (long i = 0; i < n; i++) { cu.alloc(&p, 1 << 20); cu.free(p); }
+    unsigned long long t1 = stub_now_ns();
+    for (long i = 0; i < n; i++) cu.launch(NULL, 1, 1, 1, 1, 1, 1, 0, NULL, NULL, NULL);
+    unsigned long long t2 = stub_now_ns();
+    size_t f, t;
+    for (long i = 0; i < n; i++) cu.meminfo(&f, &t);
+    unsigned long long t3 = stub_now_ns();
+    printf("alloc_free_ns=%.1f\nlaunch_ns=%.1f\nmeminfo_ns=%.1f\n", (double)(t1 - t0) / n, (double)(t2 - t1) / n, (double)(t3 - t2) / n);
+    return 0;
+  }
+  fprintf(stderr, "probe: unknown command %s\n", cmd);
+  return 2;
+}

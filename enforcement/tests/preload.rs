@@ -1,0 +1,246 @@
+//! libvgpu.so preloaded into a real process that drives a simulated driver: the limits hold
+//! whichever way the application reaches the driver.
+
+mod support;
+
+use support::{Probe, wait_for_line};
+
+const PATHS: [&str; 3] = ["direct", "dlsym", "procaddr"];
+const CUDA_ERROR_OUT_OF_MEMORY: i64 = 2;
+
+#[test]
+fn without_the_library_the_whole_device_is_available() {
+    // The control for every test below: the simulated H100 has 81,559 MiB.
+    for path in PATHS {
+        let r = Probe::bare(path, &["fill", "1024"])
+            .env("CUDA_DEVICE_MEMORY_LIMIT", "4g")
+            .output();
+        assert_eq!(r.int("allocated"), 79, "{path}");
+        assert_eq!(r.int("total_mib"), 81559, "{path}");
+    }
+}
+
+#[test]
+fn allocations_past_the_limit_fail_with_out_of_memory_on_every_path() {
+    for path in PATHS {
+        let r = Probe::new(path, &["fill", "1024"])
+            .env("CUDA_DEVICE_MEMORY_LIMIT", "4g")
+            .output();
+        assert_eq!(r.int("allocated"), 4, "{path}: {}", r.stdout);
+        assert_eq!(r.int("error"), CUDA_ERROR_OUT_OF_MEMORY, "{path}");
+        assert_eq!(
+            r.int("total_mib"),
+            4096,
+            "{path}: cuMemGetInfo total is the limit"
+        );
+        assert_eq!(
+            r.int("free_mib"),
+            0,
+            "{path}: cuMemGetInfo free is what is left"
+        );
+        assert_eq!(r.int("device_total_mib"), 4096, "{path}: cuDeviceTotalMem");
+        assert!(
+            r.stderr.contains(
+                "device 0: out of memory: 1024 MiB requested, 4096 MiB of the limit 4096 MiB"
+            ),
+            "{path}: {}",
+            r.stderr
+        );
+    }
+}
+
+#[test]
+fn frees_give_the_memory_back() {
+    let r = Probe::new("procaddr", &["refill", "256"])
+        .env("CUDA_DEVICE_MEMORY_LIMIT_0", "2000m")
+        .output();
+    assert_eq!(r.int("allocated"), 7);
+    assert_eq!(r.int("free_mib"), 2000 - 7 * 256);
+    assert_eq!(r.int("after_free_free_mib"), 2000);
+    assert_eq!(r.int("reallocated"), 7);
+}
+
+#[test]
+fn every_allocation_api_is_charged_and_refunded() {
+    let apis = [
+        "pitch", "managed", "async", "pool", "vmm", "array", "array3d",
+    ];
+    for path in PATHS {
+        let fits = Probe::new(path, &["apis", "1024"])
+            .env("CUDA_DEVICE_MEMORY_LIMIT_0", "2g")
+            .output();
+        for api in apis {
+            assert_eq!(fits.int(api), 0, "{path} {api}");
+            assert_eq!(
+                fits.int(&format!("{api}_free_mib")),
+                1024,
+                "{path} {api} is charged"
+            );
+        }
+        assert_eq!(fits.int("free_mib"), 2048, "{path}: every free refunded");
+        let too_big = Probe::new(path, &["apis", "4096"])
+            .env("CUDA_DEVICE_MEMORY_LIMIT_0", "2g")
+            .output();
+        for api in apis {
+            assert_eq!(too_big.int(api), CUDA_ERROR_OUT_OF_MEMORY, "{path} {api}");
+        }
+    }
+}
+
+#[test]
+fn limits_are_per_device() {
+    let limited = Probe::new("procaddr", &["fill", "512"])
+        .env("CUDA_DEVICE_MEMORY_LIMIT_1", "1g")
+        .env("PROBE_DEVICE", "1")
+        .output();
+    assert_eq!(limited.int("allocated"), 2);
+    let other = Probe::new("procaddr", &["fill", "1024"])
+        .env("CUDA_DEVICE_MEMORY_LIMIT_1", "1g")
+        .output();
+    assert_eq!(other.int("allocated"), 79, "device 0 has no limit");
+}
+
+#[test]
+fn threads_allocating_at_once_never_pass_the_limit_and_leave_nothing_behind() {
+    let r = Probe::new("procaddr", &["threads", "2000", "768"])
+        .env("CUDA_DEVICE_MEMORY_LIMIT", "2g")
+        .output();
+    // 8 threads × 768 MiB against 2 GiB: some are refused, none leaks.
+    assert_eq!(r.int("free_mib"), 2048, "{}", r.stdout);
+    assert!(r.int("refused") > 0, "{}", r.stdout);
+}
+
+fn shared_env(probe: Probe, cache: &std::path::Path) -> Probe {
+    probe
+        .env("CUDA_DEVICE_MEMORY_LIMIT_0", "4096m")
+        .env("CUDA_DEVICE_MEMORY_SHARED_CACHE", cache)
+}
+
+#[test]
+fn two_processes_share_one_limit_and_nvml_agrees() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("claim.cache");
+    let mut holder = shared_env(Probe::new("direct", &["hold", "3072"]), &cache).spawn();
+    wait_for_line(&mut holder, "held=1");
+    let second = shared_env(Probe::new("dlsym", &["fill", "512"]), &cache).output();
+    assert_eq!(second.int("allocated"), 2, "only the 1 GiB the first left");
+    assert_eq!(second.int("total_mib"), 4096);
+    let nvml = shared_env(Probe::new("dlsym", &["nvml"]), &cache).output();
+    assert_eq!(nvml.int("nvml_total_mib"), 4096);
+    assert_eq!(
+        nvml.int("nvml_used_mib"),
+        3072,
+        "NVML counts the whole claim"
+    );
+    assert_eq!(nvml.int("nvml_free_mib"), 1024);
+    assert_eq!(nvml.int("nvml2_total_mib"), 4096);
+    assert_eq!(nvml.int("nvml2_used_mib"), 3072);
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+}
+
+#[test]
+fn a_killed_processs_memory_is_reclaimed() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("claim.cache");
+    let mut holder = shared_env(Probe::new("procaddr", &["hold", "4096"]), &cache).spawn();
+    wait_for_line(&mut holder, "held=1");
+    let blocked = shared_env(Probe::new("procaddr", &["try", "1024"]), &cache).output();
+    assert_eq!(blocked.int("rc"), CUDA_ERROR_OUT_OF_MEMORY);
+    // SIGKILL: no destructor, no atexit; only the kernel's release of the file locks.
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    let after = shared_env(Probe::new("procaddr", &["fill", "1024"]), &cache).output();
+    assert_eq!(after.int("allocated"), 4);
+}
+
+#[test]
+fn a_foreign_accounting_file_falls_back_to_counting_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("hami.cache");
+    std::fs::write(&cache, b"not ours").unwrap();
+    let r = shared_env(Probe::new("direct", &["fill", "1024"]), &cache).output();
+    assert_eq!(r.int("allocated"), 4);
+    assert!(
+        r.stderr.contains("not a vgpu accounting file"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn throttling_brings_a_launch_loop_to_the_target_share() {
+    // One test, run in turn: the simulated device's clock is the wall clock.
+    let tolerance = 0.07;
+    let free = Probe::new("procaddr", &["launch", "3", "64"]).output();
+    assert!(free.num("busy") > 0.9, "unthrottled: {}", free.stdout);
+    for (target, path, pid_offset) in [
+        (30, "procaddr", "0"),
+        (60, "direct", "0"),
+        // NVML reporting host PIDs the process cannot see, as in a container.
+        (30, "dlsym", "100000"),
+    ] {
+        let r = Probe::new(path, &["launch", "4", "64"])
+            .env("CUDA_DEVICE_SM_LIMIT", target.to_string())
+            .env("STUB_NVML_PID_OFFSET", pid_offset)
+            .output();
+        let busy = r.num("busy");
+        let want = f64::from(target) / 100.0;
+        assert!(
+            (busy - want).abs() <= tolerance,
+            "target {target}% via {path} (pid offset {pid_offset}): busy {busy:.3}\n{}",
+            r.stderr
+        );
+    }
+}
+
+#[test]
+fn the_switch_turns_everything_off() {
+    let r = Probe::new("procaddr", &["fill", "1024"])
+        .env("CUDA_DISABLE_CONTROL", "true")
+        .env("CUDA_DEVICE_MEMORY_LIMIT", "4g")
+        .output();
+    assert_eq!(r.int("allocated"), 79);
+    assert!(
+        r.stderr.contains("CUDA_DISABLE_CONTROL is set"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn malformed_variables_are_reported_once_and_never_crash_the_process() {
+    use std::os::unix::ffi::OsStrExt;
+    let garbage: &[&[u8]] = &[
+        b"",
+        b"m",
+        b"-1",
+        b"4gg",
+        b"1e9",
+        b"99999999999999999999999g",
+        b"\xff\xfe",
+        b" 4 g",
+        b"0x10",
+        b"%s%n",
+        b"4096m\n1",
+    ];
+    for value in garbage {
+        let value = std::ffi::OsStr::from_bytes(value);
+        let r = Probe::new("procaddr", &["fill", "1024"])
+            .env("CUDA_DEVICE_MEMORY_LIMIT", value)
+            .env("CUDA_DEVICE_SM_LIMIT", value)
+            .env("CUDA_DISABLE_CONTROL", value)
+            .env("CUDA_DEVICE_MEMORY_SHARED_CACHE", value)
+            .output();
+        assert!(r.status.success(), "{value:?}: {}\n{}", r.status, r.stderr);
+        assert!(r.int("allocated") > 0, "{value:?}");
+        if !value.is_empty() {
+            assert_eq!(
+                r.stderr.matches("CUDA_DEVICE_MEMORY_LIMIT=").count(),
+                1,
+                "{value:?}: {}",
+                r.stderr
+            );
+        }
+    }
+}
