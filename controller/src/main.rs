@@ -2,7 +2,7 @@
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use controller::engine::Policies;
+use controller::engine::{Mode, Policies};
 use controller::run;
 use controller::simulate::{self, default, input, report};
 use vgpu_driver::config::{Policy, Topology};
@@ -16,6 +16,21 @@ use vgpu_driver::config::{Policy, Topology};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ModeArg {
+    Controller,
+    Native,
+}
+
+impl From<ModeArg> for Mode {
+    fn from(m: ModeArg) -> Mode {
+        match m {
+            ModeArg::Controller => Mode::Controller,
+            ModeArg::Native => Mode::Native,
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -117,6 +132,10 @@ enum Command {
         /// The driver whose devices are allocated.
         #[arg(long, env = "DRIVER_NAME", default_value = vgpu_driver::DEFAULT_DRIVER_NAME)]
         driver_name: String,
+        /// Who places the slices: this controller with its policies, or the kube-scheduler's
+        /// own allocator (native DRA consumable capacity, 1.34+), to compare the two.
+        #[arg(long, value_enum, default_value = "controller")]
+        mode: ModeArg,
         /// Print the embedded default cluster and workload as YAML and exit.
         #[arg(long)]
         print_default: bool,
@@ -207,6 +226,7 @@ fn main() -> Result<()> {
             gpu_policy,
             topology,
             driver_name,
+            mode,
             print_default,
         } => {
             if print_default {
@@ -227,7 +247,7 @@ fn main() -> Result<()> {
                 gpu: gpu_policy.into(),
                 topology: topology.into(),
             };
-            let sim = simulate::run(&driver_name, workload, policies);
+            let sim = simulate::run(&driver_name, workload, policies, mode.into());
             match output {
                 Output::Table => print!("{}", report::table(&sim)),
                 Output::Yaml => {

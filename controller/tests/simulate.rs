@@ -1,7 +1,7 @@
 //! The simulator: the embedded default, the shipped DeviceClasses and examples, bad input, and
 //! the binary's command line.
 
-use controller::engine::Policies;
+use controller::engine::{Mode, Policies};
 use controller::simulate::{self, Outcome, default, input, report};
 use std::path::PathBuf;
 use vgpu_driver::slice::{gpu_devices, render_pool};
@@ -18,6 +18,7 @@ fn the_default_places_everything_that_fits_and_outputs_valid_claims() {
         DEFAULT_DRIVER_NAME,
         input::parse(&default::yaml()).unwrap(),
         Policies::default(),
+        Mode::Controller,
     );
     let refused: Vec<String> = sim
         .claims
@@ -66,6 +67,7 @@ fn binpack_leaves_whole_gpus_free_where_spread_does_not() {
                 gpu,
                 topology: Topology::Preferred,
             },
+            Mode::Controller,
         );
         report::summary(&sim)
     };
@@ -136,7 +138,12 @@ fn every_shipped_example_is_allocatable_with_the_shipped_classes() {
     for (version, k8s) in [(ApiVersion::V1, "1.34.0"), (ApiVersion::V1beta1, "1.32.0")] {
         let workload = input::parse(&examples_workload(version)).unwrap();
         assert_eq!(workload.inputs.pods.len(), 6, "{version:?}");
-        let sim = simulate::run(DEFAULT_DRIVER_NAME, workload, Policies::default());
+        let sim = simulate::run(
+            DEFAULT_DRIVER_NAME,
+            workload,
+            Policies::default(),
+            Mode::Controller,
+        );
         for (claim, outcome) in &sim.claims {
             let name = claim.view().unwrap().name;
             match outcome {
@@ -224,4 +231,76 @@ fn the_binary_runs_the_main_job() {
         stderr.contains("metadata.name is required") && stderr.contains("broken.yaml"),
         "{stderr}"
     );
+}
+
+#[test]
+fn native_mode_places_first_fit_shares_like_the_scheduler() {
+    let workload = || input::parse(&default::yaml()).unwrap();
+    let native = simulate::run(
+        DEFAULT_DRIVER_NAME,
+        workload(),
+        Policies::default(),
+        Mode::Native,
+    );
+    let controller = simulate::run(
+        DEFAULT_DRIVER_NAME,
+        workload(),
+        Policies::default(),
+        Mode::Controller,
+    );
+    let step = vgpu_driver::capacity::NATIVE_MEMORY_STEP;
+    let mut shares = std::collections::BTreeSet::new();
+    let mut first = None;
+    for (object, outcome) in &native.claims {
+        let Outcome::Placed(allocation) = outcome else {
+            continue;
+        };
+        for result in &allocation.results {
+            let share = result
+                .share_id
+                .clone()
+                .expect("a native result has a shareID");
+            assert!(shares.insert(share), "shareIDs are unique");
+            let memory = result.consumed_capacity["memory"].to_bytes().unwrap();
+            assert!(
+                memory % step == 0 || memory == 81559 << 20,
+                "{}: {memory} is rounded up to the step (or is the whole GPU)",
+                object.view().unwrap().name
+            );
+            assert!(result.consumed_capacity.contains_key("cores"));
+        }
+        first.get_or_insert_with(|| {
+            (
+                allocation.node_name.clone(),
+                allocation.results[0].device.clone(),
+            )
+        });
+        // What prepare reads back from the allocation: the consumed share.
+        for result in &allocation.results {
+            let limits = allocation.slice_limits(result, 81559 << 20).unwrap();
+            assert!(
+                limits.exclusive || limits.memory_bytes % step == 0,
+                "{limits:?}"
+            );
+        }
+    }
+    // First fit: the first claim goes to the first GPU of the first node by name.
+    assert_eq!(
+        first,
+        Some((Some("gpu-node-1".to_string()), "gpu-0".to_string()))
+    );
+    // The controller's results carry neither field.
+    for (_, outcome) in &controller.claims {
+        if let Outcome::Placed(a) = outcome {
+            assert!(
+                a.results
+                    .iter()
+                    .all(|r| r.share_id.is_none() && r.consumed_capacity.is_empty())
+            );
+        }
+    }
+    let table = report::table(&native);
+    assert!(table.starts_with("Mode native"), "{table}");
+    // The claims with shareID and consumedCapacity are valid 1.34 objects.
+    validate_k8s(&native.claim_objects(), "1.34.0").unwrap();
 }

@@ -11,6 +11,7 @@ use crate::model::{
 use state::{ClusterState, Holding};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use vgpu_driver::allocation::{AllocatedDevice, ClaimAllocation};
+use vgpu_driver::capacity::NATIVE_MEMORY_STEP;
 use vgpu_driver::config::{Policy, SliceConfig, Topology, effective_config};
 use vgpu_driver::slice::{AttributeValue, SliceView};
 use vgpu_driver::{Capacity, ConfigEntry, ConfigSource, SliceLimits};
@@ -32,6 +33,21 @@ impl Default for Policies {
             topology: Topology::Preferred,
         }
     }
+}
+
+/// Who places the slices.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Mode {
+    /// This controller, with the policies and topology preferences.
+    #[default]
+    Controller,
+    /// The kube-scheduler's own allocator with DRA consumable capacity (1.34+), as documented
+    /// for 1.34/1.35: it has no placement policy of its own, so nodes are taken in name order
+    /// (the scheduler's other scores, which see no GPUs, decide among feasible nodes; a
+    /// simulator cannot know them), the first devices in slice order with the capacity free
+    /// are taken, memory is rounded up to the published request policy's step, topology is
+    /// not considered and opaque configuration does not steer placement.
+    Native,
 }
 
 /// Why a claim was not allocated.
@@ -89,6 +105,7 @@ pub struct Engine {
     pub state: ClusterState,
     classes: HashMap<String, ClassView>,
     policies: Policies,
+    mode: Mode,
     selector_ids: HashMap<String, usize>,
     selectors: Vec<Result<Selector, CelError>>,
     /// Per selector, per GPU: 0 not evaluated, 1 matches, 2 does not, 3 failed.
@@ -116,6 +133,7 @@ impl Engine {
                 .map(|c| (c.name.clone(), c.clone()))
                 .collect(),
             policies,
+            mode: Mode::Controller,
             selector_ids: HashMap::new(),
             selectors: Vec::new(),
             matches: Vec::new(),
@@ -130,13 +148,27 @@ impl Engine {
         self.policies
     }
 
+    /// Places like `mode` from now on.
+    pub fn with_mode(mut self, mode: Mode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
     /// Whether the claim uses one of our (controller-allocated) classes.
     pub fn is_ours(&self, claim: &ClaimView) -> bool {
         claim
             .requests
             .iter()
             .flat_map(|r| &r.alternatives)
-            .any(|a| self.classes.get(&a.class).is_some_and(|c| c.ours))
+            .any(|a| {
+                self.classes
+                    .get(&a.class)
+                    .is_some_and(|c| c.ours || self.mode == Mode::Native)
+            })
     }
 
     fn selector_id(&mut self, expression: &str) -> usize {
@@ -197,7 +229,7 @@ impl Engine {
                         alt.class
                     ))
                 })?;
-                if !class.ours {
+                if !class.ours && self.mode == Mode::Controller {
                     return Err(Refusal::Invalid(format!(
                         "ResourceClaim {}: request {} uses device class {}, which the vgpu controller does not allocate; a claim cannot mix it with GPU-slice classes",
                         claim.key(),
@@ -261,6 +293,9 @@ impl Engine {
                 alternatives,
             });
         }
+        if self.mode == Mode::Native {
+            policies.topology = Topology::None;
+        }
         Ok((plans, policies))
     }
 
@@ -280,6 +315,16 @@ impl Engine {
         }
         let (plans, policies) = self.plan(claim)?;
         let order: Vec<usize> = match policies.node {
+            _ if self.mode == Mode::Native => {
+                let mut by_name: Vec<usize> = (0..self.state.nodes.len()).collect();
+                by_name.sort_by(|a, b| {
+                    self.state.nodes[*a]
+                        .view
+                        .name
+                        .cmp(&self.state.nodes[*b].view.name)
+                });
+                by_name
+            }
             Policy::Binpack => self
                 .state
                 .by_utilisation
@@ -403,7 +448,15 @@ impl Engine {
     /// The slice an alternative takes of GPU `g`, if it fits there now.
     fn fit(&self, alt: &AltPlan, g: usize) -> Option<SliceLimits> {
         let gpu = &self.state.gpus[g];
-        let limits = alt.config.resolve(gpu.total.memory_bytes).ok()?;
+        let mut limits = alt.config.resolve(gpu.total.memory_bytes).ok()?;
+        if self.mode == Mode::Native && !limits.exclusive {
+            // consumedCapacity is the request rounded up to the published step.
+            limits.memory_bytes = limits
+                .memory_bytes
+                .div_ceil(NATIVE_MEMORY_STEP)
+                .saturating_mul(NATIVE_MEMORY_STEP)
+                .min(gpu.total.memory_bytes);
+        }
         if alt.admin_access {
             return Some(limits);
         }
@@ -451,6 +504,11 @@ impl Engine {
     }
 
     fn order(&self, candidates: &mut [(usize, SliceLimits)], policy: Policy) {
+        if self.mode == Mode::Native {
+            // First fit, in the order the devices are published.
+            candidates.sort_by_key(|c| c.0);
+            return;
+        }
         let gpus = &self.state.gpus;
         candidates.sort_by(|a, b| {
             let (ua, ub) = (gpus[a.0].utilisation_ppm(), gpus[b.0].utilisation_ppm());
@@ -686,16 +744,24 @@ impl Engine {
                 .entry(p.class.clone())
                 .or_default()
                 .push(p.result_name.clone());
-            for (g, _) in &p.gpus {
+            for (g, limits) in &p.gpus {
                 let gpu = &self.state.gpus[*g];
+                let (share_id, consumed_capacity) = match self.mode {
+                    Mode::Controller => (None, BTreeMap::new()),
+                    // What the kube-scheduler writes for a share of a device.
+                    Mode::Native => (
+                        Some(share_id(&claim.key(), results.len())),
+                        native_consumption(limits),
+                    ),
+                };
                 results.push(AllocatedDevice {
                     request: p.result_name.clone(),
                     driver: driver.clone(),
                     pool: gpu.pool.clone(),
                     device: gpu.device.name.clone(),
                     admin_access: p.admin_access,
-                    share_id: None,
-                    consumed_capacity: BTreeMap::new(),
+                    share_id,
+                    consumed_capacity,
                 });
             }
         }
@@ -734,6 +800,39 @@ impl Engine {
     pub fn release(&mut self, uid: &str) {
         self.state.release(uid);
     }
+}
+
+/// A UID for the `index`-th share of a claim, stable across runs of the simulator (the
+/// kube-scheduler generates a random one).
+fn share_id(claim: &str, index: usize) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in claim.bytes().chain(index.to_le_bytes()) {
+        hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+    }
+    format!(
+        "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+        hash >> 32,
+        (hash >> 16) & 0xffff,
+        hash & 0xfff,
+        (hash >> 20) & 0xfff,
+        hash & 0xffff_ffff_ffff
+    )
+}
+
+/// consumedCapacity of a native share: every capacity of the device, as the scheduler fills it.
+fn native_consumption(limits: &SliceLimits) -> BTreeMap<String, vgpu_driver::quantity::Quantity> {
+    let quantity =
+        |v: u64| vgpu_driver::quantity::Quantity::parse(&v.to_string()).expect("an integer");
+    BTreeMap::from([
+        (
+            vgpu_driver::capacity::MEMORY.to_string(),
+            quantity(limits.memory_bytes),
+        ),
+        (
+            vgpu_driver::capacity::CORES.to_string(),
+            quantity(u64::from(limits.cores)),
+        ),
+    ])
 }
 
 /// What any GPU must have free for some alternative of a request to fit on it: a lower

@@ -5,7 +5,7 @@ pub mod default;
 pub mod input;
 pub mod report;
 
-use crate::engine::{Engine, Policies, Refusal};
+use crate::engine::{Engine, Mode, Policies, Refusal};
 use input::{ClaimObject, Workload};
 use std::collections::BTreeSet;
 use vgpu_driver::ClaimAllocation;
@@ -30,8 +30,8 @@ pub struct Simulation {
     pub ignored: Vec<String>,
 }
 
-/// Run the engine over the workload's pending claims in document order.
-pub fn run(driver: &str, workload: Workload, policies: Policies) -> Simulation {
+/// Run the engine over the workload's pending claims in document order, placing like `mode`.
+pub fn run(driver: &str, workload: Workload, policies: Policies, mode: Mode) -> Simulation {
     let mut inputs = workload.inputs;
     // Claims already allocated in the input are state, not work.
     inputs.claims = workload
@@ -40,7 +40,7 @@ pub fn run(driver: &str, workload: Workload, policies: Policies) -> Simulation {
         .filter_map(|c| c.view().ok())
         .filter(|c| c.allocation.is_some())
         .collect();
-    let mut engine = Engine::new(driver, &inputs, policies);
+    let mut engine = Engine::new(driver, &inputs, policies).with_mode(mode);
     let mut claims = Vec::new();
     for object in workload.claims {
         let outcome = match object.view() {

@@ -58,11 +58,22 @@ pub fn table(sim: &Simulation) -> String {
     let mut out = String::new();
     let state = &sim.engine.state;
     let policies = sim.engine.policies();
-    let _ = writeln!(
-        out,
-        "Policies: node {:?}, GPU {:?}, topology {:?} (a claim's GpuSliceConfig.scheduling overrides them)\n",
-        policies.node, policies.gpu, policies.topology
-    );
+    match sim.engine.mode() {
+        crate::engine::Mode::Controller => {
+            let _ = writeln!(
+                out,
+                "Mode controller. Policies: node {:?}, GPU {:?}, topology {:?} (a claim's GpuSliceConfig.scheduling overrides them)\n",
+                policies.node, policies.gpu, policies.topology
+            );
+        }
+        crate::engine::Mode::Native => {
+            let _ = writeln!(
+                out,
+                "Mode native: the kube-scheduler's allocator (consumable capacity): first node by name that fits, first GPU that fits, memory rounded up to {} MiB, no topology, no policies\n",
+                vgpu_driver::capacity::NATIVE_MEMORY_STEP >> 20
+            );
+        }
+    }
     for node in &state.nodes {
         let _ = writeln!(out, "NODE {}", node.view.name);
         let _ = writeln!(
