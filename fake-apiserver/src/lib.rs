@@ -450,6 +450,19 @@ impl FakeApiServer {
             .extend(std::iter::repeat_n(fault, count));
     }
 
+    /// Every later write to `gvr` silently loses the fields at `paths`, as an API server does
+    /// with the fields of an alpha feature whose gate is off. A path is dot-separated;
+    /// `devices[]` walks every element of an array, `*` every value of a map, e.g.
+    /// `spec.devices[].capacity.*.requestPolicy`.
+    pub fn drop_fields(&self, gvr: impl Into<Gvr>, paths: &[&str]) {
+        self.shared
+            .lock()
+            .dropped_fields
+            .entry(gvr.into())
+            .or_default()
+            .extend(paths.iter().map(|p| p.to_string()));
+    }
+
     pub fn clear_faults(&self) {
         self.shared.lock().faults.clear();
     }

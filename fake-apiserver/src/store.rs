@@ -88,6 +88,8 @@ pub(crate) struct State {
     pub writes: Vec<Write>,
     pub requests: BTreeMap<(Verb, String), u64>,
     pub faults: HashMap<Gvr, VecDeque<Fault>>,
+    /// Field paths dropped on every write, as with a feature gate off.
+    pub dropped_fields: HashMap<Gvr, Vec<String>>,
     pub latency: Duration,
     /// (major, minor) served at /version.
     pub version: (String, String),
@@ -215,6 +217,7 @@ impl State {
             writes: Vec::new(),
             requests: BTreeMap::new(),
             faults: HashMap::new(),
+            dropped_fields: HashMap::new(),
             latency: Duration::ZERO,
             version: ("1".into(), "34".into()),
             rng: RandomState::new().hash_one(std::time::SystemTime::now()) | 1,
@@ -334,6 +337,13 @@ impl State {
         object
     }
 
+    fn drop_gated_fields(&self, gvr: &Gvr, body: &mut Value) {
+        for path in self.dropped_fields.get(gvr).into_iter().flatten() {
+            let segments: Vec<&str> = path.split('.').collect();
+            drop_path(body, &segments);
+        }
+    }
+
     fn key(kind: &ResourceKind, namespace: &str, name: &str) -> Key {
         let namespace = if kind.namespaced { namespace } else { "" };
         (namespace.to_string(), name.to_string())
@@ -348,6 +358,7 @@ impl State {
     ) -> Result<Value, ApiError> {
         prepare_body(kind, &mut body)?;
         let gvr = kind.gvr();
+        self.drop_gated_fields(&gvr, &mut body);
         if kind.namespaced {
             let sent = meta_str(&body, "namespace");
             if !sent.is_empty() && sent != namespace {
@@ -491,10 +502,11 @@ impl State {
         &mut self,
         kind: &ResourceKind,
         existing: &Value,
-        new: Value,
+        mut new: Value,
         status_only: bool,
     ) -> Result<Written, ApiError> {
         let gvr = kind.gvr();
+        self.drop_gated_fields(&gvr, &mut new);
         let name = meta_str(existing, "name").to_string();
         let key = (
             meta_str(existing, "namespace").to_string(),
@@ -800,5 +812,62 @@ mod tests {
         let groups: Vec<usize> = uid.split('-').map(str::len).collect();
         assert_eq!(groups, [8, 4, 4, 4, 12]);
         assert_ne!(uid, state.new_uid());
+    }
+}
+
+/// Removes the field at `path` (dot-separated; `name[]` walks every element of an array,
+/// `*` every value of a map).
+fn drop_path(value: &mut Value, path: &[&str]) {
+    let Some((first, rest)) = path.split_first() else {
+        return;
+    };
+    let Some(map) = value.as_object_mut() else {
+        return;
+    };
+    if *first == "*" {
+        for v in map.values_mut() {
+            drop_path(v, rest);
+        }
+        return;
+    }
+    if let Some(array_field) = first.strip_suffix("[]") {
+        if let Some(Value::Array(items)) = map.get_mut(array_field) {
+            for item in items {
+                drop_path(item, rest);
+            }
+        }
+        return;
+    }
+    if rest.is_empty() {
+        map.remove(*first);
+    } else if let Some(v) = map.get_mut(*first) {
+        drop_path(v, rest);
+    }
+}
+
+#[cfg(test)]
+mod drop_path_tests {
+    use super::drop_path;
+    use serde_json::json;
+
+    #[test]
+    fn drops_through_arrays_and_maps() {
+        let mut v = json!({"spec": {"devices": [
+            {"name": "a", "allowMultipleAllocations": true,
+             "capacity": {"memory": {"value": "1", "requestPolicy": {}}, "cores": {"value": "2"}}},
+            {"name": "b"}
+        ]}});
+        drop_path(&mut v, &["spec", "devices[]", "allowMultipleAllocations"]);
+        drop_path(
+            &mut v,
+            &["spec", "devices[]", "capacity", "*", "requestPolicy"],
+        );
+        assert_eq!(
+            v,
+            json!({"spec": {"devices": [
+                {"name": "a", "capacity": {"memory": {"value": "1"}, "cores": {"value": "2"}}},
+                {"name": "b"}
+            ]}})
+        );
     }
 }

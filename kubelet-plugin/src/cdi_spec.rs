@@ -30,9 +30,13 @@ pub fn claim_kind(driver: &str) -> Result<Kind, vgpu_cdi::ParseError> {
     Kind::new(format!("k8s.{driver}"), CDI_CLASS)
 }
 
-/// `<claimUID>-<request>`.
-pub fn device_name(claim_uid: &str, request: &str) -> String {
-    format!("{claim_uid}-{request}")
+/// `<claimUID>-<request>`, and `-<shareID>` when the kube-scheduler allocated a share of the
+/// device natively: one CDI device per share, as the upstream HAMi DRA driver names them.
+pub fn device_name(claim_uid: &str, request: &str, share_id: Option<&str>) -> String {
+    match share_id {
+        Some(share) => format!("{claim_uid}-{request}-{share}"),
+        None => format!("{claim_uid}-{request}"),
+    }
 }
 
 /// The content of the plugin-written preload file.
@@ -58,6 +62,8 @@ pub struct RequestDevices {
     pub request: String,
     /// Admin access: the GPUs without any limit, no preload (monitoring, debugging).
     pub admin_access: bool,
+    /// The shareID of the request's first device, when allocated natively.
+    pub share_id: Option<String>,
     /// In allocation order: index `i` of `CUDA_DEVICE_MEMORY_LIMIT_<i>` is the position here.
     pub gpus: Vec<GpuLimit>,
 }
@@ -156,7 +162,11 @@ pub fn build_claim_spec(
         if request.gpus.is_empty() {
             return Err(CdiSpecError::EmptyRequest(request.request.clone()));
         }
-        let name = device_name(params.claim_uid, &request.request);
+        let name = device_name(
+            params.claim_uid,
+            &request.request,
+            request.share_id.as_deref(),
+        );
         vgpu_cdi::validate_device_name(&name).map_err(|source| CdiSpecError::Name {
             name: name.clone(),
             source,
@@ -212,6 +222,7 @@ mod tests {
         let params = params_with(&kind, &control, &paths);
         let request = RequestDevices {
             request: "gpu".into(),
+            share_id: None,
             admin_access: false,
             gpus: vec![
                 GpuLimit {
@@ -271,6 +282,7 @@ mod tests {
         let params = params_with(&kind, &[], &paths);
         let request = RequestDevices {
             request: "monitor".into(),
+            share_id: None,
             admin_access: true,
             gpus: vec![GpuLimit {
                 uuid: "GPU-a".into(),
@@ -302,6 +314,7 @@ mod tests {
         params.claim_uid = "bad uid";
         let request = RequestDevices {
             request: "gpu".into(),
+            share_id: None,
             admin_access: false,
             gpus: vec![GpuLimit {
                 uuid: "GPU-a".into(),

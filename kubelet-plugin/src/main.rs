@@ -4,9 +4,16 @@ use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use kubelet_plugin::discovery::{GpuSource, fake::FakeSource, nvml::NvmlSource};
 use kubelet_plugin::plugin::{self, PluginConfig};
+use kubelet_plugin::publish::SharingMode;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum SharingModeArg {
+    Controller,
+    Native,
+}
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum LogFormat {
@@ -71,6 +78,12 @@ struct Args {
     #[arg(long, env = "TAINT_UNHEALTHY", default_value_t = false)]
     taint_unhealthy: bool,
 
+    /// Who allocates GPU slices: the vgpu controller (any 1.32+ cluster) or the kube-scheduler
+    /// itself with DRA consumable capacity (1.34+ with the DRAConsumableCapacity gate; falls
+    /// back to controller, with a Warning Event on the Node, where the cluster drops its fields).
+    #[arg(long, env = "SHARING_MODE", value_enum, default_value = "controller")]
+    sharing_mode: SharingModeArg,
+
     /// Log format: human-readable text or one JSON object per line.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -115,6 +128,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         enforcement_library: args.enforcement_library.clone(),
         dev_root: args.dev_root.clone(),
         taint_unhealthy: args.taint_unhealthy,
+        sharing_mode: match args.sharing_mode {
+            SharingModeArg::Controller => SharingMode::Controller,
+            SharingModeArg::Native => SharingMode::Native,
+        },
         resync: Duration::from_secs(300),
     };
     let listener = tokio::net::TcpListener::bind(args.metrics_addr)

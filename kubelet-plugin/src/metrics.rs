@@ -22,6 +22,12 @@ pub struct ResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModeLabels {
+    /// `controller` or `native`.
+    pub mode: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct GpuLabels {
     pub device: String,
     pub uuid: String,
@@ -38,6 +44,7 @@ pub struct Metrics {
     published_devices: Gauge,
     prepared_claims: Gauge,
     gpu_healthy: Family<GpuLabels, Gauge>,
+    sharing_mode: Family<ModeLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -63,6 +70,13 @@ impl Metrics {
         let published_devices = Gauge::default();
         let prepared_claims = Gauge::default();
         let gpu_healthy = Family::<GpuLabels, Gauge>::default();
+        let sharing_mode = Family::<ModeLabels, Gauge>::default();
+        registry.register(
+            "sharing_mode",
+            "1 for the sharing mode in effect (controller or native; native falls back to \
+             controller when the cluster drops its fields)",
+            sharing_mode.clone(),
+        );
         registry.register(
             "prepare_claims",
             "Claims prepared, by result",
@@ -107,6 +121,16 @@ impl Metrics {
             published_devices,
             prepared_claims,
             gpu_healthy,
+            sharing_mode,
+        }
+    }
+
+    pub fn set_sharing_mode(&self, mode: crate::publish::SharingMode) {
+        for m in ["controller", "native"] {
+            let value = i64::from(m == mode.as_str());
+            self.sharing_mode
+                .get_or_create(&ModeLabels { mode: m.into() })
+                .set(value);
         }
     }
 

@@ -35,6 +35,8 @@ pub struct PluginConfig {
     /// Host root for /dev and /proc/devices.
     pub dev_root: PathBuf,
     pub taint_unhealthy: bool,
+    /// Who allocates slices: the vgpu controller, or the kube-scheduler natively (1.34+).
+    pub sharing_mode: crate::publish::SharingMode,
     /// Safety-net republish interval.
     pub resync: Duration,
 }
@@ -126,6 +128,7 @@ pub async fn start(
         &cfg.node,
         api_version,
         cfg.taint_unhealthy,
+        cfg.sharing_mode,
     )
     .await?;
     let publisher = tokio::spawn(publish::run(

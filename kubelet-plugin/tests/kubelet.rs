@@ -516,3 +516,55 @@ async fn concurrent_prepares_of_one_claim_agree() {
     assert_eq!(std::fs::read_dir(h.path("cdi")).unwrap().count(), 1);
     running.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_native_share_prepares_the_same_container_as_the_controllers_slice() {
+    let h = Harness::new(DraVersions::V1Only, &example("fake-gpus-hgx-h100.yaml")).await;
+    let running = h.start().await;
+    // The controller's slice: limits from the class's GpuSliceConfig.
+    let controller_uid = h.put_claim(&ClaimSpec::sliced("by-controller", &["gpu-2"], "4Gi", 30));
+    // The kube-scheduler's share of the same size: limits from consumedCapacity, no config.
+    let share = "5b1c0e8a-7d2f-4f3e-9a61-0c2d4e6f8a1b";
+    let mut native = ClaimSpec::sliced("native", &["gpu-2"], "4Gi", 30);
+    native.config.clear();
+    native.results[0].share_id = Some(share.into());
+    native.results[0].consumed = Some(("4Gi".into(), "30".into()));
+    let native_uid = h.put_claim(&native);
+    let answer = prepare_v1(
+        &h,
+        vec![
+            v1_claim(&controller_uid, "by-controller"),
+            v1_claim(&native_uid, "native"),
+        ],
+    )
+    .await;
+    assert!(
+        answer.claims.values().all(|c| c.error.is_empty()),
+        "{answer:?}"
+    );
+    let native_device = &answer.claims[&native_uid].devices[0];
+    assert_eq!(native_device.share_id.as_deref(), Some(share));
+    assert_eq!(
+        native_device.cdi_device_ids,
+        vec![format!("k8s.vgpu.hami.io/claim={native_uid}-gpu-{share}")],
+        "the CDI device name carries the shareID"
+    );
+    let by_controller = check_spec_file(&spec_path(&h, &controller_uid));
+    let by_scheduler = check_spec_file(&spec_path(&h, &native_uid));
+    let edits = |spec: &serde_json::Value| spec["devices"][0]["containerEdits"].clone();
+    assert_eq!(
+        edits(&by_controller)["env"],
+        edits(&by_scheduler)["env"],
+        "switching modes changes nothing inside the container"
+    );
+    assert_eq!(
+        edits(&by_scheduler)["env"][2],
+        "CUDA_DEVICE_MEMORY_LIMIT_0=4096m"
+    );
+    assert_eq!(edits(&by_scheduler)["env"][3], "CUDA_DEVICE_SM_LIMIT=30");
+    assert_eq!(
+        by_scheduler["devices"][0]["name"],
+        format!("{native_uid}-gpu-{share}")
+    );
+    running.shutdown().await.unwrap();
+}

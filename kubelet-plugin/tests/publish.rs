@@ -300,3 +300,114 @@ async fn publishing_retries_after_api_errors() {
     assert_eq!(devices(&h.slices()[0]).len(), 8);
     running.shutdown().await.unwrap();
 }
+
+fn native_config(h: &Harness) -> kubelet_plugin::plugin::PluginConfig {
+    let mut cfg = h.config();
+    cfg.sharing_mode = kubelet_plugin::publish::SharingMode::Native;
+    cfg
+}
+
+fn fallback_events(h: &Harness) -> Vec<Value> {
+    h.server
+        .list(fake_apiserver::Gvr::new("events.k8s.io", "v1", "events"))
+        .into_iter()
+        .filter(|e| e["reason"] == "NativeSharingUnavailable")
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_mode_publishes_shareable_gpus_with_request_policies() {
+    let h = Harness::new(DraVersions::V1Only, &example("fake-gpus-hgx-h100.yaml")).await;
+    let running = h.start_with(native_config(&h)).await;
+    h.eventually("a published slice", || h.slices().len() == 1)
+        .await;
+    let slice = h.slices().remove(0);
+    let devices = slice["spec"]["devices"].as_array().unwrap();
+    assert_eq!(devices.len(), 8);
+    for d in devices {
+        assert_eq!(d["allowMultipleAllocations"], true, "{d}");
+        assert!(d["capacity"]["memory"]["requestPolicy"].is_object(), "{d}");
+        assert!(d["capacity"]["cores"]["requestPolicy"].is_object(), "{d}");
+    }
+    vgpu_driver::testing::validate_k8s(&[slice], "1.34.0").unwrap();
+    assert!(fallback_events(&h).is_empty());
+    let text = running.metrics.encode();
+    assert!(
+        text.contains("vgpu_kubelet_plugin_sharing_mode{mode=\"native\"} 1"),
+        "{text}"
+    );
+    running.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_mode_falls_back_when_the_api_server_drops_its_fields() {
+    let h = Harness::new(DraVersions::V1Only, &example("fake-gpus-hgx-h100.yaml")).await;
+    // DRAConsumableCapacity off: the API server silently drops the alpha fields.
+    h.server.drop_fields(
+        h.slices_gvr(),
+        &[
+            "spec.devices[].allowMultipleAllocations",
+            "spec.devices[].capacity.*.requestPolicy",
+        ],
+    );
+    let running = h.start_with(native_config(&h)).await;
+    h.eventually("a Warning Event on the Node", || {
+        !fallback_events(&h).is_empty()
+    })
+    .await;
+    let event = fallback_events(&h).remove(0);
+    assert_eq!(event["type"], "Warning");
+    assert_eq!(event["regarding"]["kind"], "Node");
+    assert_eq!(event["regarding"]["name"], NODE);
+    assert!(
+        event["note"]
+            .as_str()
+            .unwrap()
+            .contains("DRAConsumableCapacity"),
+        "{event}"
+    );
+    h.eventually("a controller-mode slice", || {
+        h.slices().len() == 1
+            && h.slices()[0]["spec"]["devices"]
+                .as_array()
+                .is_some_and(|d| {
+                    d.len() == 8
+                        && d.iter()
+                            .all(|d| d.get("allowMultipleAllocations").is_none())
+                })
+    })
+    .await;
+    let text = running.metrics.encode();
+    assert!(
+        text.contains("vgpu_kubelet_plugin_sharing_mode{mode=\"controller\"} 1")
+            && text.contains("vgpu_kubelet_plugin_sharing_mode{mode=\"native\"} 0"),
+        "{text}"
+    );
+    assert_eq!(fallback_events(&h).len(), 1, "said once");
+    running.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_mode_on_a_132_cluster_falls_back_at_once() {
+    let h = Harness::new(
+        DraVersions::V1beta1Only,
+        &example("fake-gpus-hgx-h100.yaml"),
+    )
+    .await;
+    let running = h.start_with(native_config(&h)).await;
+    h.eventually("a Warning Event on the Node", || {
+        !fallback_events(&h).is_empty()
+    })
+    .await;
+    assert!(
+        fallback_events(&h)[0]["note"]
+            .as_str()
+            .unwrap()
+            .contains("1.34"),
+    );
+    h.eventually("a published slice", || h.slices().len() == 1)
+        .await;
+    let slice = h.slices().remove(0);
+    vgpu_driver::testing::validate_k8s(&[slice], "1.32.0").unwrap();
+    running.shutdown().await.unwrap();
+}

@@ -1,6 +1,7 @@
 //! The shipped RBAC grants the plugin exactly what its code calls: every API request the plugin
-//! makes in a full life (publishing, drift repair, stale slices, prepare, unprepare) is allowed
-//! by `deploy/base/rbac-plugin.yaml`, and every rule there is used.
+//! makes in a full life (publishing, drift repair, stale slices, prepare, unprepare, and a
+//! native-mode start on a cluster that drops its fields) is allowed by
+//! `deploy/base/rbac-plugin.yaml`, and every rule there is used.
 
 mod common;
 
@@ -149,10 +150,30 @@ async fn rbac_grants_exactly_what_the_plugin_calls() {
         .unwrap();
     running.shutdown().await.unwrap();
 
+    // Native mode where DRAConsumableCapacity is off: the fallback and its Event.
+    let native = Harness::new(DraVersions::V1Only, &example("fake-gpus-hgx-h100.yaml")).await;
+    native.server.drop_fields(
+        native.slices_gvr(),
+        &["spec.devices[].allowMultipleAllocations"],
+    );
+    let mut cfg = native.config();
+    cfg.sharing_mode = kubelet_plugin::publish::SharingMode::Native;
+    let running = native.start_with(cfg).await;
+    native
+        .eventually("the fallback Event", || {
+            !native
+                .server
+                .list(fake_apiserver::Gvr::new("events.k8s.io", "v1", "events"))
+                .is_empty()
+        })
+        .await;
+    running.shutdown().await.unwrap();
+
     let used: BTreeSet<Permission> = h
         .server
         .request_counts()
         .keys()
+        .chain(native.server.request_counts().keys())
         .filter_map(|(verb, path)| permission(verb, path))
         .collect();
     let granted = granted();

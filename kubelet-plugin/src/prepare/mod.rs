@@ -383,9 +383,13 @@ impl Preparer {
                 memory_bytes,
                 cores,
             };
+            let share_id = requests
+                .iter()
+                .find(|r| r.request == main)
+                .map_or(result.share_id.clone(), |r| r.share_id.clone());
             let cdi_id = self
                 .kind
-                .device(&cdi_spec::device_name(uid, &main))
+                .device(&cdi_spec::device_name(uid, &main, share_id.as_deref()))
                 .map_err(vgpu_cdi::Error::from)?
                 .to_string();
             // The CDI id goes on the first device of each request only: the kubelet gives a
@@ -399,6 +403,7 @@ impl Preparer {
                 None => {
                     requests.push(RequestDevices {
                         request: main.clone(),
+                        share_id: share_id.clone(),
                         admin_access: result.admin_access,
                         gpus: vec![limit],
                     });

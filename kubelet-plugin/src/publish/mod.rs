@@ -15,9 +15,10 @@
 use crate::discovery::{GpuState, Snapshot};
 use crate::metrics::Metrics;
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, ObjectReference};
 use k8s_openapi::api::resource::{v1, v1beta1};
 use kube::api::{Api, DeleteParams, ListParams, PostParams, Preconditions};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::watcher;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -111,6 +112,26 @@ impl SliceObject for v1beta1::ResourceSlice {
     }
 }
 
+/// Who allocates slices of this node's GPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SharingMode {
+    /// The vgpu controller (any Kubernetes 1.32+): one plain device per GPU.
+    #[default]
+    Controller,
+    /// The kube-scheduler with DRA consumable capacity (1.34+, gate DRAConsumableCapacity):
+    /// each GPU with `allowMultipleAllocations` and request policies for memory and cores.
+    Native,
+}
+
+impl SharingMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SharingMode::Controller => "controller",
+            SharingMode::Native => "native",
+        }
+    }
+}
+
 /// What one sync did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SyncOutcome {
@@ -135,6 +156,9 @@ pub struct Publisher {
     api_version: ApiVersion,
     /// Taint unhealthy GPUs instead of leaving them out (needs DRADeviceTaints on the cluster).
     taint_unhealthy: bool,
+    mode: SharingMode,
+    /// Why native mode was given up, until [`Publisher::take_fallback`] reports it.
+    fallback: Option<String>,
     last_generation: Option<i64>,
 }
 
@@ -162,6 +186,7 @@ impl Publisher {
         node_name: &str,
         api_version: ApiVersion,
         taint_unhealthy: bool,
+        mode: SharingMode,
     ) -> Result<Self, PublishError> {
         let node = Api::<Node>::all(client.clone())
             .get(node_name)
@@ -180,8 +205,42 @@ impl Publisher {
             },
             api_version,
             taint_unhealthy,
+            mode,
+            fallback: None,
             last_generation: None,
-        })
+        }
+        .check_native_served())
+    }
+
+    /// Native sharing needs the v1 API (1.34+); v1beta1 of 1.32/1.33 has no such fields.
+    fn check_native_served(mut self) -> Self {
+        if self.mode == SharingMode::Native && self.api_version != ApiVersion::V1 {
+            self.fall_back(
+                "resource.k8s.io/v1 is not served, so this is Kubernetes 1.33 or older: native \
+                 sharing needs 1.34+ with the DRAConsumableCapacity feature gate",
+            );
+        }
+        self
+    }
+
+    fn fall_back(&mut self, why: &str) {
+        self.mode = SharingMode::Controller;
+        let message = format!(
+            "{why}; publishing for the controller mode instead (GPU-slice classes of the vgpu \
+             controller keep working; native-mode classes get whole GPUs)"
+        );
+        tracing::error!("{message}");
+        self.fallback = Some(message);
+    }
+
+    /// The sharing mode in effect (native falls back to controller when the cluster cannot).
+    pub fn mode(&self) -> SharingMode {
+        self.mode
+    }
+
+    /// Why native mode was just given up, once.
+    pub fn take_fallback(&mut self) -> Option<String> {
+        self.fallback.take()
     }
 
     pub fn api_version(&self) -> ApiVersion {
@@ -208,7 +267,10 @@ impl Publisher {
         snapshot: &Snapshot,
     ) -> Result<SyncOutcome, PublishError> {
         let api: Api<K> = Api::all(self.client.clone());
-        let devices = snapshot.published_devices()?;
+        let mut devices = snapshot.published_devices()?;
+        for device in &mut devices {
+            device.allow_multiple_allocations = self.mode == SharingMode::Native;
+        }
         let existing = api
             .list(&ListParams::default().fields(&self.field_selector()))
             .await
@@ -320,14 +382,25 @@ impl Publisher {
         // Alpha fields are dropped silently when their feature gate is off: read back what
         // was stored. Dropped taints would offer unhealthy GPUs, so fall back to removal.
         for (stored, sent) in &written {
-            if !same_content(&stored.view(), &sent.view()) {
+            let (stored, sent) = (stored.view(), sent.view());
+            let multiple = |v: &SliceView| v.devices.iter().any(|d| d.allow_multiple_allocations);
+            if self.mode == SharingMode::Native && multiple(&sent) && !multiple(&stored) {
+                self.fall_back(
+                    "the API server dropped allowMultipleAllocations from the ResourceSlice: \
+                     the DRAConsumableCapacity feature gate is off",
+                );
+                // The stored slices lack the flag already; the next sync rewrites them
+                // whole for the controller mode.
+                break;
+            }
+            if !same_content(&stored, &sent) {
                 if self.taint_unhealthy {
                     tracing::error!(
                         "the API server dropped device taints (DRADeviceTaints is off): unhealthy GPUs are now left out of the slice instead"
                     );
                     self.taint_unhealthy = false;
                 } else {
-                    tracing::warn!(slice = ?stored.meta().name, "the API server stored a slice different from the one sent");
+                    tracing::warn!(slice = %stored.name, "the API server stored a slice different from the one sent");
                 }
             }
         }
@@ -341,6 +414,43 @@ impl Publisher {
             "published ResourceSlices"
         );
         Ok(outcome)
+    }
+
+    /// Tells the admin where `kubectl describe node` shows it: a Warning Event on the Node.
+    async fn announce_fallback(&self, why: &str) {
+        let recorder = Recorder::new(
+            self.client.clone(),
+            Reporter {
+                controller: format!("{}/kubelet-plugin", self.driver),
+                instance: Some(self.node.name.clone()),
+            },
+        );
+        let mut note = why.to_string();
+        if note.len() > 1000 {
+            let mut end = 997;
+            while !note.is_char_boundary(end) {
+                end -= 1;
+            }
+            note.truncate(end);
+            note.push_str("...");
+        }
+        let event = Event {
+            type_: EventType::Warning,
+            reason: "NativeSharingUnavailable".into(),
+            note: Some(note),
+            action: "PublishResourceSlices".into(),
+            secondary: None,
+        };
+        let node = ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Node".into()),
+            name: Some(self.node.name.clone()),
+            uid: Some(self.node.uid.clone()),
+            ..Default::default()
+        };
+        if let Err(e) = recorder.publish(&event, &node).await {
+            tracing::warn!(error = %e, "publishing the fallback Event failed");
+        }
     }
 
     /// Wake `notify` whenever one of our slices changes (our own writes included; the sync
@@ -398,6 +508,10 @@ pub async fn run(
 ) {
     let notify = Arc::new(Notify::new());
     let watch = publisher.spawn_drift_watch(notify.clone());
+    metrics.set_sharing_mode(publisher.mode());
+    if let Some(why) = publisher.take_fallback() {
+        publisher.announce_fallback(&why).await;
+    }
     let mut changes = gpus.subscribe();
     let mut backoff = Duration::from_secs(1);
     loop {
@@ -407,6 +521,12 @@ pub async fn run(
             Ok(outcome) => {
                 metrics.set_published_devices(outcome.devices);
                 backoff = Duration::from_secs(1);
+                if let Some(why) = publisher.take_fallback() {
+                    metrics.set_sharing_mode(publisher.mode());
+                    publisher.announce_fallback(&why).await;
+                    // Rewrite the pool for the controller mode now.
+                    continue;
+                }
                 resync
             }
             Err(e) => {

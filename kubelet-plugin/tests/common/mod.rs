@@ -75,6 +75,7 @@ impl Harness {
             enforcement_library: self.path("libvgpu.so"),
             dev_root: self.path("host"),
             taint_unhealthy: false,
+            sharing_mode: kubelet_plugin::publish::SharingMode::Controller,
             resync: Duration::from_secs(600),
         }
     }
@@ -174,6 +175,8 @@ pub struct Result_ {
     pub pool: String,
     pub admin: bool,
     pub share_id: Option<String>,
+    /// consumedCapacity (memory, cores) of a native share.
+    pub consumed: Option<(String, String)>,
 }
 
 /// A claim as allocated by the scheduler.
@@ -207,6 +210,7 @@ impl ClaimSpec {
                     pool: NODE.into(),
                     admin: false,
                     share_id: None,
+                    consumed: None,
                 })
                 .collect(),
             config: vec![("FromClass".into(), vec![], slice_params(memory, cores))],
@@ -237,6 +241,9 @@ impl ClaimSpec {
                 }
                 if let Some(s) = &r.share_id {
                     v["shareID"] = json!(s);
+                }
+                if let Some((memory, cores)) = &r.consumed {
+                    v["consumedCapacity"] = json!({"memory": memory, "cores": cores});
                 }
                 v
             })
