@@ -17,11 +17,20 @@ kubectl kustomize deploy/overlays/k8s-1.32 > "$out/k8s-1.32.yaml"
 kubectl kustomize deploy/overlays/k8s-1.34 > "$out/k8s-1.34.yaml"
 kubectl kustomize deploy/overlays/fake-gpus > "$out/fake-gpus.yaml"
 kubectl kustomize deploy/overlays/fake-gpus-1.32 > "$out/fake-gpus-1.32.yaml"
+kubectl kustomize deploy/overlays/k8s-1.34-native > "$out/k8s-1.34-native.yaml"
+kubectl kustomize deploy/overlays/fake-gpus-native > "$out/fake-gpus-native.yaml"
 
 validate 1.32.0 "$out/k8s-1.32.yaml" "$out/fake-gpus-1.32.yaml" deploy/examples/v1beta1/*.yaml
 validate 1.33.0 "$out/k8s-1.32.yaml" "$out/fake-gpus-1.32.yaml" deploy/examples/v1beta1/*.yaml
 validate 1.34.0 "$out/k8s-1.34.yaml" "$out/fake-gpus.yaml" deploy/examples/v1/*.yaml
 validate 1.35.0 "$out/k8s-1.34.yaml" "$out/fake-gpus.yaml" deploy/examples/v1/*.yaml
+# Native sharing exists from 1.34 (resource.k8s.io/v1 with capacity.requests).
+validate 1.34.0 "$out/k8s-1.34-native.yaml" "$out/fake-gpus-native.yaml" deploy/examples/native/*.yaml
+validate 1.35.0 "$out/k8s-1.34-native.yaml" "$out/fake-gpus-native.yaml" deploy/examples/native/*.yaml
+for f in "$out"/*-native.yaml; do
+  grep -q 'value: native' "$f" && grep -q 'name: gpu-share.vgpu.hami.io' "$f" ||
+    { echo "$f: not a native-mode installation" >&2; exit 1; }
+done
 
 # The rendered objects must be the ones we mean: every overlay installs both binaries and the
 # slice class carries the controller marker.
@@ -53,4 +62,4 @@ validate 1.34.0 "$out/monitoring-core.yaml"
 
 grep -q 'vgpu.hami.io/fake-gpus' "$out/fake-gpus-1.32.yaml" && grep -q 'resource.k8s.io/v1beta1' "$out/fake-gpus-1.32.yaml" ||
   { echo "the 1.32 fake-GPU overlay is not a 1.32 fake-GPU installation" >&2; exit 1; }
-echo "manifests: 5 overlays and $(ls deploy/examples/v1/*.yaml | wc -l) examples × 2 API versions validate"
+echo "manifests: 7 overlays, $(ls deploy/examples/v1/*.yaml | wc -l) examples × 2 API versions and $(ls deploy/examples/native/*.yaml | wc -l) native examples validate"

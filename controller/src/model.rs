@@ -210,6 +210,9 @@ pub struct Alternative {
     pub selectors: Vec<String>,
     pub count: Count,
     pub admin_access: bool,
+    /// `capacity.requests` (v1, consumable capacity): what a native share asks of each device,
+    /// by capacity name, as written.
+    pub capacity: BTreeMap<String, String>,
 }
 
 /// A request of a claim.
@@ -304,6 +307,12 @@ pub struct ClaimError {
     pub message: String,
 }
 
+fn capacity_of(c: Option<&v1::CapacityRequirements>) -> BTreeMap<String, String> {
+    c.and_then(|c| c.requests.as_ref())
+        .map(|r| r.iter().map(|(k, v)| (k.clone(), v.0.clone())).collect())
+        .unwrap_or_default()
+}
+
 impl ClaimView {
     pub fn from_v1(claim: &v1::ResourceClaim) -> Result<ClaimView, ClaimError> {
         let devices = claim.spec.devices.as_ref();
@@ -322,6 +331,7 @@ impl ClaimView {
                     }),
                     count: count_of(e.allocation_mode.as_deref(), e.count),
                     admin_access: e.admin_access.unwrap_or(false),
+                    capacity: capacity_of(e.capacity.as_ref()),
                 }]
             } else {
                 r.first_available
@@ -335,6 +345,7 @@ impl ClaimView {
                         }),
                         count: count_of(s.allocation_mode.as_deref(), s.count),
                         admin_access: false,
+                        capacity: capacity_of(s.capacity.as_ref()),
                     })
                     .collect()
             };
@@ -382,6 +393,7 @@ impl ClaimView {
                     }),
                     count: count_of(r.allocation_mode.as_deref(), r.count),
                     admin_access: r.admin_access.unwrap_or(false),
+                    capacity: BTreeMap::new(),
                 }],
                 (None, Some(subs)) => subs
                     .iter()
@@ -393,6 +405,7 @@ impl ClaimView {
                         }),
                         count: count_of(s.allocation_mode.as_deref(), s.count),
                         admin_access: false,
+                        capacity: BTreeMap::new(),
                     })
                     .collect(),
                 (None, None) => {

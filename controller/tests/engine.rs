@@ -520,6 +520,7 @@ fn first_available_falls_back_in_order() {
     let inputs = cluster(&[("n1", hgx(2, 80))]);
     let mut e = engine(&inputs, Policies::default());
     let alt = |sub: &str, count| Alternative {
+        capacity: Default::default(),
         result_name: format!("gpu/{sub}"),
         class: SLICE.into(),
         selectors: vec![],

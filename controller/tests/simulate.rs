@@ -120,12 +120,19 @@ fn examples_workload(version: ApiVersion) -> String {
         )
         .unwrap(),
     );
+    text.push_str(&examples(dir, 6));
+    text
+}
+
+/// Every file of deploy/examples/<dir>, as one multi-document YAML.
+fn examples(dir: &str, count: usize) -> String {
     let mut files: Vec<PathBuf> = std::fs::read_dir(repo().join("deploy/examples").join(dir))
         .unwrap()
         .map(|e| e.unwrap().path())
         .collect();
     files.sort();
-    assert_eq!(files.len(), 6);
+    assert_eq!(files.len(), count, "{dir}");
+    let mut text = String::new();
     for f in files {
         text.push_str("\n---\n");
         text.push_str(&std::fs::read_to_string(f).unwrap());
@@ -303,4 +310,49 @@ fn native_mode_places_first_fit_shares_like_the_scheduler() {
     assert!(table.starts_with("Mode native"), "{table}");
     // The claims with shareID and consumedCapacity are valid 1.34 objects.
     validate_k8s(&native.claim_objects(), "1.34.0").unwrap();
+}
+
+#[test]
+fn every_native_example_is_allocatable_by_the_schedulers_rules() {
+    // The native component's class beside the base classes, the native examples.
+    let mut text = examples_workload(ApiVersion::V1);
+    text.push_str("\n---\n");
+    text.push_str(
+        &std::fs::read_to_string(repo().join("deploy/components/native/deviceclass-share.yaml"))
+            .unwrap(),
+    );
+    text.push_str(&examples("native", 2));
+    let workload = input::parse(&text).unwrap();
+    let sim = simulate::run(
+        DEFAULT_DRIVER_NAME,
+        workload,
+        Policies::default(),
+        Mode::Native,
+    );
+    let placed = |name: &str| {
+        sim.claims
+            .iter()
+            .find(|(c, _)| c.view().unwrap().name == name)
+            .and_then(|(_, o)| match o {
+                Outcome::Placed(a) => Some(a.clone()),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("{name} was not placed"))
+    };
+    let share = placed("share-2gi-30pct-gpu");
+    let consumed = &share.results[0].consumed_capacity;
+    assert_eq!(consumed["memory"].to_bytes(), Some(2 << 30));
+    assert_eq!(consumed["cores"].ceil_units(), 30);
+    let two = placed("two-shares-gpus");
+    assert_eq!(two.results.len(), 2);
+    assert_ne!(
+        two.results[0].device, two.results[1].device,
+        "distinctAttribute keeps the shares on different GPUs"
+    );
+    assert!(
+        two.results
+            .iter()
+            .all(|r| r.consumed_capacity["memory"].to_bytes() == Some(8 << 30))
+    );
+    validate_k8s(&sim.claim_objects(), "1.34.0").unwrap();
 }

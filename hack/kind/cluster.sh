@@ -36,6 +36,7 @@ esac
 if [ "$native" = --native ]; then
   case $version in 1.32|1.33) echo "--native needs Kubernetes 1.34 or later" >&2; exit 2 ;; esac
   gates="DRAConsumableCapacity: true"
+  overlay=deploy/overlays/fake-gpus-native
 fi
 
 config=$(mktemp)

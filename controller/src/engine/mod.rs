@@ -246,8 +246,15 @@ impl Engine {
                     })
                     .collect();
                 entries.extend(claim.config.iter().cloned());
-                let config = effective_config(&entries, &driver, &alt.result_name)
+                let mut config = effective_config(&entries, &driver, &alt.result_name)
                     .map_err(|e| Refusal::Invalid(format!("ResourceClaim {}: {e}", claim.key())))?;
+                apply_capacity_requests(&mut config, &alt.capacity).map_err(|e| {
+                    Refusal::Invalid(format!(
+                        "ResourceClaim {}: request {}: capacity.requests.{e}",
+                        claim.key(),
+                        alt.result_name
+                    ))
+                })?;
                 if let Some(p) = config.scheduling.node_policy.filter(|_| !overridden.0) {
                     policies.node = p;
                     overridden.0 = true;
@@ -800,6 +807,34 @@ impl Engine {
     pub fn release(&mut self, uid: &str) {
         self.state.release(uid);
     }
+}
+
+/// `capacity.requests` (how a native claim asks for a share) over the configuration: the same
+/// slice whichever way it was asked for.
+fn apply_capacity_requests(
+    config: &mut SliceConfig,
+    requests: &BTreeMap<String, String>,
+) -> Result<(), String> {
+    use vgpu_driver::capacity::{CORES, MEMORY};
+    use vgpu_driver::config::MemoryRequest;
+    use vgpu_driver::quantity::Quantity;
+    if let Some(memory) = requests.get(MEMORY) {
+        let bytes = Quantity::parse(memory)
+            .ok()
+            .and_then(|q| q.to_bytes())
+            .filter(|b| *b > 0)
+            .ok_or_else(|| format!("{MEMORY}: {memory:?} is not a positive number of bytes"))?;
+        config.memory = Some(MemoryRequest::Bytes(bytes));
+    }
+    if let Some(cores) = requests.get(CORES) {
+        let value = Quantity::parse(cores)
+            .ok()
+            .map(|q| q.ceil_units())
+            .filter(|c| (0..=100).contains(c))
+            .ok_or_else(|| format!("{CORES}: {cores:?} is not a percentage from 0 to 100"))?;
+        config.cores = Some(value as u8);
+    }
+    Ok(())
 }
 
 /// A UID for the `index`-th share of a claim, stable across runs of the simulator (the
