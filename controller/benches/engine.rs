@@ -31,6 +31,7 @@ fn claim(i: usize, memory_gib: u64, cores: u64) -> ClaimView {
                 selectors: vec![],
                 count: Count::Exact(1),
                 admin_access: false,
+                capacity: Default::default(),
             }],
         }],
         constraints: vec![],
