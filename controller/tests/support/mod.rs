@@ -137,6 +137,7 @@ pub fn request(name: &str, class: &str, count: u32, selectors: &[&str]) -> Reque
             selectors: selectors.iter().map(|s| s.to_string()).collect(),
             count: Count::Exact(count),
             admin_access: false,
+            capacity: Default::default(),
         }],
     }
 }
