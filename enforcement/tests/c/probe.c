@@ -12,7 +12,8 @@
  *   meminfo                cuMemGetInfo and cuDeviceTotalMem
  *   nvml                   NVML's memory info for device 0 (v1 and v2)
  *   launch SECONDS GRID    launch GRID-block kernels in a loop; report the busy share
- *   threads N MIB          8 threads, each N alloc+free pairs of MIB; then meminfo
+ *   threads N MIB          8 threads each hold MIB until all tried once, then N
+ *                          alloc+free pairs of MIB each; then meminfo
  *   bench N                ns per alloc+free pair and per launch
  */
 #define _GNU_SOURCE
@@ -141,9 +142,18 @@ static size_t thread_bytes;
 static int thread_failures;
 extern CUresult cuCtxSetCurrent(void *);
 
+static pthread_barrier_t all_attempted;
+
 static void *churn(void *arg) {
   (void)arg;
   cuCtxSetCurrent(ctx_for_threads);
+  /* First round: every thread holds what it got until all have tried, so the
+   * limit is contended deterministically even on one core. */
+  CUdeviceptr first;
+  int got = cu.alloc(&first, thread_bytes) == 0;
+  if (!got) __atomic_add_fetch(&thread_failures, 1, __ATOMIC_RELAXED);
+  pthread_barrier_wait(&all_attempted);
+  if (got) cu.free(first);
   for (long i = 0; i < thread_iterations; i++) {
     CUdeviceptr p;
     if (cu.alloc(&p, thread_bytes) != 0) { __atomic_add_fetch(&thread_failures, 1, __ATOMIC_RELAXED); continue; }
@@ -249,6 +259,7 @@ int main(int argc, char **argv) {
     ctx_for_threads = ctx;
     thread_iterations = atol(argv[3]);
     thread_bytes = (size_t)atol(argv[4]) << 20;
+    pthread_barrier_init(&all_attempted, NULL, 8);
     for (int i = 0; i < 8; i++) pthread_create(&t[i], NULL, churn, NULL);
     for (int i = 0; i < 8; i++) pthread_join(t[i], NULL);
     printf("refused=%d\n", thread_failures);
