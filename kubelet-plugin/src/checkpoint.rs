@@ -84,6 +84,43 @@ pub struct Checkpoint {
     path: PathBuf,
 }
 
+/// Verify and decode a checkpoint read from `path` (named in errors). Never panics: the file
+/// may have been truncated by a crash or edited by hand.
+pub fn decode(path: &Path, bytes: &[u8]) -> Result<Payload, CheckpointError> {
+    let path = &path.to_path_buf();
+    let malformed = |message: String| CheckpointError::Malformed {
+        path: path.clone(),
+        message,
+    };
+    // The version is checked before the payload is decoded, so a file from another
+    // version is reported as such rather than as a decoding error.
+    let value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| malformed(e.to_string()))?;
+    let api_version = value
+        .get("apiVersion")
+        .and_then(|v| v.as_str())
+        .unwrap_or("");
+    let kind = value.get("kind").and_then(|v| v.as_str()).unwrap_or("");
+    if api_version != API_VERSION || kind != KIND {
+        return Err(CheckpointError::Version {
+            path: path.clone(),
+            api_version: api_version.to_string(),
+            kind: kind.to_string(),
+        });
+    }
+    let envelope: Envelope =
+        serde_json::from_value(value).map_err(|e| malformed(e.to_string()))?;
+    let computed = checksum(&envelope.payload)?;
+    if computed != envelope.checksum {
+        return Err(CheckpointError::Checksum {
+            path: path.clone(),
+            found: envelope.checksum,
+            computed,
+        });
+    }
+    Ok(envelope.payload)
+}
+
 impl Checkpoint {
     pub fn in_dir(dir: &Path) -> Self {
         Checkpoint {
@@ -109,38 +146,10 @@ impl Checkpoint {
                 });
             }
         };
-        let malformed = |message: String| CheckpointError::Malformed {
-            path: path.clone(),
-            message,
-        };
-        // The version is checked before the payload is decoded, so a file from another
-        // version is reported as such rather than as a decoding error.
-        let value: serde_json::Value =
-            serde_json::from_slice(&bytes).map_err(|e| malformed(e.to_string()))?;
-        let api_version = value
-            .get("apiVersion")
-            .and_then(|v| v.as_str())
-            .unwrap_or("");
-        let kind = value.get("kind").and_then(|v| v.as_str()).unwrap_or("");
-        if api_version != API_VERSION || kind != KIND {
-            return Err(CheckpointError::Version {
-                path: path.clone(),
-                api_version: api_version.to_string(),
-                kind: kind.to_string(),
-            });
-        }
-        let envelope: Envelope =
-            serde_json::from_value(value).map_err(|e| malformed(e.to_string()))?;
-        let computed = checksum(&envelope.payload)?;
-        if computed != envelope.checksum {
-            return Err(CheckpointError::Checksum {
-                path: path.clone(),
-                found: envelope.checksum,
-                computed,
-            });
-        }
-        Ok(envelope.payload)
+        decode(path, &bytes)
     }
+
+
 
     /// Write the payload atomically.
     pub fn store(&self, payload: &Payload) -> Result<(), CheckpointError> {
