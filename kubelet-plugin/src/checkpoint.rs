@@ -108,8 +108,7 @@ pub fn decode(path: &Path, bytes: &[u8]) -> Result<Payload, CheckpointError> {
             kind: kind.to_string(),
         });
     }
-    let envelope: Envelope =
-        serde_json::from_value(value).map_err(|e| malformed(e.to_string()))?;
+    let envelope: Envelope = serde_json::from_value(value).map_err(|e| malformed(e.to_string()))?;
     let computed = checksum(&envelope.payload)?;
     if computed != envelope.checksum {
         return Err(CheckpointError::Checksum {
@@ -148,8 +147,6 @@ impl Checkpoint {
         };
         decode(path, &bytes)
     }
-
-
 
     /// Write the payload atomically.
     pub fn store(&self, payload: &Payload) -> Result<(), CheckpointError> {
