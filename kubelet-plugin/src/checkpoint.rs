@@ -148,6 +148,41 @@ impl Checkpoint {
         decode(path, &bytes)
     }
 
+    /// Remove the temporary files of writes that a crash interrupted (`.checkpoint.*.tmp`
+    /// and the preload file's `.ld.so.preload.*` beside it). Only safe while no other
+    /// process writes in the directory, which the plugin directory's lock ensures.
+    pub fn remove_stale_temp_files(&self) -> Result<Vec<PathBuf>, CheckpointError> {
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        let entries = match std::fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => {
+                return Err(CheckpointError::Io {
+                    op: "list",
+                    path: dir.to_path_buf(),
+                    source,
+                });
+            }
+        };
+        let mut removed = Vec::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            let stale = (name.starts_with(".checkpoint.") && name.ends_with(".tmp"))
+                || name.starts_with(".ld.so.preload.");
+            if stale && entry.file_type().is_ok_and(|t| t.is_file()) {
+                let path = entry.path();
+                std::fs::remove_file(&path).map_err(|source| CheckpointError::Io {
+                    op: "remove",
+                    path: path.clone(),
+                    source,
+                })?;
+                removed.push(path);
+            }
+        }
+        Ok(removed)
+    }
+
     /// Write the payload atomically.
     pub fn store(&self, payload: &Payload) -> Result<(), CheckpointError> {
         let envelope = Envelope {

@@ -19,7 +19,7 @@ use crate::discovery::{GpuState, Snapshot};
 use devnodes::DeviceNodes;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use vgpu_cdi::{Kind, Spec, SpecDir};
@@ -122,6 +122,11 @@ pub enum PrepareError {
     Cdi(Box<vgpu_cdi::Error>),
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
+    #[error(
+        "{path} is locked by another kubelet-plugin on this node; only one may own the plugin \
+         directory (a second one would undo its preparations)"
+    )]
+    Locked { path: PathBuf },
     #[error("{op} {path}: {source}")]
     Io {
         op: &'static str,
@@ -173,6 +178,30 @@ pub struct Preparer {
     checkpoint: Checkpoint,
     gpus: GpuState,
     state: Mutex<Payload>,
+    /// Held for the Preparer's life: the kernel drops it when the process dies, however it
+    /// dies, so a restarted plugin never waits for a crashed one.
+    _lock: std::fs::File,
+}
+
+/// The lock file in the plugin directory.
+pub const LOCK_FILE: &str = "plugin.lock";
+
+/// Take the plugin directory's exclusive lock, or say who holds it.
+fn lock_plugin_dir(dir: &Path) -> Result<std::fs::File, PrepareError> {
+    std::fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
+    let path = dir.join(LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(io_err("open", &path))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(PrepareError::Locked { path }),
+        Err(std::fs::TryLockError::Error(e)) => Err(io_err("lock", &path)(e)),
+    }
 }
 
 impl Preparer {
@@ -183,7 +212,12 @@ impl Preparer {
         gpus: GpuState,
     ) -> Result<(Self, ReconcileReport), PrepareError> {
         let kind = cdi_spec::claim_kind(&cfg.driver).map_err(vgpu_cdi::Error::from)?;
+        let lock = lock_plugin_dir(&cfg.plugin_dir)?;
         let checkpoint = Checkpoint::in_dir(&cfg.plugin_dir);
+        // Under the lock no other writer exists: any temporary file is a crashed write's.
+        for path in checkpoint.remove_stale_temp_files()? {
+            tracing::info!(path = %path.display(), "removed a temporary file a crash left behind");
+        }
         let payload = checkpoint.load()?;
         let preparer = Preparer {
             specs: SpecDir::new(&cfg.cdi_root),
@@ -192,6 +226,7 @@ impl Preparer {
             gpus,
             state: Mutex::new(payload),
             cfg,
+            _lock: lock,
         };
         let report = preparer.reconcile()?;
         Ok((preparer, report))

@@ -227,3 +227,34 @@ fn reconcile_removes_orphans_and_restores_missing_specs() {
         .unwrap();
     assert!(err.to_string().contains("checkpoint"), "{err}");
 }
+
+#[test]
+fn a_second_preparer_on_the_same_directory_is_refused_until_the_first_is_gone() {
+    let env = Env::new();
+    let first = env.open();
+    let err = Preparer::open(env.config(), env.state.clone())
+        .err()
+        .expect("a second owner of the plugin directory is refused");
+    assert!(matches!(err, PrepareError::Locked { .. }), "{err}");
+    assert!(err.to_string().contains("plugin.lock"), "{err}");
+    drop(first);
+    env.open();
+}
+
+#[test]
+fn temporary_files_of_interrupted_writes_are_removed_on_open() {
+    let env = Env::new();
+    let plugin_dir = env.dir.path().join("plugin");
+    std::fs::create_dir_all(&plugin_dir).unwrap();
+    for name in [".checkpoint.Ab12Cd.tmp", ".ld.so.preload.Xy9"] {
+        std::fs::write(plugin_dir.join(name), b"half written").unwrap();
+    }
+    std::fs::write(plugin_dir.join("notes.txt"), b"not ours to remove").unwrap();
+    let _p = env.open();
+    let mut left: Vec<String> = std::fs::read_dir(&plugin_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, vec!["notes.txt", "plugin.lock"]);
+}
