@@ -97,6 +97,17 @@ enum Command {
         /// Name of the leader-election Lease.
         #[arg(long, env = "LEADER_ELECTION_ID", default_value = "vgpu-controller")]
         leader_election_id: String,
+        /// How long a standby waits after the leader's last renewal before taking over
+        /// (e.g. 15s, 1500ms).
+        #[arg(long, env = "LEADER_ELECTION_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
+        leader_election_lease_duration: std::time::Duration,
+        /// How long the leader keeps allocating after its last successful renewal; shorter
+        /// than the lease duration, so two replicas never write at once.
+        #[arg(long, env = "LEADER_ELECTION_RENEW_DEADLINE", default_value = "10s", value_parser = parse_duration)]
+        leader_election_renew_deadline: std::time::Duration,
+        /// How often replicas try to acquire or renew the Lease.
+        #[arg(long, env = "LEADER_ELECTION_RETRY_PERIOD", default_value = "2s", value_parser = parse_duration)]
+        leader_election_retry_period: std::time::Duration,
         /// Run without leader election (only ever one replica).
         #[arg(long, env = "DISABLE_LEADER_ELECTION")]
         disable_leader_election: bool,
@@ -142,6 +153,12 @@ enum Command {
     },
 }
 
+/// A duration flag: `15s`, `1500ms`, `1m`.
+fn parse_duration(value: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(value)
+        .map_err(|e| format!("{value:?} is not a duration (e.g. 15s, 1500ms): {e}"))
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
@@ -153,6 +170,9 @@ fn main() -> Result<()> {
             topology,
             leader_election_namespace,
             leader_election_id,
+            leader_election_lease_duration,
+            leader_election_renew_deadline,
+            leader_election_retry_period,
             disable_leader_election,
             identity,
             metrics_addr,
@@ -182,10 +202,16 @@ fn main() -> Result<()> {
                 gpu: gpu_policy.into(),
                 topology: topology.into(),
             };
-            options.leader_election = (!disable_leader_election).then(|| run::LeaderElection {
+            let timing = run::leader::LeaseTiming {
+                lease_duration: leader_election_lease_duration,
+                renew_deadline: leader_election_renew_deadline,
+                retry_period: leader_election_retry_period,
+            };
+            timing.validate().context("leader election timing")?;
+            options.leader_election = (!disable_leader_election).then_some(run::LeaderElection {
                 namespace: leader_election_namespace,
                 lease_name: leader_election_id,
-                timing: run::leader::LeaseTiming::default(),
+                timing,
             });
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

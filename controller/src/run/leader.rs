@@ -38,6 +38,42 @@ impl Default for LeaseTiming {
     }
 }
 
+/// Why a [`LeaseTiming`] is unsafe.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TimingError {
+    #[error(
+        "lease duration {lease:?} must be longer than the renew deadline {renew:?} (else a \
+         standby may take over while the leader still writes)"
+    )]
+    LeaseNotAfterDeadline { lease: Duration, renew: Duration },
+    #[error("renew deadline {renew:?} must be longer than the retry period {retry:?}")]
+    DeadlineNotAfterRetry { renew: Duration, retry: Duration },
+    #[error("retry period must be positive")]
+    ZeroRetry,
+}
+
+impl LeaseTiming {
+    /// client-go's rules: lease duration > renew deadline > retry period > 0.
+    pub fn validate(&self) -> Result<(), TimingError> {
+        if self.retry_period.is_zero() {
+            return Err(TimingError::ZeroRetry);
+        }
+        if self.renew_deadline <= self.retry_period {
+            return Err(TimingError::DeadlineNotAfterRetry {
+                renew: self.renew_deadline,
+                retry: self.retry_period,
+            });
+        }
+        if self.lease_duration <= self.renew_deadline {
+            return Err(TimingError::LeaseNotAfterDeadline {
+                lease: self.lease_duration,
+                renew: self.renew_deadline,
+            });
+        }
+        Ok(())
+    }
+}
+
 /// Whether this replica may act, shared with the allocation loop.
 #[derive(Clone, Debug, Default)]
 pub struct Leadership {
@@ -205,5 +241,36 @@ impl Elector {
             }
             tokio::time::sleep(self.timing.retry_period).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn timing(lease: u64, renew: u64, retry: u64) -> LeaseTiming {
+        LeaseTiming {
+            lease_duration: Duration::from_millis(lease),
+            renew_deadline: Duration::from_millis(renew),
+            retry_period: Duration::from_millis(retry),
+        }
+    }
+
+    #[test]
+    fn timing_must_leave_a_gap_between_leaders() {
+        assert_eq!(LeaseTiming::default().validate(), Ok(()));
+        assert_eq!(timing(1500, 1000, 200).validate(), Ok(()));
+        assert!(matches!(
+            timing(1000, 1000, 200).validate(),
+            Err(TimingError::LeaseNotAfterDeadline { .. })
+        ));
+        assert!(matches!(
+            timing(1500, 200, 200).validate(),
+            Err(TimingError::DeadlineNotAfterRetry { .. })
+        ));
+        assert_eq!(
+            timing(1500, 1000, 0).validate(),
+            Err(TimingError::ZeroRetry)
+        );
     }
 }

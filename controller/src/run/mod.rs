@@ -152,7 +152,7 @@ impl Controller {
                 let elector = Elector::new(
                     Api::<Lease>::namespaced(self.client.clone(), &le.namespace),
                     &le.lease_name,
-                    &self.options.identity,
+                    &lease_identity(&self.options.identity),
                     le.timing,
                 );
                 let leadership = elector.leadership();
@@ -236,6 +236,17 @@ impl Controller {
         drop(tasks);
         result
     }
+}
+
+/// The identity written into the Lease: the replica's name and a suffix unique to this
+/// process, as client-go does. A container restarted in the same pod keeps its name, and
+/// with the name alone it would take the Lease back at once as if it had never stopped,
+/// skipping the wait that lets a stalled predecessor notice it lost the Lease.
+fn lease_identity(name: &str) -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    format!("{name}_{:016x}", h.finish())
 }
 
 struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
