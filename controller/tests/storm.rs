@@ -3,14 +3,16 @@
 //! SIGKILLed mid-storm and restarted, as its Deployment would. Expected: no GPU over its
 //! memory or cores (recomputed from what each claim asked, not from the controller's model),
 //! every allocatable claim allocated exactly once, the unallocatable ones left pending, and
-//! the time to recover after the failover measured.
+//! the time to recover after the failover measured; and the shipped RBAC granting exactly
+//! the calls the replicas made.
 //!
 //! `STORM_CLAIMS` (200 by default, enough for `cargo test`) and `STORM_LEASE_SECONDS`
 //! (2 by default; the binary's default is 15) scale it; RELIABILITY.md has the full run.
 
+use fake_apiserver::rbac::{Permission, granted, permission};
 use fake_apiserver::{DraVersions, FakeApiServer, Gvr};
 use serde_json::{Value, json};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::Arc;
@@ -420,6 +422,25 @@ async fn a_claim_storm_with_faults_and_a_killed_leader_never_overbooks() {
         twice.is_empty(),
         "claims allocated more than once: {twice:?}"
     );
+
+    // The shipped RBAC grants exactly what the replicas called (the workload was written
+    // with the server's direct helpers, which are not counted). Patching an Event happens
+    // only when one repeats into a series, which this storm need not provoke.
+    let used: BTreeSet<Permission> = server
+        .request_counts()
+        .keys()
+        .filter_map(|(verb, path)| permission(*verb, path))
+        .collect();
+    let rbac = granted(include_str!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/base/rbac-controller.yaml"
+    )))
+    .unwrap();
+    let missing: Vec<_> = used.difference(&rbac).collect();
+    assert!(missing.is_empty(), "called without RBAC: {missing:?}");
+    let series: Permission = ("events.k8s.io".into(), "events".into(), "patch".into());
+    let unused: Vec<_> = rbac.difference(&used).filter(|p| **p != series).collect();
+    assert!(unused.is_empty(), "granted, never called: {unused:?}");
 
     let mut latencies: Vec<Duration> = (0..claims)
         .filter(|i| allocatable(*i))

@@ -95,6 +95,7 @@
 
 mod discovery;
 mod error;
+pub mod rbac;
 mod resource;
 mod selector;
 mod server;

@@ -6,75 +6,18 @@
 mod common;
 
 use common::*;
-use fake_apiserver::{DraVersions, Verb};
-use serde_json::{Value, json};
+use fake_apiserver::DraVersions;
+use fake_apiserver::rbac::{Permission, granted as granted_by, permission};
+use serde_json::json;
 use std::collections::BTreeSet;
 use vgpu_proto::dra::v1;
 
-/// (apiGroup, resource[/subresource], verb), as RBAC names them.
-type Permission = (String, String, String);
-
-fn verb_name(v: &Verb) -> &'static str {
-    match v {
-        Verb::Get => "get",
-        Verb::List => "list",
-        Verb::Watch => "watch",
-        Verb::Create => "create",
-        Verb::Update => "update",
-        Verb::Patch => "patch",
-        Verb::Delete => "delete",
-        Verb::DeleteCollection => "deletecollection",
-    }
-}
-
-/// The RBAC permission a request path needs; None for discovery, which every authenticated
-/// user may read (system:discovery).
-fn permission(verb: &Verb, path: &str) -> Option<Permission> {
-    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
-    let (group, rest) = match parts.as_slice() {
-        ["api", "v1", rest @ ..] if !rest.is_empty() => ("", rest),
-        ["apis", group, _version, rest @ ..] if !rest.is_empty() => (*group, rest),
-        _ => return None,
-    };
-    let rest = match rest {
-        ["namespaces", _ns, rest @ ..] if !rest.is_empty() => rest,
-        rest => rest,
-    };
-    let resource = match rest {
-        [resource] | [resource, _] => resource.to_string(),
-        [resource, _, sub] => format!("{resource}/{sub}"),
-        _ => return None,
-    };
-    Some((group.to_string(), resource, verb_name(verb).to_string()))
-}
-
 fn granted() -> BTreeSet<Permission> {
-    let text = std::fs::read_to_string(concat!(
+    granted_by(include_str!(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../deploy/base/rbac-plugin.yaml"
-    ))
-    .unwrap();
-    let mut out = BTreeSet::new();
-    for doc in serde_yaml_ng::Deserializer::from_str(&text) {
-        let doc: Value = serde::Deserialize::deserialize(doc).unwrap();
-        if doc["kind"] != "ClusterRole" {
-            continue;
-        }
-        for rule in doc["rules"].as_array().unwrap() {
-            for group in rule["apiGroups"].as_array().unwrap() {
-                for resource in rule["resources"].as_array().unwrap() {
-                    for verb in rule["verbs"].as_array().unwrap() {
-                        out.insert((
-                            group.as_str().unwrap().into(),
-                            resource.as_str().unwrap().into(),
-                            verb.as_str().unwrap().into(),
-                        ));
-                    }
-                }
-            }
-        }
-    }
-    out
+    )))
+    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -174,7 +117,7 @@ async fn rbac_grants_exactly_what_the_plugin_calls() {
         .request_counts()
         .keys()
         .chain(native.server.request_counts().keys())
-        .filter_map(|(verb, path)| permission(verb, path))
+        .filter_map(|(verb, path)| permission(*verb, path))
         .collect();
     let granted = granted();
     let missing: Vec<_> = used.difference(&granted).collect();
@@ -187,34 +130,4 @@ async fn rbac_grants_exactly_what_the_plugin_calls() {
         unused.is_empty(),
         "the RBAC grants what the plugin never calls: {unused:?} (used: {used:?})"
     );
-}
-
-#[test]
-fn paths_map_to_rbac_permissions() {
-    let p = |v, path| permission(&v, path);
-    assert_eq!(
-        p(Verb::Get, "/api/v1/nodes/n1"),
-        Some(("".into(), "nodes".into(), "get".into()))
-    );
-    assert_eq!(
-        p(
-            Verb::Update,
-            "/apis/resource.k8s.io/v1/namespaces/ml/resourceclaims/c/status"
-        ),
-        Some((
-            "resource.k8s.io".into(),
-            "resourceclaims/status".into(),
-            "update".into()
-        ))
-    );
-    assert_eq!(
-        p(Verb::List, "/apis/resource.k8s.io/v1/resourceslices"),
-        Some((
-            "resource.k8s.io".into(),
-            "resourceslices".into(),
-            "list".into()
-        ))
-    );
-    assert_eq!(p(Verb::Get, "/apis/resource.k8s.io/v1"), None);
-    assert_eq!(p(Verb::Get, "/apis"), None);
 }
