@@ -53,32 +53,74 @@ impl Drop for SocketGuard {
 }
 
 /// Bind a Unix socket at `path`: the parent directory is created, a stale socket left by a
-/// crash is replaced (any other kind of file is refused), and the socket is made 0600 (the
-/// kubelet connects as root).
+/// crash is replaced (any other kind of file is refused), and the socket is 0600 (the
+/// kubelet connects as root) from the moment it appears at `path`: it is bound in a private
+/// 0700 directory beside it, made 0600 there and renamed into place, so no one can connect
+/// while it has the umask's looser mode.
 pub fn bind(path: &Path) -> Result<(UnixListenerStream, SocketGuard), UdsError> {
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(io("create directory", parent))?;
-    }
+    use std::os::unix::fs::{DirBuilderExt, FileTypeExt};
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    std::fs::create_dir_all(parent).map_err(io("create directory", parent))?;
     match std::fs::symlink_metadata(path) {
-        Ok(meta) => {
-            use std::os::unix::fs::FileTypeExt;
-            if !meta.file_type().is_socket() {
-                return Err(UdsError::NotASocket {
-                    path: path.to_path_buf(),
-                });
-            }
-            std::fs::remove_file(path).map_err(io("remove stale socket", path))?;
+        Ok(meta) if !meta.file_type().is_socket() => {
+            return Err(UdsError::NotASocket {
+                path: path.to_path_buf(),
+            });
         }
+        Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(io("inspect", path)(e)),
     }
-    let listener = UnixListener::bind(path).map_err(io("bind", path))?;
+    remove_stale_staging(parent);
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let staging = parent.join(format!(
+        "{STAGING_PREFIX}{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&staging)
+        .map_err(io("create directory", &staging))?;
+    let bound = (|| {
+        let tmp = staging.join("s");
+        let listener = UnixListener::bind(&tmp).map_err(io("bind", &tmp))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+            .map_err(io("chmod", &tmp))?;
+        // Atomically replaces a stale socket of a crashed run.
+        std::fs::rename(&tmp, path).map_err(io("rename into place", path))?;
+        Ok(listener)
+    })();
+    let _ = std::fs::remove_dir_all(&staging);
+    let listener = bound?;
     let guard = SocketGuard {
         path: path.to_path_buf(),
     };
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(io("chmod", path))?;
     Ok((UnixListenerStream::new(listener), guard))
+}
+
+const STAGING_PREFIX: &str = ".uds-bind-";
+
+/// Staging directories of binds a crash interrupted: removed when their process is gone.
+fn remove_stale_staging(parent: &Path) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(STAGING_PREFIX)) else {
+            continue;
+        };
+        let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
+        let alive = pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
+        if !alive {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// Serve `router` on a Unix socket at `path` until `shutdown` completes, then remove the
@@ -118,4 +160,47 @@ pub async fn connect(path: impl AsRef<Path>) -> Result<Channel, UdsError> {
         }))
         .await
         .map_err(|source| UdsError::Transport { path, source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileTypeExt;
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[tokio::test]
+    async fn a_socket_appears_0600_replaces_a_stale_one_and_leaves_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dra.sock");
+        // A stale socket of a killed run, and the staging directory of a bind that a crash
+        // interrupted (pid 0 is never a process).
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        std::fs::create_dir(dir.path().join(format!("{STAGING_PREFIX}0-3"))).unwrap();
+        let (_incoming, guard) = bind(&path).unwrap();
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        assert!(meta.file_type().is_socket());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        assert_eq!(names(dir.path()), vec!["dra.sock"]);
+        std::os::unix::net::UnixStream::connect(&path).expect("the renamed socket accepts");
+        drop(guard);
+        assert!(names(dir.path()).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_file_that_is_not_a_socket_is_never_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dra.sock");
+        std::fs::write(&path, b"precious").unwrap();
+        let err = bind(&path).unwrap_err();
+        assert!(matches!(err, UdsError::NotASocket { .. }), "{err}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"precious");
+    }
 }
