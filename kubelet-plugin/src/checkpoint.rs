@@ -117,6 +117,13 @@ pub fn decode(path: &Path, bytes: &[u8]) -> Result<Payload, CheckpointError> {
             computed,
         });
     }
+    // The keys become file and directory names (CDI spec ids, claim directories): a crafted
+    // file must not steer a write or a removal outside the plugin's directories, even with
+    // a recomputed checksum.
+    for uid in envelope.payload.claims.keys() {
+        vgpu_cdi::validate_spec_id(uid)
+            .map_err(|e| malformed(format!("payload.claims key {uid:?}: {e}")))?;
+    }
     Ok(envelope.payload)
 }
 
@@ -280,6 +287,28 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, vec![std::ffi::OsString::from(FILE_NAME)]);
+    }
+
+    #[test]
+    fn a_claim_uid_that_is_not_a_safe_file_name_is_refused_even_with_a_valid_checksum() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = Checkpoint::in_dir(dir.path());
+        let mut p = payload();
+        let claim = p.claims.values().next().unwrap().clone();
+        p.claims.insert("../../etc".into(), claim);
+        // What store() would write, checksum included, bypassing nothing but the key check.
+        let envelope = Envelope {
+            api_version: API_VERSION.into(),
+            kind: KIND.into(),
+            checksum: checksum(&p).unwrap(),
+            payload: p,
+        };
+        std::fs::write(cp.path(), serde_json::to_vec(&envelope).unwrap()).unwrap();
+        let err = cp.load().unwrap_err().to_string();
+        assert!(
+            err.contains("payload.claims key \"../../etc\"") && err.contains("checkpoint.json"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -79,7 +79,7 @@ async fn runs_with_fake_gpus_and_stops_cleanly_on_sigterm() {
         &kubeconfig,
         format!(
             "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\n\
-             users:\n- name: nobody\n  user: {{}}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: nobody\n\
+             users:\n- name: nobody\n  user:\n    token: {SECRET}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: nobody\n\
              current-context: fake\n",
             h.server.url()
         ),
@@ -87,6 +87,8 @@ async fn runs_with_fake_gpus_and_stops_cleanly_on_sigterm() {
     .unwrap();
     let cfg = h.config();
     let mut child = tokio::process::Command::new(BIN)
+        // The most verbose logs, kube-rs and hyper included, still never show the token.
+        .env("RUST_LOG", "trace")
         .args([
             "--node-name",
             NODE,
@@ -110,9 +112,22 @@ async fn runs_with_fake_gpus_and_stops_cleanly_on_sigterm() {
         .arg("--dev-root")
         .arg(&cfg.dev_root)
         .stderr(Stdio::piped())
+        .stdout(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
+    // Drained while it runs: trace logs fill a pipe long before the plugin stops.
+    let drain = |mut pipe: Box<dyn tokio::io::AsyncRead + Unpin + Send>| {
+        tokio::spawn(async move {
+            let mut text = String::new();
+            tokio::io::AsyncReadExt::read_to_string(&mut pipe, &mut text)
+                .await
+                .unwrap();
+            text
+        })
+    };
+    let stderr_reader = drain(Box::new(child.stderr.take().unwrap()));
+    let stdout_reader = drain(Box::new(child.stdout.take().unwrap()));
     h.eventually("the registration socket", || {
         h.registration_socket().exists()
     })
@@ -137,10 +152,8 @@ async fn runs_with_fake_gpus_and_stops_cleanly_on_sigterm() {
         .await
         .expect("the plugin stops within 15 s of SIGTERM")
         .unwrap();
-    let mut stderr = String::new();
-    tokio::io::AsyncReadExt::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr)
-        .await
-        .unwrap();
+    let stderr = stderr_reader.await.unwrap();
+    let stdout = stdout_reader.await.unwrap();
     assert!(status.success(), "{status}: {stderr}");
     assert!(
         !h.dra_socket().exists() && !h.registration_socket().exists(),
@@ -153,7 +166,18 @@ async fn runs_with_fake_gpus_and_stops_cleanly_on_sigterm() {
         assert!(v.get("level").is_some(), "{line}");
     }
     assert!(stderr.contains("SIGTERM"), "{stderr}");
+    assert!(
+        !stderr.contains(SECRET) && !stdout.contains(SECRET),
+        "the bearer token is in the logs"
+    );
+    assert!(
+        stderr.contains("NodePrepareResources") || stderr.len() > 10_000,
+        "trace logs were on"
+    );
 }
+
+/// A bearer token in the kubeconfig: it must never reach a log line.
+const SECRET: &str = "SECRET-bearer-7f3a9c0d";
 
 #[test]
 fn install_library_copies_atomically_with_mode_0755() {

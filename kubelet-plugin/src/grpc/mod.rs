@@ -55,6 +55,35 @@ pub enum ClaimError {
     Prepare(#[from] PrepareError),
     #[error("internal error: {0}")]
     Internal(String),
+    #[error("the kubelet's claim reference {field} {value:?} is not {rule}")]
+    InvalidReference {
+        field: &'static str,
+        value: String,
+        rule: &'static str,
+    },
+}
+
+impl ClaimRef {
+    /// The kubelet's fields become an API path (namespace, name) and file names (UID): a
+    /// value that no API object can have is refused before it reaches either.
+    pub fn validate(&self) -> Result<(), ClaimError> {
+        use vgpu_driver::names::{is_dns_label, is_dns_subdomain};
+        let invalid = |field, value: &str, rule| ClaimError::InvalidReference {
+            field,
+            value: value.to_string(),
+            rule,
+        };
+        if !is_dns_label(&self.namespace) {
+            return Err(invalid("namespace", &self.namespace, "a DNS label"));
+        }
+        if !is_dns_subdomain(&self.name) {
+            return Err(invalid("name", &self.name, "a DNS subdomain"));
+        }
+        if vgpu_cdi::validate_spec_id(&self.uid).is_err() {
+            return Err(invalid("uid", &self.uid, "a safe file name"));
+        }
+        Ok(())
+    }
 }
 
 /// The version-independent DRA logic behind both gRPC services.
@@ -131,6 +160,7 @@ impl DraCore {
     }
 
     async fn prepare_one(&self, claim: &ClaimRef) -> Result<Vec<KubeletDevice>, ClaimError> {
+        claim.validate()?;
         // A claim prepared before (repeated call, kubelet or plugin restart) is answered from
         // the checkpoint without asking the API server again.
         let preparer = self.preparer.clone();
