@@ -186,12 +186,51 @@ pub enum CelError {
 /// `CELSelectorExpressionMaxLength`.
 pub const MAX_EXPRESSION_LEN: usize = 10 * 1024;
 
+/// The deepest expression accepted, as counted by [`depth_bound`]. The CEL crate's parser and
+/// evaluator recurse once per level: about 3,000 chained operators overflow a 2 MiB thread
+/// stack (a tokio worker's) in a release build, which the 10 KiB length limit allows. A
+/// claim author could crash the controller with one; real selectors stay far below this
+/// (the examples' longest counts 15), and cel-go, which the API server validates with, stops
+/// at a recursion depth of 250.
+pub const MAX_EXPRESSION_DEPTH: usize = 100;
+
+/// An upper bound of the depth of the syntax tree: the deepest bracket nesting plus every
+/// operator character (each binary, unary, member or ternary operator can add a level, and a
+/// chain of them nests left-deep). Strings are not skipped, which can only overcount: a
+/// scanner that disagrees with the CEL lexer about where a string ends must not undercount.
+/// Commas and colons separate siblings and add no depth.
+pub fn depth_bound(expression: &str) -> usize {
+    let (mut depth, mut deepest, mut operators) = (0usize, 0usize, 0usize);
+    for b in expression.bytes() {
+        match b {
+            b'(' | b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b')' | b']' | b'}' => depth = depth.saturating_sub(1),
+            b'.' | b'+' | b'-' | b'*' | b'/' | b'%' | b'!' | b'<' | b'>' | b'=' | b'&' | b'|'
+            | b'?' => operators += 1,
+            _ => {}
+        }
+    }
+    deepest + operators
+}
+
 impl Selector {
     pub fn compile(expression: &str) -> Result<Selector, CelError> {
         if expression.len() > MAX_EXPRESSION_LEN {
             return Err(CelError::Compile {
                 expression: expression.chars().take(64).collect(),
                 message: format!("longer than {MAX_EXPRESSION_LEN} bytes"),
+            });
+        }
+        let depth = depth_bound(expression);
+        if depth > MAX_EXPRESSION_DEPTH {
+            return Err(CelError::Compile {
+                expression: expression.chars().take(64).collect(),
+                message: format!(
+                    "nests or chains operations {depth} deep, more than {MAX_EXPRESSION_DEPTH}"
+                ),
             });
         }
         // The parser is not ours: a panic inside it must not take the controller down.
@@ -422,6 +461,41 @@ mod tests {
             eval(r#"quantity("1").compareTo(semver("1.0.0")) == 0"#),
             Err(CelError::Runtime { .. })
         ));
+    }
+
+    /// On a thread with a release build's margin: a debug build's parser frames are tens of
+    /// times larger, and the limit is sized for release.
+    fn on_big_stack<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        std::thread::Builder::new()
+            .stack_size(512 << 20)
+            .spawn(f)
+            .unwrap()
+            .join()
+            .unwrap()
+    }
+
+    #[test]
+    fn deep_expressions_are_refused_before_the_parser_sees_them() {
+        // Each of these overflows a 2 MiB stack in a release build without the bound.
+        for deep in [
+            format!("1{} == 1", "+1".repeat(4000)),
+            format!("{}true{}", "(".repeat(4000), ")".repeat(4000)),
+            format!("{}true", "!".repeat(4000)),
+            format!("{{}}{} == 1", ".a".repeat(4000)),
+        ] {
+            let err = Selector::compile(&deep).unwrap_err().to_string();
+            assert!(err.contains("more than 100"), "{err}");
+        }
+        // At the bound: compiles and evaluates.
+        let at = format!("1{} == 51", " + 1".repeat(50));
+        assert_eq!(depth_bound(&at), 52);
+        assert_eq!(on_big_stack(move || eval(&at)), Ok(true));
+        let over = format!("1{} == 100", " + 1".repeat(99));
+        assert!(Selector::compile(&over).is_err());
+        // The shipped examples' selectors are far inside it.
+        let example = r#"device.attributes["vgpu.hami.io"].productName.startsWith("NVIDIA H100") && device.capacity["vgpu.hami.io"].memory.compareTo(quantity("40Gi")) >= 0"#;
+        assert!(depth_bound(example) < 25, "{}", depth_bound(example));
+        assert_eq!(on_big_stack(move || eval(example)), Ok(true));
     }
 
     #[test]
