@@ -1,8 +1,3 @@
-//! The checkpoint reader: a file truncated by a crash, edited by hand, or written by another
-//! version is an error naming the file, never a panic.
+//! libFuzzer entry for [`vgpu_fuzz_targets::checkpoint`].
 #![no_main]
-use libfuzzer_sys::fuzz_target;
-
-fuzz_target!(|data: &[u8]| {
-    let _ = kubelet_plugin::checkpoint::decode(std::path::Path::new("checkpoint.json"), data);
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| vgpu_fuzz_targets::checkpoint(data));
