@@ -222,16 +222,7 @@ async fn a_claim_storm_with_faults_and_a_killed_leader_never_overbooks() {
     let nodes = cluster(&server, claims);
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\n\
-             users:\n- name: nobody\n  user: {{}}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: nobody\n\
-             current-context: fake\n",
-            server.url()
-        ),
-    )
-    .unwrap();
+    std::fs::write(&kubeconfig, server.kubeconfig(None)).unwrap();
     let mut replicas = vec![
         spawn("replica-a", &kubeconfig, dir.path(), lease),
         spawn("replica-b", &kubeconfig, dir.path(), lease),

@@ -254,6 +254,21 @@ impl FakeApiServer {
         self.client.clone()
     }
 
+    /// A kubeconfig file's text for this server, for binaries under test: no auth, or a
+    /// bearer token (the server accepts any).
+    pub fn kubeconfig(&self, token: Option<&str>) -> String {
+        let user = match token {
+            Some(t) => format!("\n    token: {t}"),
+            None => " {}".into(),
+        };
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\n\
+             users:\n- name: nobody\n  user:{user}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: nobody\n\
+             current-context: fake\n",
+            self.url
+        )
+    }
+
     /// A kube config for this server, to build clients with other settings.
     pub fn config(&self) -> kube::Config {
         // The URL was parsed when the server started, so this cannot fail.

@@ -75,17 +75,7 @@ fn without_nvml_the_binary_says_so_and_fails() {
 async fn runs_with_fake_gpus_and_stops_cleanly_on_sigterm() {
     let h = Harness::new(DraVersions::V1Only, &example("fake-gpus-hgx-h100.yaml")).await;
     let kubeconfig = h.path("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\n\
-             users:\n- name: nobody\n  user:\n    token: {SECRET}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: nobody\n\
-             current-context: fake\n",
-            h.server.url()
-        ),
-    )
-    .unwrap();
-    let cfg = h.config();
+    std::fs::write(&kubeconfig, h.server.kubeconfig(Some(SECRET))).unwrap();
     let mut child = tokio::process::Command::new(BIN)
         // The most verbose logs, kube-rs and hyper included, still never show the token.
         .env("RUST_LOG", "trace")
@@ -97,20 +87,7 @@ async fn runs_with_fake_gpus_and_stops_cleanly_on_sigterm() {
             "--metrics-addr",
             "127.0.0.1:0",
         ])
-        .arg("--kubeconfig")
-        .arg(&kubeconfig)
-        .arg("--fake-gpus")
-        .arg(h.path("inventory.yaml"))
-        .arg("--cdi-root")
-        .arg(&cfg.cdi_root)
-        .arg("--plugin-dir")
-        .arg(&cfg.plugin_dir)
-        .arg("--registrar-dir")
-        .arg(&cfg.registrar_dir)
-        .arg("--enforcement-library")
-        .arg(&cfg.enforcement_library)
-        .arg("--dev-root")
-        .arg(&cfg.dev_root)
+        .args(h.binary_args(&kubeconfig))
         .stderr(Stdio::piped())
         .stdout(Stdio::piped())
         .kill_on_drop(true)

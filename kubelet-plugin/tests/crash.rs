@@ -50,16 +50,7 @@ impl Rig {
     async fn new() -> Rig {
         let h = Harness::new(DraVersions::V1Only, &example("fake-gpus-hgx-h100.yaml")).await;
         let kubeconfig = h.path("kubeconfig");
-        std::fs::write(
-            &kubeconfig,
-            format!(
-                "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\n\
-                 users:\n- name: nobody\n  user: {{}}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: nobody\n\
-                 current-context: fake\n",
-                h.server.url()
-            ),
-        )
-        .unwrap();
+        std::fs::write(&kubeconfig, h.server.kubeconfig(None)).unwrap();
         let mut uids = BTreeMap::new();
         for (name, spec) in [
             ("a", ClaimSpec::sliced("a", &["gpu-0"], "4Gi", 30)),
@@ -96,7 +87,6 @@ impl Rig {
     }
 
     fn spawn(&self) -> Child {
-        let cfg = self.h.config();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -104,20 +94,7 @@ impl Rig {
             .unwrap();
         Command::new(BIN)
             .args(["--node-name", NODE, "--metrics-addr", "127.0.0.1:0"])
-            .arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            .arg("--fake-gpus")
-            .arg(self.h.path("inventory.yaml"))
-            .arg("--cdi-root")
-            .arg(&cfg.cdi_root)
-            .arg("--plugin-dir")
-            .arg(&cfg.plugin_dir)
-            .arg("--registrar-dir")
-            .arg(&cfg.registrar_dir)
-            .arg("--enforcement-library")
-            .arg(&cfg.enforcement_library)
-            .arg("--dev-root")
-            .arg(&cfg.dev_root)
+            .args(self.h.binary_args(&self.kubeconfig))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

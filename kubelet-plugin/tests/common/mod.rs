@@ -80,6 +80,25 @@ impl Harness {
         }
     }
 
+    /// The `kubelet-plugin` binary's flags for this harness's directories and fake GPUs.
+    pub fn binary_args(&self, kubeconfig: &Path) -> Vec<std::ffi::OsString> {
+        let cfg = self.config();
+        let mut args: Vec<std::ffi::OsString> = Vec::new();
+        for (flag, value) in [
+            ("--kubeconfig", kubeconfig.to_path_buf()),
+            ("--fake-gpus", self.path("inventory.yaml")),
+            ("--cdi-root", cfg.cdi_root),
+            ("--plugin-dir", cfg.plugin_dir),
+            ("--registrar-dir", cfg.registrar_dir),
+            ("--enforcement-library", cfg.enforcement_library),
+            ("--dev-root", cfg.dev_root),
+        ] {
+            args.push(flag.into());
+            args.push(value.into());
+        }
+        args
+    }
+
     pub async fn start(&self) -> Running {
         self.start_with(self.config()).await
     }
