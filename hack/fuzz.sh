@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Fuzz the inputs the project reads from outside (fuzz/src/lib.rs) with cargo-fuzz/libFuzzer.
+# Fuzz the inputs the project reads from outside (fuzz-targets/src/lib.rs) with cargo-fuzz/libFuzzer.
 #
 #   hack/fuzz.sh                      every target, 1,000,000 runs each, growing fuzz/corpus
 #   hack/fuzz.sh --runs 50000 cel     one target, fewer runs
-#   hack/fuzz.sh --seconds 10         every target for 10 s each (what .ci/run does)
-#   hack/fuzz.sh --ci                 as --seconds 10, on a scratch copy of the corpora, with a
-#                                     build that CI can afford (no sanitizer, debug assertions)
+#   hack/fuzz.sh --seconds 10         every target for 10 s each
+#   hack/fuzz.sh --ci                 what .ci/run does: as --seconds 10, new inputs kept apart
+#                                     from the committed corpora, no sanitizer (CI's 2 cores)
 #   hack/fuzz.sh --cmin               minimise every committed corpus
 #
 # cargo-fuzz needs unstable compiler flags; this machine has one stable toolchain, so the build
@@ -13,6 +13,7 @@
 # the script; add the input to fuzz/corpus/<target>/ once fixed, and `cargo test --workspace`
 # (fuzz-targets/tests/corpora.rs) replays it on every run from then on.
 set -euo pipefail
+self=$(realpath "$0")
 cd "$(dirname "$0")/../fuzz"
 
 runs=1000000
@@ -26,15 +27,14 @@ while [ $# -gt 0 ]; do
     --seconds) seconds=$2; shift 2 ;;
     --ci) ci=true; seconds=${seconds:-10}; shift ;;
     --cmin) cmin=true; shift ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    -h|--help) sed -n "2,14p" "$self"; exit 0 ;;
     -*) echo "hack/fuzz.sh: unknown option $1" >&2; exit 2 ;;
     *) targets+=("$1"); shift ;;
   esac
 done
-all=(slice_config quantity cdi cel checkpoint inventory enforcement_env)
-[ ${#targets[@]} -gt 0 ] || targets=("${all[@]}")
-
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked --quiet
+# Every [[bin]] of fuzz/Cargo.toml.
+[ ${#targets[@]} -gt 0 ] || mapfile -t targets < <(cargo fuzz list)
 export RUSTC_BOOTSTRAP=1
 
 build=(--release --debug-assertions)
