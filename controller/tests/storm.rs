@@ -9,10 +9,10 @@
 //! `STORM_CLAIMS` (200 by default, enough for `cargo test`) and `STORM_LEASE_SECONDS`
 //! (2 by default; the binary's default is 15) scale it; RELIABILITY.md has the full run.
 
-use fake_apiserver::rbac::{Permission, granted, permission};
+use fake_apiserver::rbac::{self, Permission, granted};
 use fake_apiserver::{DraVersions, FakeApiServer, Gvr};
 use serde_json::{Value, json};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::Arc;
@@ -417,11 +417,7 @@ async fn a_claim_storm_with_faults_and_a_killed_leader_never_overbooks() {
     // The shipped RBAC grants exactly what the replicas called (the workload was written
     // with the server's direct helpers, which are not counted). Patching an Event happens
     // only when one repeats into a series, which this storm need not provoke.
-    let used: BTreeSet<Permission> = server
-        .request_counts()
-        .keys()
-        .filter_map(|(verb, path)| permission(*verb, path))
-        .collect();
+    let used = rbac::used(&server);
     let rbac = granted(include_str!(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../deploy/base/rbac-controller.yaml"

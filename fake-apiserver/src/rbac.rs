@@ -31,6 +31,15 @@ pub fn permission(verb: Verb, path: &str) -> Option<Permission> {
     Some((group.to_string(), resource, verb.as_str().to_string()))
 }
 
+/// Every permission the requests `server` recorded needed.
+pub fn used(server: &crate::FakeApiServer) -> BTreeSet<Permission> {
+    server
+        .request_counts()
+        .keys()
+        .filter_map(|(verb, path)| permission(*verb, path))
+        .collect()
+}
+
 /// Why a manifest's rules cannot be read.
 #[derive(Debug, thiserror::Error)]
 pub enum RbacError {

@@ -15,15 +15,6 @@ fn is_socket(path: &std::path::Path) -> bool {
     std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket())
 }
 
-async fn prepare_v1(h: &Harness, claims: Vec<v1::Claim>) -> v1::NodePrepareResourcesResponse {
-    h.v1()
-        .await
-        .node_prepare_resources(v1::NodePrepareResourcesRequest { claims })
-        .await
-        .unwrap()
-        .into_inner()
-}
-
 fn spec_path(h: &Harness, uid: &str) -> std::path::PathBuf {
     h.path(&format!("cdi/k8s.vgpu.hami.io-claim_{uid}.json"))
 }
@@ -144,7 +135,7 @@ async fn prepare_writes_the_exact_spec_and_repeats_the_same_answer() {
     let h = Harness::new(DraVersions::V1Only, &example("fake-gpus-hgx-h100.yaml")).await;
     let running = h.start().await;
     let uid = h.put_claim(&ClaimSpec::sliced("train", &["gpu-0", "gpu-3"], "4Gi", 30));
-    let answer = prepare_v1(&h, vec![v1_claim(&uid, "train")]).await;
+    let answer = h.prepare_v1(vec![v1_claim(&uid, "train")]).await;
     let expected_devices = vec![
         v1::Device {
             request_names: vec!["gpu".into()],
@@ -182,7 +173,7 @@ async fn prepare_writes_the_exact_spec_and_repeats_the_same_answer() {
     );
 
     // Repeated prepare: the same answer, the same single spec, one checkpoint entry.
-    let again = prepare_v1(&h, vec![v1_claim(&uid, "train")]).await;
+    let again = h.prepare_v1(vec![v1_claim(&uid, "train")]).await;
     assert_eq!(again, answer);
     let specs: Vec<_> = std::fs::read_dir(h.path("cdi"))
         .unwrap()
@@ -207,7 +198,7 @@ async fn prepare_after_restart_answers_from_the_checkpoint() {
     let h = Harness::new(DraVersions::V1Only, &example("fake-gpus-hgx-h100.yaml")).await;
     let running = h.start().await;
     let uid = h.put_claim(&ClaimSpec::sliced("train", &["gpu-1"], "8Gi", 20));
-    let first = prepare_v1(&h, vec![v1_claim(&uid, "train")]).await;
+    let first = h.prepare_v1(vec![v1_claim(&uid, "train")]).await;
     assert_eq!(first.claims[&uid].error, "");
     let spec_before = std::fs::read(spec_path(&h, &uid)).unwrap();
     running.shutdown().await.unwrap();
@@ -218,7 +209,7 @@ async fn prepare_after_restart_answers_from_the_checkpoint() {
     std::fs::remove_file(spec_path(&h, &uid)).unwrap();
     let running = h.start().await;
     assert_eq!(std::fs::read(spec_path(&h, &uid)).unwrap(), spec_before);
-    let second = prepare_v1(&h, vec![v1_claim(&uid, "train")]).await;
+    let second = h.prepare_v1(vec![v1_claim(&uid, "train")]).await;
     assert_eq!(second, first);
     running.shutdown().await.unwrap();
 }
@@ -229,7 +220,7 @@ async fn unprepare_of_a_deleted_claim_removes_everything() {
     let running = h.start().await;
     let uid = h.put_claim(&ClaimSpec::sliced("train", &["gpu-2"], "8Gi", 20));
     assert_eq!(
-        prepare_v1(&h, vec![v1_claim(&uid, "train")]).await.claims[&uid].error,
+        h.prepare_v1(vec![v1_claim(&uid, "train")]).await.claims[&uid].error,
         ""
     );
     h.delete_claim("train");
@@ -282,9 +273,8 @@ async fn per_claim_errors_do_not_affect_other_claims() {
     let unknown_device = h.put_claim(&ClaimSpec::sliced("phantom", &["gpu-9"], "1Gi", 1));
     let replaced = h.put_claim(&ClaimSpec::sliced("replaced", &["gpu-3"], "1Gi", 1));
 
-    let answer = prepare_v1(
-        &h,
-        vec![
+    let answer = h
+        .prepare_v1(vec![
             v1_claim(&good, "good"),
             v1_claim(&malformed_uid, "malformed"),
             v1_claim(&elsewhere_uid, "elsewhere"),
@@ -292,9 +282,8 @@ async fn per_claim_errors_do_not_affect_other_claims() {
             v1_claim(&unknown_device, "phantom"),
             v1_claim("0000-not-the-uid", "replaced"),
             v1_claim("some-uid", "missing"),
-        ],
-    )
-    .await;
+        ])
+        .await;
     assert_eq!(answer.claims.len(), 7, "every claim gets an entry");
     assert_eq!(answer.claims[&good].error, "");
     assert_eq!(answer.claims[&good].devices.len(), 1);
@@ -339,12 +328,16 @@ async fn unhealthy_gpus_and_over_subscription_are_refused() {
     let a = h.put_claim(&ClaimSpec::sliced("a", &["gpu-2"], "30Gi", 50));
     let b = h.put_claim(&ClaimSpec::sliced("b", &["gpu-2"], "20Gi", 10));
     let c = h.put_claim(&ClaimSpec::sliced("c", &["gpu-2"], "10Gi", 60));
-    let answer = prepare_v1(&h, vec![v1_claim(&t4, "t4"), v1_claim(&a, "a")]).await;
+    let answer = h
+        .prepare_v1(vec![v1_claim(&t4, "t4"), v1_claim(&a, "a")])
+        .await;
     let e = &answer.claims[&t4].error;
     assert!(e.contains("unhealthy") && e.contains("Xid 79"), "{e}");
     assert_eq!(answer.claims[&a].error, "");
     // 30 GiB + 20 GiB exceed the L40S's 45 GiB; 50 % + 60 % exceed its cores.
-    let answer = prepare_v1(&h, vec![v1_claim(&b, "b"), v1_claim(&c, "c")]).await;
+    let answer = h
+        .prepare_v1(vec![v1_claim(&b, "b"), v1_claim(&c, "c")])
+        .await;
     let e = &answer.claims[&b].error;
     assert!(e.contains("over-committed") && e.contains("memory"), "{e}");
     let e = &answer.claims[&c].error;
@@ -361,7 +354,7 @@ async fn unhealthy_gpus_and_over_subscription_are_refused() {
     })
     .await;
     let d = h.put_claim(&ClaimSpec::sliced("d", &["gpu-0"], "1Gi", 10));
-    let answer = prepare_v1(&h, vec![v1_claim(&d, "d")]).await;
+    let answer = h.prepare_v1(vec![v1_claim(&d, "d")]).await;
     assert!(answer.claims[&d].error.contains("Xid 48"), "{answer:?}");
     running.shutdown().await.unwrap();
 }
@@ -394,7 +387,7 @@ async fn v1beta1_and_v1_are_served_on_a_132_cluster() {
             cdi_device_ids: vec![format!("k8s.vgpu.hami.io/claim={uid}-gpu")],
         }]
     );
-    let ga = prepare_v1(&h, vec![v1_claim(&uid, "beta")]).await;
+    let ga = h.prepare_v1(vec![v1_claim(&uid, "beta")]).await;
     assert_eq!(
         ga.claims[&uid].devices[0].cdi_device_ids,
         beta.claims[&uid].devices[0].cdi_device_ids
@@ -439,16 +432,14 @@ async fn v1_carries_share_ids_admin_access_and_whole_gpus() {
     let mut admin = ClaimSpec::sliced("admin", &["gpu-6"], "4Gi", 30);
     admin.results[0].admin = true;
     let admin_uid = h.put_claim(&admin);
-    let answer = prepare_v1(
-        &h,
-        vec![
+    let answer = h
+        .prepare_v1(vec![
             v1_claim(&shared_uid, "shared"),
             v1_claim(&whole_uid, "whole"),
             v1_claim(&admin_uid, "admin"),
             v1_claim(&merged_uid, "merged"),
-        ],
-    )
-    .await;
+        ])
+        .await;
     assert!(
         answer.claims.values().all(|c| c.error.is_empty()),
         "{answer:?}"
@@ -530,14 +521,12 @@ async fn a_native_share_prepares_the_same_container_as_the_controllers_slice() {
     native.results[0].share_id = Some(share.into());
     native.results[0].consumed = Some(("4Gi".into(), "30".into()));
     let native_uid = h.put_claim(&native);
-    let answer = prepare_v1(
-        &h,
-        vec![
+    let answer = h
+        .prepare_v1(vec![
             v1_claim(&controller_uid, "by-controller"),
             v1_claim(&native_uid, "native"),
-        ],
-    )
-    .await;
+        ])
+        .await;
     assert!(
         answer.claims.values().all(|c| c.error.is_empty()),
         "{answer:?}"

@@ -7,7 +7,7 @@ mod common;
 
 use common::*;
 use fake_apiserver::DraVersions;
-use fake_apiserver::rbac::{Permission, granted as granted_by, permission};
+use fake_apiserver::rbac::{self, Permission, granted as granted_by};
 use serde_json::json;
 use std::collections::BTreeSet;
 use vgpu_proto::dra::v1;
@@ -112,13 +112,8 @@ async fn rbac_grants_exactly_what_the_plugin_calls() {
         .await;
     running.shutdown().await.unwrap();
 
-    let used: BTreeSet<Permission> = h
-        .server
-        .request_counts()
-        .keys()
-        .chain(native.server.request_counts().keys())
-        .filter_map(|(verb, path)| permission(*verb, path))
-        .collect();
+    let mut used = rbac::used(&h.server);
+    used.extend(rbac::used(&native.server));
     let granted = granted();
     let missing: Vec<_> = used.difference(&granted).collect();
     assert!(

@@ -62,13 +62,7 @@ async fn crafted_claim_references_reach_neither_a_file_path_nor_the_api() {
     ];
     let mut client = h.v1().await;
     for (field, claim) in &crafted {
-        let answer = client
-            .node_prepare_resources(v1::NodePrepareResourcesRequest {
-                claims: vec![claim.clone()],
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let answer = h.prepare_v1(vec![claim.clone()]).await;
         let result = &answer.claims[&claim.uid];
         assert!(result.devices.is_empty(), "{claim:?}: {result:?}");
         assert!(
@@ -101,14 +95,8 @@ async fn crafted_claim_references_reach_neither_a_file_path_nor_the_api() {
     assert_eq!(modes(h.dir.path()), before, "files changed");
     assert_eq!(std::fs::read(h.path("victim")).unwrap(), b"keep");
 
-    // The same connection still serves a real claim.
-    let answer = client
-        .node_prepare_resources(v1::NodePrepareResourcesRequest {
-            claims: vec![v1_claim(&good, "good")],
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    // The plugin still serves a real claim.
+    let answer = h.prepare_v1(vec![v1_claim(&good, "good")]).await;
     assert_eq!(answer.claims[&good].error, "");
     assert_eq!(running.preparer.prepared().len(), 1);
     running.shutdown().await.unwrap();
@@ -119,14 +107,7 @@ async fn files_and_sockets_have_the_narrowest_modes_that_work() {
     let h = Harness::new(DraVersions::V1Only, &example("fake-gpus-hgx-h100.yaml")).await;
     let running = h.start().await;
     let uid = h.put_claim(&ClaimSpec::sliced("train", &["gpu-1"], "4Gi", 10));
-    let mut client = h.v1().await;
-    let answer = client
-        .node_prepare_resources(v1::NodePrepareResourcesRequest {
-            claims: vec![v1_claim(&uid, "train")],
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let answer = h.prepare_v1(vec![v1_claim(&uid, "train")]).await;
     assert_eq!(answer.claims[&uid].error, "");
 
     let got = modes(h.dir.path());

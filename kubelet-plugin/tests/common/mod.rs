@@ -125,6 +125,16 @@ impl Harness {
         v1::dra_plugin_client::DraPluginClient::new(uds::connect(self.dra_socket()).await.unwrap())
     }
 
+    /// NodePrepareResources over v1 on a new connection, as the kubelet sends it.
+    pub async fn prepare_v1(&self, claims: Vec<v1::Claim>) -> v1::NodePrepareResourcesResponse {
+        self.v1()
+            .await
+            .node_prepare_resources(v1::NodePrepareResourcesRequest { claims })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
     pub async fn v1beta1(
         &self,
     ) -> v1beta1::dra_plugin_client::DraPluginClient<tonic::transport::Channel> {
