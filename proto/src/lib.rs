@@ -29,6 +29,7 @@ pub mod health {
     }
 }
 
+pub mod authority;
 pub mod uds;
 
 /// `PluginInfo.type` of a DRA driver.

@@ -1,10 +1,14 @@
 //! gRPC over Unix sockets, the only transport the kubelet speaks to plugins.
 
+use crate::authority::LenientAuthority;
 use hyper_util::rt::TokioIo;
 use std::future::Future;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use tokio::net::{UnixListener, UnixStream};
+use tokio_stream::Stream;
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::{Channel, Endpoint, Uri, server::Router};
 
@@ -52,12 +56,30 @@ impl Drop for SocketGuard {
     }
 }
 
+/// The connections accepted on a bound socket, each behind [`LenientAuthority`] so that the
+/// kubelet's grpc-go clients, which send the socket path as `:authority`, are not refused
+/// by h2 (see [`crate::authority`]). Pass it to tonic's `serve_with_incoming*`.
+#[derive(Debug)]
+pub struct Incoming {
+    listener: UnixListenerStream,
+}
+
+impl Stream for Incoming {
+    type Item = std::io::Result<LenientAuthority<UnixStream>>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        Pin::new(&mut self.listener)
+            .poll_next(cx)
+            .map(|next| next.map(|conn| conn.map(LenientAuthority::new)))
+    }
+}
+
 /// Bind a Unix socket at `path`: the parent directory is created, a stale socket left by a
 /// crash is replaced (any other kind of file is refused), and the socket is 0600 (the
 /// kubelet connects as root) from the moment it appears at `path`: it is bound in a private
 /// 0700 directory beside it, made 0600 there and renamed into place, so no one can connect
 /// while it has the umask's looser mode.
-pub fn bind(path: &Path) -> Result<(UnixListenerStream, SocketGuard), UdsError> {
+pub fn bind(path: &Path) -> Result<(Incoming, SocketGuard), UdsError> {
     use std::os::unix::fs::{DirBuilderExt, FileTypeExt};
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
@@ -100,7 +122,10 @@ pub fn bind(path: &Path) -> Result<(UnixListenerStream, SocketGuard), UdsError> 
     let guard = SocketGuard {
         path: path.to_path_buf(),
     };
-    Ok((UnixListenerStream::new(listener), guard))
+    let incoming = Incoming {
+        listener: UnixListenerStream::new(listener),
+    };
+    Ok((incoming, guard))
 }
 
 const STAGING_PREFIX: &str = ".uds-bind-";
