@@ -295,7 +295,15 @@ impl ClaimAllocation {
             })?;
         if result.share_id.is_some() && !limits.exclusive {
             if let Some(mem) = result.consumed_capacity.get(crate::capacity::MEMORY) {
-                limits.memory_bytes = mem.to_bytes().unwrap_or(0).min(gpu_memory);
+                let consumed = mem.to_bytes().unwrap_or(0);
+                // A share that leaves less than the smallest share beside it is the whole GPU:
+                // what a claim asking for no amount consumes (the policy's step-aligned default).
+                limits.memory_bytes =
+                    if consumed.saturating_add(crate::capacity::NATIVE_MEMORY_STEP) > gpu_memory {
+                        gpu_memory
+                    } else {
+                        consumed
+                    };
             }
             if let Some(cores) = result.consumed_capacity.get(crate::capacity::CORES) {
                 limits.cores = cores.ceil_units().clamp(0, 100) as u8;
@@ -422,6 +430,20 @@ mod tests {
             }
         );
         assert_eq!(ClaimAllocation::from_v1(&claim_v1(&a)).unwrap(), a);
+        // A claim that asked for no amount consumed the policy's default, the largest whole
+        // number of steps: with no room for another share beside it, it has the whole memory.
+        a.results[0].consumed_capacity = [
+            ("memory".to_string(), Quantity::parse("81408Mi").unwrap()),
+            ("cores".to_string(), Quantity::from_units(100)),
+        ]
+        .into();
+        let whole = a.slice_limits(&a.results[0], 81559 << 20).unwrap();
+        assert_eq!(whole.memory_bytes, 81559 << 20);
+        // One step less leaves room for a share: the limit is what was consumed.
+        a.results[0].consumed_capacity =
+            [("memory".to_string(), Quantity::parse("81152Mi").unwrap())].into();
+        let share = a.slice_limits(&a.results[0], 81559 << 20).unwrap();
+        assert_eq!(share.memory_bytes, 81152 << 20);
     }
 
     #[test]

@@ -183,31 +183,42 @@ pub fn gpu_devices(gpus: &[Gpu]) -> Result<Vec<PublishedDevice>, SliceError> {
 }
 
 /// The request policy a natively shared device publishes for a capacity: memory from
-/// [`NATIVE_MEMORY_STEP`] in steps of it, cores from 1 to 100 in steps of 1. No default: a
-/// claim that asks for no amount consumes the whole capacity (the API's rule), which keeps an
-/// unsized claim from silently sharing.
+/// [`NATIVE_MEMORY_STEP`] in steps of it up to the last whole step within the memory, cores
+/// from 1 to 100 in steps of 1. The API requires a default with a range, and max and default
+/// on the steps (a 1.34 API server rejects the slice otherwise). The default is the most a
+/// claim can take, so a claim that asks for no amount gets the whole GPU, never a share.
 pub fn capacity_request_policy(name: &str, total: &Quantity) -> Option<RequestPolicy> {
     match name {
-        MEMORY => Some(RequestPolicy {
-            min: Quantity::from_units(NATIVE_MEMORY_STEP as i64),
-            max: *total,
-            step: Quantity::from_units(NATIVE_MEMORY_STEP as i64),
-        }),
+        MEMORY => {
+            let step = NATIVE_MEMORY_STEP;
+            let total_bytes = total.to_bytes().unwrap_or(0);
+            // max and default must be min + k·step: the largest such amount within the memory.
+            let whole = step + total_bytes.saturating_sub(step) / step * step;
+            Some(RequestPolicy {
+                min: Quantity::from_units(step as i64),
+                max: Quantity::from_units(whole as i64),
+                step: Quantity::from_units(step as i64),
+                default: Quantity::from_units(whole as i64),
+            })
+        }
         CORES => Some(RequestPolicy {
             min: Quantity::from_units(NATIVE_CORES_MIN.into()),
             max: Quantity::from_units(FULL_CORES.into()),
             step: Quantity::from_units(1),
+            default: Quantity::from_units(FULL_CORES.into()),
         }),
         _ => None,
     }
 }
 
-/// `requestPolicy.validRange` of a consumable capacity.
+/// `requestPolicy` of a consumable capacity: its `validRange` and `default`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RequestPolicy {
     pub min: Quantity,
     pub max: Quantity,
     pub step: Quantity,
+    /// What a claim that asks for no amount consumes.
+    pub default: Quantity,
 }
 
 /// The NVLink peers a published device lists, as device names.
@@ -481,7 +492,7 @@ macro_rules! attribute_conversions {
                         .then(|| capacity_request_policy(k, q))
                         .flatten()
                         .map(|p| $m::CapacityRequestPolicy {
-                            default: None,
+                            default: Some(k8s_quantity(&p.default)),
                             valid_values: None,
                             valid_range: Some($m::CapacityRequestPolicyRange {
                                 min: k8s_quantity(&p.min),
@@ -802,14 +813,23 @@ mod tests {
             d["capacity"]["memory"]["requestPolicy"]["validRange"]["step"],
             "256Mi"
         );
+        assert_eq!(d["capacity"]["memory"]["value"], "81559Mi");
         assert_eq!(
             d["capacity"]["memory"]["requestPolicy"]["validRange"]["max"],
-            "81559Mi"
+            "81408Mi"
         );
         assert_eq!(
             d["capacity"]["cores"]["requestPolicy"]["validRange"]["min"],
             "1"
         );
+        // The API requires a default with a range, and max and default a whole number of steps
+        // above min (a real 1.34 API server refused the slice otherwise): the largest share,
+        // 318 steps of 256 MiB of the 81559 MiB, and all the cores.
+        assert_eq!(
+            d["capacity"]["memory"]["requestPolicy"]["default"],
+            "81408Mi"
+        );
+        assert_eq!(d["capacity"]["cores"]["requestPolicy"]["default"], "100");
         assert_eq!(slices[0].view().devices, devices);
         // Without native sharing no policy and no flag are published.
         let plain =
