@@ -1,171 +1,357 @@
-//! The product on a real cluster (installed with hack/kind/cluster.sh in fake-GPU mode): slices
-//! published, every example runs with its limits and mounts, capacity is freed, an oversized
-//! claim stays pending with an Event, and a plugin restart leaves running pods alone.
-//!
-//! Run with `cargo test -p test-e2e -- --test-threads=1`; each test skips when KUBECONFIG
-//! names no reachable cluster.
+//! The product on a real cluster: the local one of hack/cluster (real kube-apiserver,
+//! kube-scheduler, kube-controller-manager, kubelet, containerd with CDI), our plugin and
+//! controller as host processes with their ServiceAccounts' tokens. Run with `hack/e2e.sh 1.34`
+//! (or 1.32); the tests fail without the cluster.
 
 use serde_json::Value;
 use std::path::PathBuf;
 use std::time::Duration;
-use test_e2e::{Cluster, parse_env};
+use test_e2e::install::write_kubeconfig;
+use test_e2e::install::{CONTROLLER, DRIVER, PLUGIN};
+use test_e2e::local::repo;
+use test_e2e::{Cluster, Installation, SharingMode, parse_env};
 
-const DRIVER: &str = "vgpu.hami.io";
 const MINUTE: Duration = Duration::from_secs(60);
-/// The memory of each GPU of the fake-GPU installation (deploy/components/fake-gpus), in
-/// HAMi-core's format.
+/// The image the local cluster's runtime holds: busybox, glibc and the simulated CUDA driver.
+const IMAGE: &str = "vgpu-dra/workload:e2e";
+/// The memory of each fake GPU (deploy/components/fake-gpus), in HAMi-core's format.
 const FAKE_GPU_MEMORY: &str = "81559m";
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+fn v1(cluster: &Cluster) -> bool {
+    cluster.local.release() != "1.32"
 }
 
-/// The example directory matching the cluster's resource.k8s.io version.
-fn examples_dir(cluster: &Cluster) -> PathBuf {
-    let served = cluster.run(&["api-versions"]).expect("api-versions");
-    let version = if served.lines().any(|l| l == "resource.k8s.io/v1") {
-        "v1"
+fn api_version(cluster: &Cluster) -> &'static str {
+    if v1(cluster) {
+        "resource.k8s.io/v1"
     } else {
-        "v1beta1"
-    };
-    repo().join("deploy/examples").join(version)
-}
-
-fn our_slices(cluster: &Cluster) -> Vec<Value> {
-    let slices = cluster
-        .get_json(&["resourceslices"])
-        .expect("list resourceslices");
-    slices["items"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|s| s["spec"]["driver"] == DRIVER)
-        .collect()
-}
-
-fn pod_phase(cluster: &Cluster, ns: &str, pod: &str) -> Option<String> {
-    cluster
-        .get_json(&["pod", pod, "-n", ns])
-        .ok()
-        .and_then(|p| p["status"]["phase"].as_str().map(str::to_string))
-}
-
-fn wait_running(cluster: &Cluster, ns: &str, pod: &str) {
-    cluster.wait_for(&format!("pod {ns}/{pod} running"), 3 * MINUTE, || {
-        (pod_phase(cluster, ns, pod).as_deref() == Some("Running")).then_some(())
-    });
-}
-
-fn container_env(
-    cluster: &Cluster,
-    ns: &str,
-    pod: &str,
-    container: &str,
-) -> std::collections::BTreeMap<String, String> {
-    parse_env(
-        &cluster
-            .run(&["exec", "-n", ns, pod, "-c", container, "--", "env"])
-            .expect("exec env"),
-    )
-}
-
-#[test]
-fn the_plugin_publishes_one_pool_per_node() {
-    let Some(cluster) = Cluster::connect() else {
-        return;
-    };
-    let slices = cluster.wait_for("our ResourceSlices", 2 * MINUTE, || {
-        let s = our_slices(&cluster);
-        (!s.is_empty()).then_some(s)
-    });
-    for slice in &slices {
-        let node = slice["spec"]["nodeName"]
-            .as_str()
-            .expect("spec.nodeName set");
-        assert_eq!(slice["spec"]["pool"]["name"], node, "pool name = node name");
-        assert_eq!(slice["metadata"]["ownerReferences"][0]["kind"], "Node");
-        let devices = slice["spec"]["devices"].as_array().expect("devices");
-        assert!(!devices.is_empty(), "{node}: no devices");
+        "resource.k8s.io/v1beta1"
     }
 }
 
-#[test]
-fn every_example_runs_with_its_limits_and_mounts() {
-    let Some(cluster) = Cluster::connect() else {
-        return;
+/// One device request named `gpu` of `class`, `body` being extra request fields (selectors,
+/// count, allocationMode), in the shape of the cluster's API version.
+fn request(cluster: &Cluster, class: &str, body: &str) -> String {
+    let mut out = String::from("      - name: gpu\n");
+    let indent = if v1(cluster) {
+        out += "        exactly:\n";
+        "          "
+    } else {
+        "        "
     };
-    let dir = examples_dir(&cluster);
-    // (file, pod, containers, expected memory limit of GPU 0, expected SM limit)
+    out += &format!("{indent}deviceClassName: {class}\n");
+    for line in body.lines().filter(|l| !l.trim().is_empty()) {
+        out += &format!("{indent}{line}\n");
+    }
+    out
+}
+
+/// A ResourceClaimTemplate `name` of one slice (`memory`, `cores`) of the slice class, with
+/// optional extra request fields.
+fn slice_template(cluster: &Cluster, name: &str, memory: &str, cores: u32, body: &str) -> String {
+    format!(
+        "apiVersion: {}\nkind: ResourceClaimTemplate\nmetadata:\n  name: {name}\nspec:\n  spec:\n    devices:\n      requests:\n{}      config:\n      - requests: [gpu]\n        opaque:\n          driver: {DRIVER}\n          parameters:\n            apiVersion: vgpu.hami.io/v1alpha1\n            kind: GpuSliceConfig\n            memory: {memory}\n            cores: {cores}\n",
+        api_version(cluster),
+        request(cluster, "gpu-slice.vgpu.hami.io", body)
+    )
+}
+
+/// A pod `name` running `sleep` in the workload image with the claim of template `template`.
+fn pod(name: &str, template: &str, extra_container: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n  restartPolicy: Never\n  terminationGracePeriodSeconds: 1\n  resourceClaims:\n  - name: gpu\n    resourceClaimTemplateName: {template}\n  containers:\n  - name: cuda\n    image: {IMAGE}\n    command: [sleep, '3600']\n{extra_container}    resources:\n      claims:\n      - name: gpu\n"
+    )
+}
+
+fn selector_index(index: u32) -> String {
+    format!(
+        "selectors:\n- cel:\n    expression: device.attributes[\"{DRIVER}\"].index == {index}\n"
+    )
+}
+
+fn get(cluster: &Cluster, kind: &str, ns: &str, name: &str) -> Option<Value> {
+    cluster.get_json(&[kind, name, "-n", ns]).ok()
+}
+
+fn phase(cluster: &Cluster, ns: &str, pod: &str) -> Option<String> {
+    get(cluster, "pod", ns, pod).and_then(|p| p["status"]["phase"].as_str().map(str::to_string))
+}
+
+fn wait_running(cluster: &Cluster, ns: &str, pod: &str) -> Value {
+    cluster.wait_for(&format!("pod {ns}/{pod} running"), 3 * MINUTE, || {
+        let p = get(cluster, "pod", ns, pod)?;
+        if p["status"]["phase"] == "Failed" {
+            panic!("pod {ns}/{pod} failed: {}", p["status"]);
+        }
+        (p["status"]["phase"] == "Running").then_some(p)
+    })
+}
+
+/// The generated claim of `pod`'s claim `gpu`.
+fn claim_of(cluster: &Cluster, ns: &str, pod: &str) -> Value {
+    cluster.wait_for(&format!("the claim of {ns}/{pod}"), MINUTE, || {
+        let p = get(cluster, "pod", ns, pod)?;
+        let name = p["status"]["resourceClaimStatuses"][0]["resourceClaimName"].as_str()?;
+        get(cluster, "resourceclaim", ns, name)
+    })
+}
+
+fn allocated_devices(claim: &Value) -> Vec<String> {
+    claim["status"]["allocation"]["devices"]["results"]
+        .as_array()
+        .map(|r| {
+            r.iter()
+                .map(|d| d["device"].as_str().unwrap_or_default().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn exec(cluster: &Cluster, ns: &str, pod: &str, command: &[&str]) -> String {
+    let mut args = vec!["exec", "-n", ns, pod, "-c", "cuda", "--"];
+    args.extend_from_slice(command);
+    cluster
+        .run(&args)
+        .unwrap_or_else(|e| panic!("exec in {ns}/{pod}: {e}"))
+}
+
+/// The CDI spec files the plugin has written for claim `uid`.
+fn cdi_specs_of(cluster: &Cluster, uid: &str) -> Vec<PathBuf> {
+    std::fs::read_dir(cluster.local.cdi_root())
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| p.file_name().unwrap().to_string_lossy().contains(uid))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn delete_pod(cluster: &Cluster, ns: &str, pod: &str) {
+    cluster
+        .run(&[
+            "delete",
+            "pod",
+            pod,
+            "-n",
+            ns,
+            "--wait=true",
+            "--timeout=120s",
+        ])
+        .expect("delete pod");
+}
+
+/// Deleting a pod: the controller-manager deletes its generated claim (deallocating it first),
+/// and the kubelet unprepares it, which removes its CDI spec.
+fn assert_released(cluster: &Cluster, ns: &str, claim: &Value) {
+    let name = claim["metadata"]["name"].as_str().unwrap();
+    let uid = claim["metadata"]["uid"].as_str().unwrap();
+    cluster.wait_for(
+        &format!("claim {ns}/{name} to be deleted"),
+        2 * MINUTE,
+        || {
+            get(cluster, "resourceclaim", ns, name)
+                .is_none()
+                .then_some(())
+        },
+    );
+    cluster.wait_for(
+        &format!("the CDI spec of claim {uid} to be removed"),
+        MINUTE,
+        || cdi_specs_of(cluster, uid).is_empty().then_some(()),
+    );
+}
+
+#[test]
+fn a1_the_kubelet_registers_the_plugin_and_its_gpus_are_published() {
+    let install = Installation::ensure(SharingMode::Controller);
+    let local = &install.cluster.local;
+    let slices = install.slices();
+    let devices: usize = slices
+        .iter()
+        .map(|s| s["spec"]["devices"].as_array().map_or(0, Vec::len))
+        .sum();
+    assert_eq!(devices, 8, "the 8 fake H100s: {slices:?}");
+    for slice in &slices {
+        assert_eq!(
+            slice["spec"]["pool"]["name"],
+            local.node(),
+            "pool name = node name"
+        );
+        assert_eq!(slice["metadata"]["ownerReferences"][0]["kind"], "Node");
+    }
+    // The kubelet's side of the registration (its plugin watcher dialled our socket, called
+    // GetInfo, validated the DRA versions and called NotifyRegistrationStatus).
+    let kubelet = local.log("kubelet");
+    assert!(
+        kubelet.contains(DRIVER),
+        "the kubelet's log never names {DRIVER}"
+    );
+    assert!(
+        !local.log(PLUGIN).contains("REJECTED"),
+        "the kubelet rejected the plugin:\n{}",
+        local.log(PLUGIN)
+    );
+}
+
+#[test]
+fn a2_a_slice_pod_is_allocated_bound_prepared_and_runs_with_its_limits() {
+    let install = Installation::ensure(SharingMode::Controller);
+    let cluster = &install.cluster;
+    let ns = cluster.namespace("e2e-slice");
+    cluster.apply(
+        &ns.name,
+        &slice_template(cluster, "slice-4gi-30", "4Gi", 30, ""),
+    );
+    cluster.apply(&ns.name, &pod("slice", "slice-4gi-30", ""));
+    let running = wait_running(cluster, &ns.name, "slice");
+    assert_eq!(running["spec"]["nodeName"], cluster.local.node());
+
+    let claim = claim_of(cluster, &ns.name, "slice");
+    let results = &claim["status"]["allocation"]["devices"]["results"];
+    assert_eq!(results.as_array().map(Vec::len), Some(1), "{claim}");
+    assert_eq!(results[0]["driver"], DRIVER);
+    assert_eq!(results[0]["pool"], cluster.local.node());
+    assert_eq!(
+        claim["status"]["reservedFor"][0]["name"], "slice",
+        "the scheduler reserved the claim for the pod"
+    );
+
+    // Inside the container: HAMi-core's limits, the preload and the library.
+    let env = parse_env(&exec(cluster, &ns.name, "slice", &["env"]));
+    assert_eq!(
+        env.get("CUDA_DEVICE_MEMORY_LIMIT_0").map(String::as_str),
+        Some("4096m")
+    );
+    assert_eq!(
+        env.get("CUDA_DEVICE_SM_LIMIT").map(String::as_str),
+        Some("30")
+    );
+    let preload = exec(cluster, &ns.name, "slice", &["cat", "/etc/ld.so.preload"]);
+    let library = preload.trim();
+    assert!(
+        library.ends_with("libvgpu.so"),
+        "/etc/ld.so.preload = {preload:?}"
+    );
+    exec(cluster, &ns.name, "slice", &["ls", "-l", library]);
+    // The simulated driver under the preloaded library: CUDA sees a 4 GiB device.
+    let meminfo = parse_env(&exec(
+        cluster,
+        &ns.name,
+        "slice",
+        &["probe", "direct", "meminfo"],
+    ));
+    assert_eq!(
+        meminfo.get("meminfo_rc").map(String::as_str),
+        Some("0"),
+        "{meminfo:?}"
+    );
+    assert_eq!(
+        meminfo.get("total_mib").map(String::as_str),
+        Some("4096"),
+        "{meminfo:?}"
+    );
+
+    let uid = claim["metadata"]["uid"].as_str().unwrap();
+    assert_eq!(
+        cdi_specs_of(cluster, uid).len(),
+        1,
+        "one CDI spec for the claim"
+    );
+    delete_pod(cluster, &ns.name, "slice");
+    assert_released(cluster, &ns.name, &claim);
+}
+
+#[test]
+fn a3_every_shipped_example_runs_with_its_limits_and_mounts() {
+    let install = Installation::ensure(SharingMode::Controller);
+    let cluster = &install.cluster;
+    let dir = repo()
+        .join("deploy/examples")
+        .join(if v1(cluster) { "v1" } else { "v1beta1" });
+    // (file, pod, containers, expected memory limit of GPU 0, expected SM limit, GPUs)
     type Case<'a> = (
         &'a str,
         &'a str,
         &'a [&'a str],
+        &'a str,
         Option<&'a str>,
-        Option<&'a str>,
+        usize,
     );
     let cases: &[Case] = &[
         (
             "slice-2gi-30pct.yaml",
             "slice-2gi-30pct",
             &["cuda"],
-            Some("2048m"),
+            "2048m",
             Some("30"),
+            1,
         ),
         (
             "shared-slice-two-containers.yaml",
             "shared-slice",
             &["server", "sidecar"],
-            Some("8192m"),
+            "8192m",
             Some("50"),
+            1,
         ),
         (
             "nvlink-pair.yaml",
             "nvlink-pair",
             &["train"],
-            Some("20480m"),
+            "20480m",
             Some("50"),
+            2,
         ),
         (
             "model-restricted.yaml",
             "h100-slice",
             &["cuda"],
-            Some("10240m"),
+            "10240m",
             Some("25"),
+            1,
         ),
         // A whole GPU still gets its (full) memory limit; 100 % means no throttling.
         (
             "exclusive-gpu.yaml",
             "exclusive-gpu",
             &["cuda"],
-            Some(FAKE_GPU_MEMORY),
+            FAKE_GPU_MEMORY,
             None,
+            1,
         ),
         (
             "whole-gpu.yaml",
             "whole-gpu",
             &["cuda"],
-            Some(FAKE_GPU_MEMORY),
+            FAKE_GPU_MEMORY,
             None,
+            1,
         ),
     ];
-    for (file, pod, containers, memory, sm) in cases {
-        let ns = cluster.namespace("vgpu-e2e");
+    for (file, pod, containers, memory, sm, gpus) in cases {
+        let ns = cluster.namespace("e2e-example");
         let path = dir.join(file);
         cluster
             .run(&["apply", "-n", &ns.name, "-f", path.to_str().unwrap()])
             .expect("apply example");
-        wait_running(&cluster, &ns.name, pod);
+        wait_running(cluster, &ns.name, pod);
         let mut shared_cache = None;
         for container in *containers {
-            let env = container_env(&cluster, &ns.name, pod, container);
-            assert!(
-                env.contains_key("CUDA_VISIBLE_DEVICES"),
-                "{file}/{container}: no CUDA_VISIBLE_DEVICES"
+            let env = parse_env(
+                &cluster
+                    .run(&["exec", "-n", &ns.name, pod, "-c", container, "--", "env"])
+                    .expect("exec env"),
+            );
+            assert_eq!(
+                env.get("CUDA_VISIBLE_DEVICES")
+                    .map(|v| v.split(',').count()),
+                Some(*gpus),
+                "{file}/{container}: CUDA_VISIBLE_DEVICES"
             );
             assert_eq!(
                 env.get("CUDA_DEVICE_MEMORY_LIMIT_0").map(String::as_str),
-                *memory,
+                Some(*memory),
                 "{file}/{container}"
             );
             assert_eq!(
@@ -175,166 +361,364 @@ fn every_example_runs_with_its_limits_and_mounts() {
                 *sm,
                 "{file}/{container}"
             );
-            if memory.is_some() {
-                let preload = cluster
-                    .run(&[
-                        "exec",
-                        "-n",
-                        &ns.name,
-                        pod,
-                        "-c",
-                        container,
-                        "--",
-                        "cat",
-                        "/etc/ld.so.preload",
-                    ])
-                    .expect("read ld.so.preload");
-                assert!(
-                    preload.contains("libvgpu.so"),
-                    "{file}/{container}: ld.so.preload = {preload:?}"
-                );
-                let cache = env
-                    .get("CUDA_DEVICE_MEMORY_SHARED_CACHE")
-                    .cloned()
-                    .expect("shared cache set");
-                // Containers of one claim share one accounting file.
-                if let Some(first) = &shared_cache {
-                    assert_eq!(
-                        first, &cache,
-                        "{file}: containers of one claim must share the cache"
-                    );
-                }
-                shared_cache = Some(cache);
-            }
-        }
-        if *file == "nvlink-pair.yaml" {
-            let env = container_env(&cluster, &ns.name, pod, "train");
-            assert_eq!(
-                env["CUDA_VISIBLE_DEVICES"].split(',').count(),
-                2,
-                "two GPUs"
+            let preload = cluster
+                .run(&[
+                    "exec",
+                    "-n",
+                    &ns.name,
+                    pod,
+                    "-c",
+                    container,
+                    "--",
+                    "cat",
+                    "/etc/ld.so.preload",
+                ])
+                .expect("read ld.so.preload");
+            assert!(
+                preload.contains("libvgpu.so"),
+                "{file}/{container}: {preload:?}"
             );
+            let cache = env
+                .get("CUDA_DEVICE_MEMORY_SHARED_CACHE")
+                .cloned()
+                .expect("shared cache set");
+            // Containers of one claim share one accounting file.
+            if let Some(first) = &shared_cache {
+                assert_eq!(
+                    first, &cache,
+                    "{file}: containers of one claim share the cache"
+                );
+            }
+            shared_cache = Some(cache);
         }
     }
 }
 
 #[test]
-fn an_oversized_claim_stays_pending_with_an_event() {
-    let Some(cluster) = Cluster::connect() else {
-        return;
-    };
-    let ns = cluster.namespace("vgpu-e2e-big");
-    let v1 = examples_dir(&cluster).ends_with("v1");
-    let request = if v1 {
-        "      - name: gpu\n        exactly:\n          deviceClassName: gpu-slice.vgpu.hami.io\n          count: 64\n"
-    } else {
-        "      - name: gpu\n        deviceClassName: gpu-slice.vgpu.hami.io\n        count: 64\n"
-    };
-    let version = if v1 { "v1" } else { "v1beta1" };
-    let manifest = format!(
-        "apiVersion: resource.k8s.io/{version}\nkind: ResourceClaim\nmetadata:\n  name: too-big\nspec:\n  devices:\n    requests:\n{request}"
+fn a4_two_pods_share_one_gpu_and_a_whole_gpu_is_never_shared() {
+    let install = Installation::ensure(SharingMode::Controller);
+    let cluster = &install.cluster;
+    let ns = cluster.namespace("e2e-share");
+    // Two slices pinned to GPU 3 share it.
+    cluster.apply(
+        &ns.name,
+        &slice_template(cluster, "on-gpu3", "8Gi", 20, &selector_index(3)),
     );
-    cluster
-        .run_with_input(&["apply", "-n", &ns.name, "-f", "-"], &manifest)
-        .expect("create claim");
-    let pod = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: too-big\nspec:\n  resourceClaims:\n  - name: gpu\n    resourceClaimName: too-big\n  containers:\n  - name: c\n    image: busybox\n    command: [sleep, '3600']\n    resources:\n      claims:\n      - name: gpu\n";
-    cluster
-        .run_with_input(&["apply", "-n", &ns.name, "-f", "-"], pod)
-        .expect("create pod");
-    let event = cluster.wait_for("an Event on the oversized claim", 2 * MINUTE, || {
-        let events = cluster.get_json(&["events", "-n", &ns.name]).ok()?;
-        events["items"]
-            .as_array()?
-            .iter()
-            .find(|e| {
-                e["involvedObject"]["name"] == "too-big"
-                    && e["involvedObject"]["kind"] == "ResourceClaim"
-            })
-            .cloned()
-    });
-    assert_eq!(event["type"], "Warning", "{event}");
-    let claim = cluster
-        .get_json(&["resourceclaim", "too-big", "-n", &ns.name])
-        .expect("claim");
-    assert!(
-        claim["status"]["allocation"].is_null(),
-        "an impossible claim must stay unallocated"
+    cluster.apply(&ns.name, &pod("first", "on-gpu3", ""));
+    cluster.apply(&ns.name, &pod("second", "on-gpu3", ""));
+    wait_running(cluster, &ns.name, "first");
+    wait_running(cluster, &ns.name, "second");
+    let first = allocated_devices(&claim_of(cluster, &ns.name, "first"));
+    let second = allocated_devices(&claim_of(cluster, &ns.name, "second"));
+    assert_eq!(first.len(), 1);
+    assert_eq!(first, second, "both slices on GPU 3");
+
+    // A whole GPU of the plain class, allocated by the kube-scheduler itself.
+    let whole = format!(
+        "apiVersion: {}\nkind: ResourceClaimTemplate\nmetadata:\n  name: whole-gpu5\nspec:\n  spec:\n    devices:\n      requests:\n{}",
+        api_version(cluster),
+        request(cluster, "gpu.vgpu.hami.io", &selector_index(5))
     );
+    cluster.apply(&ns.name, &whole);
+    cluster.apply(&ns.name, &pod("whole", "whole-gpu5", ""));
+    wait_running(cluster, &ns.name, "whole");
+    let whole_claim = claim_of(cluster, &ns.name, "whole");
+    let whole_device = allocated_devices(&whole_claim);
+    assert_eq!(whole_device.len(), 1);
+    assert_ne!(whole_device, first);
+    let env = parse_env(&exec(cluster, &ns.name, "whole", &["env"]));
     assert_eq!(
-        pod_phase(&cluster, &ns.name, "too-big").as_deref(),
-        Some("Pending")
+        env.get("CUDA_DEVICE_MEMORY_LIMIT_0").map(String::as_str),
+        Some(FAKE_GPU_MEMORY),
+        "a whole GPU has its whole memory"
     );
+
+    // Our controller never puts a slice on the scheduler's whole GPU ...
+    cluster.apply(
+        &ns.name,
+        &slice_template(cluster, "on-gpu5", "1Gi", 10, &selector_index(5)),
+    );
+    cluster.apply(&ns.name, &pod("intruder", "on-gpu5", ""));
+    // ... and the scheduler never hands out a GPU our controller has sliced.
+    let whole3 = format!(
+        "apiVersion: {}\nkind: ResourceClaimTemplate\nmetadata:\n  name: whole-gpu3\nspec:\n  spec:\n    devices:\n      requests:\n{}",
+        api_version(cluster),
+        request(cluster, "gpu.vgpu.hami.io", &selector_index(3))
+    );
+    cluster.apply(&ns.name, &whole3);
+    cluster.apply(&ns.name, &pod("greedy", "whole-gpu3", ""));
+    let intruder = claim_of(cluster, &ns.name, "intruder");
+    let name = intruder["metadata"]["name"].as_str().unwrap().to_string();
+    cluster.wait_for(
+        "a Warning Event on the slice claim for the taken GPU",
+        2 * MINUTE,
+        || {
+            let events = cluster.get_json(&["events", "-n", &ns.name]).ok()?;
+            events["items"]
+                .as_array()?
+                .iter()
+                .find(|e| e["involvedObject"]["name"] == name.as_str() && e["type"] == "Warning")
+                .cloned()
+        },
+    );
+    cluster.wait_for(
+        "the scheduler to find the whole-GPU pod unschedulable",
+        2 * MINUTE,
+        || {
+            let p = get(cluster, "pod", &ns.name, "greedy")?;
+            p["status"]["conditions"]
+                .as_array()?
+                .iter()
+                .any(|c| c["type"] == "PodScheduled" && c["reason"] == "Unschedulable")
+                .then_some(())
+        },
+    );
+    for (pod, claim) in [
+        ("intruder", &intruder),
+        ("greedy", &claim_of(cluster, &ns.name, "greedy")),
+    ] {
+        let claim = get(
+            cluster,
+            "resourceclaim",
+            &ns.name,
+            claim["metadata"]["name"].as_str().unwrap(),
+        )
+        .expect("claim");
+        assert!(claim["status"]["allocation"].is_null(), "{pod}: {claim}");
+        assert_eq!(phase(cluster, &ns.name, pod).as_deref(), Some("Pending"));
+    }
 }
 
 #[test]
-fn deleting_pods_frees_capacity_and_a_plugin_restart_leaves_pods_alone() {
-    let Some(cluster) = Cluster::connect() else {
-        return;
+fn a5_the_admission_policy_keeps_each_plugin_to_its_own_node() {
+    let install = Installation::ensure(SharingMode::Controller);
+    let cluster = &install.cluster;
+    let node = cluster.local.node().to_string();
+    let slice = |name: &str, node: &str| {
+        format!(
+            "apiVersion: {}\nkind: ResourceSlice\nmetadata:\n  name: {name}\nspec:\n  driver: {DRIVER}\n  nodeName: {node}\n  pool:\n    name: {name}\n    generation: 1\n    resourceSliceCount: 1\n",
+            api_version(cluster)
+        )
     };
-    let ns = cluster.namespace("vgpu-e2e-life");
-    let path = examples_dir(&cluster).join("slice-2gi-30pct.yaml");
-    cluster
-        .run(&["apply", "-n", &ns.name, "-f", path.to_str().unwrap()])
-        .expect("apply");
-    wait_running(&cluster, &ns.name, "slice-2gi-30pct");
-    let before = cluster
-        .get_json(&["pod", "slice-2gi-30pct", "-n", &ns.name])
-        .expect("pod");
-    let node = before["spec"]["nodeName"]
-        .as_str()
-        .expect("bound")
-        .to_string();
-
-    // Restart the plugin on that node: the running pod keeps running, untouched.
-    cluster
+    let plugin = cluster.as_user(install.plugin_kubeconfig.clone());
+    // Its own node: allowed (the plugin's RBAC and the policy agree).
+    plugin
+        .run_with_input(&["create", "-f", "-"], &slice("e2e-own-node", &node))
+        .expect("the plugin may write its own node's slices");
+    // The running plugin may already have removed it (it owns every slice of its driver on its
+    // node); either way the plugin's credentials may delete it.
+    plugin
         .run(&[
             "delete",
-            "pod",
-            "-n",
-            "vgpu-system",
-            "-l",
-            "app.kubernetes.io/name=vgpu-kubelet-plugin",
-            "--field-selector",
-            &format!("spec.nodeName={node}"),
+            "resourceslice",
+            "e2e-own-node",
+            "--ignore-not-found",
         ])
-        .expect("delete plugin pod");
-    cluster
-        .run(&[
-            "rollout",
-            "status",
-            "daemonset/vgpu-kubelet-plugin",
-            "-n",
-            "vgpu-system",
-            "--timeout=180s",
-        ])
-        .expect("plugin back");
-    let after = cluster
-        .get_json(&["pod", "slice-2gi-30pct", "-n", &ns.name])
-        .expect("pod");
-    assert_eq!(after["status"]["phase"], "Running");
-    assert_eq!(after["metadata"]["uid"], before["metadata"]["uid"]);
-    assert_eq!(after["status"]["containerStatuses"][0]["restartCount"], 0);
+        .expect("and delete them");
+    // Another node's: refused by the policy, with its message.
+    let err = plugin
+        .run_with_input(
+            &["create", "-f", "-"],
+            &slice("e2e-other-node", "some-other-node"),
+        )
+        .expect_err("a plugin must not write another node's slices");
+    assert!(
+        err.contains("vgpu-resourceslices-own-node")
+            && err.contains(&format!("runs on node '{node}'"))
+            && err.contains("some-other-node"),
+        "{err}"
+    );
+    // A token of the plugin's ServiceAccount that is bound to no node: refused too.
+    let unbound = cluster.local.dir().join("vgpu/unbound.kubeconfig");
+    write_kubeconfig(cluster, &unbound, &install.token(PLUGIN, &[]));
+    let err = cluster
+        .as_user(unbound)
+        .run_with_input(&["create", "-f", "-"], &slice("e2e-unbound", &node))
+        .expect_err("a token without a node must not write slices");
+    assert!(err.contains("no node association"), "{err}");
+}
 
-    // Deleting the pod deletes its generated claim, which frees the slice.
-    let claim = after["status"]["resourceClaimStatuses"][0]["resourceClaimName"]
+#[test]
+fn a6_plugin_controller_and_kubelet_killed_and_restarted_lose_nothing() {
+    let install = Installation::ensure(SharingMode::Controller);
+    let cluster = &install.cluster;
+    let local = &cluster.local;
+    let ns = cluster.namespace("e2e-restart");
+    cluster.apply(&ns.name, &slice_template(cluster, "slice", "2Gi", 10, ""));
+    cluster.apply(&ns.name, &pod("steady", "slice", ""));
+    let steady = wait_running(cluster, &ns.name, "steady");
+    let untouched = |what: &str| {
+        let now = get(cluster, "pod", &ns.name, "steady").expect("steady pod");
+        assert_eq!(now["metadata"]["uid"], steady["metadata"]["uid"], "{what}");
+        assert_eq!(now["status"]["phase"], "Running", "{what}");
+        assert_eq!(
+            now["status"]["containerStatuses"][0]["restartCount"], 0,
+            "{what}"
+        );
+        let env = parse_env(&exec(cluster, &ns.name, "steady", &["env"]));
+        assert_eq!(env["CUDA_DEVICE_MEMORY_LIMIT_0"], "2048m", "{what}");
+    };
+
+    // The plugin dies: a pod created meanwhile waits for it, then runs; nothing else moves.
+    local.kill(PLUGIN);
+    cluster.apply(&ns.name, &pod("during-plugin-outage", "slice", ""));
+    cluster.wait_for(
+        "the controller to allocate while the plugin is down",
+        MINUTE,
+        || {
+            let claim = claim_of(cluster, &ns.name, "during-plugin-outage");
+            (!claim["status"]["allocation"].is_null()).then_some(())
+        },
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert_ne!(
+        phase(cluster, &ns.name, "during-plugin-outage").as_deref(),
+        Some("Running"),
+        "nobody can prepare the claim while the plugin is down"
+    );
+    install.start_plugin();
+    wait_running(cluster, &ns.name, "during-plugin-outage");
+    untouched("after the plugin's restart");
+
+    // The controller dies: a claim created meanwhile stays unallocated, then is allocated.
+    local.kill(CONTROLLER);
+    cluster.apply(&ns.name, &pod("during-controller-outage", "slice", ""));
+    std::thread::sleep(Duration::from_secs(5));
+    let waiting = claim_of(cluster, &ns.name, "during-controller-outage");
+    assert!(waiting["status"]["allocation"].is_null(), "{waiting}");
+    local.start(CONTROLLER);
+    wait_running(cluster, &ns.name, "during-controller-outage");
+
+    // The kubelet dies: containers keep running; the restarted kubelet registers the plugin
+    // again, leaves the running pods alone, and prepares and unprepares as before.
+    let registrations = local
+        .log(PLUGIN)
+        .matches("registered with the kubelet")
+        .count();
+    local.kill("kubelet");
+    let container = steady["status"]["containerStatuses"][0]["containerID"]
         .as_str()
-        .expect("generated claim")
+        .and_then(|id| id.strip_prefix("containerd://"))
+        .expect("containerd container id")
         .to_string();
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        local.container_running(&container),
+        "the pod's container must outlive the kubelet"
+    );
+    local.start("kubelet");
+    cluster.wait_for(
+        "the restarted kubelet to register the plugin again",
+        2 * MINUTE,
+        || {
+            (local
+                .log(PLUGIN)
+                .matches("registered with the kubelet")
+                .count()
+                > registrations)
+                .then_some(())
+        },
+    );
+    cluster.apply(&ns.name, &pod("after-kubelet-restart", "slice", ""));
+    wait_running(cluster, &ns.name, "after-kubelet-restart");
+    untouched("after the kubelet's restart");
+
+    // Every claim was prepared exactly once and is released exactly once.
+    for pod in [
+        "steady",
+        "during-plugin-outage",
+        "during-controller-outage",
+        "after-kubelet-restart",
+    ] {
+        let claim = claim_of(cluster, &ns.name, pod);
+        let uid = claim["metadata"]["uid"].as_str().unwrap();
+        assert_eq!(cdi_specs_of(cluster, uid).len(), 1, "{pod}: one CDI spec");
+        delete_pod(cluster, &ns.name, pod);
+        assert_released(cluster, &ns.name, &claim);
+    }
+}
+
+#[test]
+fn a7_native_mode_the_scheduler_allocates_shares_and_the_plugin_prepares_them() {
+    let install = Installation::ensure(SharingMode::Native);
+    let cluster = &install.cluster;
+    let ns = cluster.namespace("e2e-native");
+    if !v1(cluster) {
+        // 1.32 has no consumable capacity: the plugin falls back to the controller mode and
+        // says so on its Node.
+        let node = cluster.local.node().to_string();
+        let event = cluster.wait_for(
+            "a Warning Event on the Node about the fallback",
+            MINUTE,
+            || {
+                let events = cluster.get_json(&["events", "-A"]).ok()?;
+                events["items"]
+                    .as_array()?
+                    .iter()
+                    .find(|e| {
+                        e["involvedObject"]["kind"] == "Node"
+                            && e["involvedObject"]["name"] == node.as_str()
+                            && e["type"] == "Warning"
+                    })
+                    .cloned()
+            },
+        );
+        assert!(
+            event["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("controller"),
+            "{event}"
+        );
+        return;
+    }
+    let example = repo().join("deploy/examples/native/share-2gi-30pct.yaml");
     cluster
-        .run(&[
-            "delete",
-            "pod",
-            "slice-2gi-30pct",
-            "-n",
-            &ns.name,
-            "--wait=true",
-            "--timeout=120s",
-        ])
-        .expect("delete pod");
-    cluster.wait_for("the generated claim to go", 2 * MINUTE, || {
-        cluster
-            .run(&["get", "resourceclaim", &claim, "-n", &ns.name])
-            .is_err()
-            .then_some(())
-    });
+        .run(&["apply", "-n", &ns.name, "-f", example.to_str().unwrap()])
+        .expect("apply the native example");
+    wait_running(cluster, &ns.name, "share-2gi-30pct");
+    let claim = claim_of(cluster, &ns.name, "share-2gi-30pct");
+    let result = &claim["status"]["allocation"]["devices"]["results"][0];
+    assert_eq!(result["driver"], DRIVER, "{claim}");
+    assert!(
+        !result["consumedCapacity"].is_null(),
+        "the scheduler allocated a share (consumedCapacity): {claim}"
+    );
+    let env = parse_env(
+        &cluster
+            .run(&["exec", "-n", &ns.name, "share-2gi-30pct", "--", "env"])
+            .expect("exec env"),
+    );
+    assert_eq!(
+        env.get("CUDA_DEVICE_MEMORY_LIMIT_0").map(String::as_str),
+        Some("2048m")
+    );
+    assert_eq!(
+        env.get("CUDA_DEVICE_SM_LIMIT").map(String::as_str),
+        Some("30")
+    );
+    delete_pod(cluster, &ns.name, "share-2gi-30pct");
+    assert_released(cluster, &ns.name, &claim);
+    drop(ns);
+    // Back to the controller mode for whatever runs next.
+    Installation::ensure(SharingMode::Controller);
+}
+
+#[test]
+fn a0_the_cluster_is_the_real_one_of_the_pinned_release() {
+    let cluster = Cluster::connect();
+    let version: Value = serde_json::from_str(
+        &cluster
+            .run(&["get", "--raw", "/version"])
+            .expect("/version"),
+    )
+    .expect("/version is JSON");
+    let minor = version["minor"].as_str().unwrap_or_default();
+    assert_eq!(format!("1.{minor}"), cluster.local.release(), "{version}");
+    let served = cluster.run(&["api-versions"]).expect("api-versions");
+    let expected = api_version(&cluster);
+    assert!(
+        served.lines().any(|l| l == expected),
+        "{expected} not served:\n{served}"
+    );
 }
