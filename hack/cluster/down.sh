@@ -34,16 +34,16 @@ stop() {
 for pidfile in "$state"/pids/*; do
   [ -e "$pidfile" ] || continue
   case $(basename "$pidfile") in
-    etcd|kube-apiserver|kube-controller-manager|kube-scheduler|containerd|kubelet) ;;
+    etcd|kube-apiserver|kube-controller-manager|kube-scheduler|containerd*|kubelet*) ;;
     *) stop "$(basename "$pidfile")" ;;
   esac
 done
-stop kubelet
+for pidfile in "$state"/pids/kubelet*; do [ -e "$pidfile" ] && stop "$(basename "$pidfile")"; done
 
-# Every container and sandbox: kill their tasks through containerd, then the shims.
-sock=$state/containerd/containerd.sock
+# Every container and sandbox of every node: kill their tasks through containerd, then the shims.
 ctr_bin=$(sed -n 's/^CTR=//p' "$state/cluster.env" 2>/dev/null)
-if [ -S "$sock" ] && [ -x "${ctr_bin:-}" ]; then
+for sock in "$state"/containerd*/containerd.sock; do
+  [ -S "$sock" ] && [ -x "${ctr_bin:-}" ] || continue
   for id in $("$ctr_bin" --address "$sock" -n k8s.io tasks ls -q 2>/dev/null); do
     "$ctr_bin" --address "$sock" -n k8s.io tasks kill -s SIGKILL "$id" >/dev/null 2>&1
   done
@@ -51,10 +51,10 @@ if [ -S "$sock" ] && [ -x "${ctr_bin:-}" ]; then
   for id in $("$ctr_bin" --address "$sock" -n k8s.io tasks ls -q 2>/dev/null); do
     "$ctr_bin" --address "$sock" -n k8s.io tasks delete -f "$id" >/dev/null 2>&1
   done
-fi
-stop containerd
+done
+for pidfile in "$state"/pids/containerd*; do [ -e "$pidfile" ] && stop "$(basename "$pidfile")"; done
 # Shims outlive containerd by design; ours are the ones that talk to this state directory.
-for pid in $(pgrep -f "containerd-shim-runc-v2 .*-address $sock" 2>/dev/null); do
+for pid in $(pgrep -f "containerd-shim-runc-v2 .*-address $state/" 2>/dev/null); do
   kill -KILL "$pid" 2>/dev/null
 done
 # Whatever runc still runs from our state (a container whose shim was killed).
@@ -68,18 +68,24 @@ for _ in 1 2 3; do
   [ -n "$mounts" ] || break
   for m in $mounts; do umount -l "$m" 2>/dev/null; done
 done
-# Network namespaces containerd made for our pods, and the CNI bridge.
+# Network namespaces containerd made for our pods, and the CNI bridges.
 for ns in /var/run/netns/cni-*; do
   [ -e "$ns" ] || continue
-  if grep -q "$(basename "$ns")" "$state/logs/containerd.log" 2>/dev/null; then
+  if grep -qs "$(basename "$ns")" "$state"/logs/containerd*.log; then
     umount "$ns" 2>/dev/null; rm -f "$ns"
   fi
 done
-ip link del vgpu-cni0 2>/dev/null
-# The kubelet's cgroups (cgroupfs driver: kubepods and its children in every hierarchy).
-for hierarchy in /sys/fs/cgroup/*/; do
-  [ -d "$hierarchy/kubepods" ] || continue
-  find "$hierarchy/kubepods" -depth -type d -exec rmdir {} \; 2>/dev/null
+for bridge in vgpu-cni0 vgpu-cni1; do ip link del "$bridge" 2>/dev/null; done
+# The kubelets' cgroups (cgroupfs driver: kubepods and its children in every hierarchy, under the
+# root for the first node and under the second node's cgroup root), then those roots.
+roots=/
+[ -f "$state/cgroup-roots" ] && roots="/ $(cat "$state/cgroup-roots")"
+for root in $roots; do
+  for hierarchy in /sys/fs/cgroup/*/; do
+    dir=$hierarchy${root#/}
+    [ -d "$dir/kubepods" ] && find "$dir/kubepods" -depth -type d -exec rmdir {} \; 2>/dev/null
+    [ "$root" != / ] && [ -d "$dir" ] && find "$dir" -depth -type d -exec rmdir {} \; 2>/dev/null
+  done
 done
 
 # Host directories up.sh found missing, which the kubelet or containerd created.

@@ -48,8 +48,12 @@ case $(getent hosts "$node" | awk '{print $1; exit}') in
   127.*) ;;
   *) node=localhost ;;
 esac
+# The second node: localhost resolves to loopback everywhere (only where the first node took
+# that name does the second get one the API server cannot reach, for logs and exec).
+node_b=localhost
+[ "$node" != localhost ] || node_b=vgpu-node-b
 
-mkdir -p "$state"/{pki,logs,pids,etcd,kubelet,cdi,cni/net.d,cni/ipam,containerd}
+mkdir -p "$state"/{pki,logs,pids,etcd}
 chmod 0700 "$state/pki"
 trap 'status=$?; if [ $status -ne 0 ]; then log "failed; logs are in $state/logs, hack/cluster/down.sh cleans up"; fi' EXIT
 
@@ -77,8 +81,6 @@ cert apiserver-kubelet-client "/O=system:masters/CN=kube-apiserver-kubelet-clien
 cert admin "/O=system:masters/CN=vgpu-e2e-admin"
 cert controller-manager "/CN=system:kube-controller-manager"
 cert scheduler "/CN=system:kube-scheduler"
-cert kubelet "/O=system:nodes/CN=system:node:$node"
-cert kubelet-serving "/CN=$node" "DNS:$node,DNS:localhost,IP:127.0.0.1"
 openssl_quiet genrsa -out "$pki/sa.key" 2048
 openssl_quiet rsa -in "$pki/sa.key" -pubout -out "$pki/sa.pub"
 
@@ -103,7 +105,6 @@ YAML
 kubeconfig admin admin
 kubeconfig controller-manager controller-manager
 kubeconfig scheduler scheduler
-kubeconfig kubelet kubelet
 export KUBECONFIG=$state/admin.kubeconfig
 
 # --- feature gates per release ------------------------------------------------------------------
@@ -156,6 +157,10 @@ NODE_NAME=$node
 KUBELET_ROOT=$state/kubelet
 CDI_ROOT=$state/cdi
 CONTAINERD_SOCKET=$state/containerd/containerd.sock
+NODE_B_NAME=$node_b
+KUBELET_ROOT_B=$state/kubelet-b
+CDI_ROOT_B=$state/cdi-b
+CONTAINERD_SOCKET_B=$state/containerd-b/containerd.sock
 CTR=$containerd_bin/ctr
 CLUSTER_DIR=$state
 LAUNCH_DIR=$state/launch
@@ -202,31 +207,56 @@ start kube-scheduler kube-scheduler \
   --bind-address=127.0.0.1 --secure-port=10259 --leader-elect=false \
   --feature-gates="$gates"
 
-# --- the container runtime ----------------------------------------------------------------------
-cat > "$state/cni/net.d/10-vgpu-e2e.conflist" <<JSON
+# --- the nodes ----------------------------------------------------------------------------------
+# Two nodes, each a kubelet with its own containerd, CNI bridge, kubelet root directory, CDI
+# directory and cgroup subtree, as two machines would have. The first ($node) is where the tests
+# run GPU pods; the second ($node_b) gets a kubelet plugin only in the tests that need a second
+# GPU node (a pod the scheduler cannot fit where our controller placed its claim).
+kubelet_gates=$(echo "$gates" | sed -E 's/([A-Za-z]+)=(true|false)/"\1": \2/g')
+images_built=
+
+# start_node INDEX NAME SUFFIX : the container runtime and the kubelet of one node.
+start_node() {
+  local idx=$1 name=$2 sfx=$3
+  local run=$state/containerd$sfx cni=$state/cni$sfx cdi=$state/cdi$sfx root=$state/kubelet$sfx
+  local cgroup_root=/ sock
+  sock=$run/containerd.sock
+  mkdir -p "$run" "$cni/net.d" "$cni/ipam" "$cdi" "$root"
+  if [ "$idx" -gt 0 ]; then
+    # The kubelet needs its cgroup root to exist; a new cpuset cgroup starts with no CPUs.
+    cgroup_root=/vgpu-node$sfx
+    for hierarchy in /sys/fs/cgroup/*/; do
+      case $hierarchy in */unified/) continue ;; esac
+      mkdir -p "$hierarchy$cgroup_root"
+    done
+    cat /sys/fs/cgroup/cpuset/cpuset.cpus > "/sys/fs/cgroup/cpuset$cgroup_root/cpuset.cpus"
+    cat /sys/fs/cgroup/cpuset/cpuset.mems > "/sys/fs/cgroup/cpuset$cgroup_root/cpuset.mems"
+    echo "$cgroup_root" >> "$state/cgroup-roots"
+  fi
+  cat > "$cni/net.d/10-vgpu-e2e.conflist" <<JSON
 {
   "cniVersion": "1.0.0",
   "name": "vgpu-e2e",
   "plugins": [
     {
-      "type": "bridge", "bridge": "vgpu-cni0", "isGateway": true, "ipMasq": false,
-      "ipam": {"type": "host-local", "dataDir": "$state/cni/ipam",
-               "ranges": [[{"subnet": "10.244.0.0/24"}]]}
+      "type": "bridge", "bridge": "vgpu-cni$idx", "isGateway": true, "ipMasq": false,
+      "ipam": {"type": "host-local", "dataDir": "$cni/ipam",
+               "ranges": [[{"subnet": "10.244.$idx.0/24"}]]}
     }
   ]
 }
 JSON
-cat > "$state/containerd/config.toml" <<TOML
+  cat > "$run/config.toml" <<TOML
 version = 3
-root = '$state/containerd/root'
-state = '$state/containerd/state'
+root = '$run/root'
+state = '$run/state'
 [grpc]
-  address = '$state/containerd/containerd.sock'
+  address = '$sock'
 [ttrpc]
-  address = '$state/containerd/containerd.sock.ttrpc'
+  address = '$sock.ttrpc'
 [plugins]
   [plugins.'io.containerd.internal.v1.opt']
-    path = '$state/containerd/opt'
+    path = '$run/opt'
   [plugins.'io.containerd.nri.v1.nri']
     disable = true
   [plugins.'io.containerd.cri.v1.images']
@@ -238,7 +268,7 @@ state = '$state/containerd/state'
     # Some sandboxed VMs refuse a negative oom_score_adj (EIO), which the pod sandbox (-998) and
     # Guaranteed containers ask for; never ask below containerd's own score.
     restrict_oom_score_adj = true
-    cdi_spec_dirs = ['$state/cdi']
+    cdi_spec_dirs = ['$cdi']
     [plugins.'io.containerd.cri.v1.runtime'.containerd]
       default_runtime_name = 'runc'
       [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]
@@ -248,41 +278,45 @@ state = '$state/containerd/state'
           SystemdCgroup = false
     [plugins.'io.containerd.cri.v1.runtime'.cni]
       bin_dirs = ['$cni_bin']
-      conf_dir = '$state/cni/net.d'
+      conf_dir = '$cni/net.d'
   [plugins.'io.containerd.grpc.v1.cri']
     stream_server_address = '127.0.0.1'
     stream_server_port = '0'
 TOML
-start containerd containerd --config "$state/containerd/config.toml"
-ctr() { command ctr --address "$state/containerd/containerd.sock" "$@"; }
-wait_for containerd 60 ctr version
+  start "containerd$sfx" containerd --config "$run/config.toml"
+  wait_for "containerd$sfx" 60 ctr --address "$sock" version
 
-# Images: there is no registry; the pause image and the workload image are built here and
-# imported under the names the kubelet and the examples ask for.
-"$here/images.sh" "$state/images"
-for archive in "$state"/images/*.tar; do
-  ctr -n k8s.io images import --no-unpack=false --local "$archive" >/dev/null
-done
+  # Images: there is no registry; the pause image and the workload image are built here and
+  # imported under the names the kubelet and the examples ask for.
+  if [ -z "$images_built" ]; then
+    "$here/images.sh" "$state/images"
+    images_built=1
+  fi
+  for archive in "$state"/images/*.tar; do
+    ctr --address "$sock" -n k8s.io images import --local "$archive" >/dev/null
+  done
 
-# --- the node ------------------------------------------------------------------------------------
-kubelet_gates=$(echo "$gates" | sed -E 's/([A-Za-z]+)=(true|false)/"\1": \2/g')
-cat > "$state/kubelet.yaml" <<YAML
+  cert "kubelet$sfx" "/O=system:nodes/CN=system:node:$name"
+  cert "kubelet-serving$sfx" "/CN=$name" "DNS:$name,DNS:localhost,IP:127.0.0.1"
+  kubeconfig "kubelet$sfx" "kubelet$sfx"
+  cat > "$state/kubelet$sfx.yaml" <<YAML
 apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
 address: 127.0.0.1
-port: 10250
+port: $((10250 + 10 * idx))
 readOnlyPort: 0
 healthzBindAddress: 127.0.0.1
-healthzPort: 10248
+healthzPort: $((10248 + 10 * idx))
 authentication:
   anonymous: {enabled: false}
   webhook: {enabled: true}
   x509: {clientCAFile: $pki/ca.crt}
 authorization: {mode: Webhook}
-tlsCertFile: $pki/kubelet-serving.crt
-tlsPrivateKeyFile: $pki/kubelet-serving.key
+tlsCertFile: $pki/kubelet-serving$sfx.crt
+tlsPrivateKeyFile: $pki/kubelet-serving$sfx.key
 cgroupDriver: cgroupfs
-containerRuntimeEndpoint: unix://$state/containerd/containerd.sock
+cgroupRoot: $cgroup_root
+containerRuntimeEndpoint: unix://$sock
 failSwapOn: false
 featureGates: {$kubelet_gates}
 # A test machine's disk is often fuller than the defaults allow; never evict for it here.
@@ -290,16 +324,22 @@ evictionHard: {memory.available: "100Mi", nodefs.available: "1%", imagefs.availa
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 serializeImagePulls: false
-podLogsDir: $state/pod-logs
+podLogsDir: $state/pod-logs$sfx
 syncFrequency: 10s
 fileCheckFrequency: 10s
 YAML
-start kubelet kubelet --config="$state/kubelet.yaml" --kubeconfig="$state/kubelet.kubeconfig" \
-  --root-dir="$state/kubelet" --hostname-override="$node" --v=3
-wait_for "node $node to register" 120 kubectl get node "$node"
-wait_for "node $node to be Ready" 180 kubectl wait --for=condition=Ready "node/$node" --timeout=5s
+  start "kubelet$sfx" kubelet --config="$state/kubelet$sfx.yaml" --kubeconfig="$state/kubelet$sfx.kubeconfig" \
+    --root-dir="$root" --hostname-override="$name" --v=3
+}
+
+start_node 0 "$node" ""
+start_node 1 "$node_b" "-b"
+for n in "$node" "$node_b"; do
+  wait_for "node $n to register" 120 kubectl get node "$n"
+  wait_for "node $n to be Ready" 180 kubectl wait --for=condition=Ready "node/$n" --timeout=5s
+done
 # The API server's own RBAC bootstrap is done once the default ServiceAccount exists.
 wait_for "the default ServiceAccount" 60 kubectl -n default get serviceaccount default
 
-log "up: Kubernetes $K8S_VERSION, node $node; KUBECONFIG=$state/admin.kubeconfig (cluster.env lists the rest)"
+log "up: Kubernetes $K8S_VERSION, nodes $node and $node_b; KUBECONFIG=$state/admin.kubeconfig (cluster.env lists the rest)"
 echo "$state/admin.kubeconfig"

@@ -14,6 +14,8 @@ use crate::local::repo;
 pub const DRIVER: &str = "vgpu.hami.io";
 pub const NAMESPACE: &str = "vgpu-system";
 pub const PLUGIN: &str = "vgpu-kubelet-plugin";
+/// The plugin of the second node, when a test runs one.
+pub const PLUGIN_B: &str = "vgpu-kubelet-plugin-b";
 pub const CONTROLLER: &str = "vgpu-controller";
 
 /// Who allocates GPU slices (the plugin's --sharing-mode).
@@ -84,30 +86,65 @@ impl Installation {
     /// Starts the plugin and waits until the kubelet has registered it and its slices are
     /// published.
     pub fn start_plugin(&self) {
+        self.start_plugin_named(PLUGIN, self.cluster.local.node());
+    }
+
+    fn start_plugin_named(&self, name: &str, node: &str) {
         let local = &self.cluster.local;
-        let before = registrations(&local.log(PLUGIN));
-        local.start(PLUGIN);
+        let before = registrations(&local.log(name));
+        local.start(name);
         self.cluster.wait_for(
-            "the kubelet to register the plugin (plugin log: \"registered with the kubelet\")",
+            &format!("the kubelet of {node} to register {name} (its log: \"registered with the kubelet\")"),
             Duration::from_secs(60),
-            || (registrations(&local.log(PLUGIN)) > before).then_some(()),
+            || (registrations(&local.log(name)) > before).then_some(()),
         );
         self.cluster.wait_for(
-            "the plugin's ResourceSlices",
+            &format!("the ResourceSlices of {node}"),
             Duration::from_secs(60),
-            || (!self.slices().is_empty()).then_some(()),
+            || (!self.slices_of(node).is_empty()).then_some(()),
         );
+    }
+
+    /// Runs a plugin (controller mode) on the second node too, as the DaemonSet would on a
+    /// second GPU node, until the guard drops; then stops it and removes that node's slices.
+    pub fn second_gpu_node(&self) -> SecondNode<'_> {
+        let local = &self.cluster.local;
+        let node = local.node_b().to_string();
+        let kubeconfig = local.dir().join("vgpu/plugin-b.kubeconfig");
+        let token = self.token(
+            PLUGIN,
+            &["--bound-object-kind", "Node", "--bound-object-name", &node],
+        );
+        write_kubeconfig(&self.cluster, &kubeconfig, &token);
+        self.write_plugin_launcher_for(
+            PLUGIN_B,
+            &node,
+            &kubeconfig,
+            &local.kubelet_root_b(),
+            &local.cdi_root_b(),
+            "127.0.0.1:19403",
+            SharingMode::Controller,
+        );
+        self.start_plugin_named(PLUGIN_B, &node);
+        SecondNode {
+            install: self,
+            node,
+        }
     }
 
     /// This node's ResourceSlices of our driver.
     pub fn slices(&self) -> Vec<Value> {
-        let node = self.cluster.local.node().to_string();
+        self.slices_of(self.cluster.local.node())
+    }
+
+    /// The ResourceSlices of our driver on `node`.
+    pub fn slices_of(&self, node: &str) -> Vec<Value> {
         self.cluster
             .get_json(&["resourceslices"])
             .map(|l| l["items"].as_array().cloned().unwrap_or_default())
             .unwrap_or_default()
             .into_iter()
-            .filter(|s| s["spec"]["driver"] == DRIVER && s["spec"]["nodeName"] == node.as_str())
+            .filter(|s| s["spec"]["driver"] == DRIVER && s["spec"]["nodeName"] == node)
             .collect()
     }
 
@@ -137,25 +174,47 @@ impl Installation {
             ],
         );
         write_kubeconfig(&self.cluster, &self.plugin_kubeconfig, &token);
+        self.write_plugin_launcher_for(
+            PLUGIN,
+            local.node(),
+            &self.plugin_kubeconfig,
+            &local.kubelet_root(),
+            &local.cdi_root(),
+            "127.0.0.1:19402",
+            mode,
+        );
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn write_plugin_launcher_for(
+        &self,
+        name: &str,
+        node: &str,
+        kubeconfig: &Path,
+        kubelet_root: &Path,
+        cdi_root: &Path,
+        metrics: &str,
+        mode: SharingMode,
+    ) {
+        let local = &self.cluster.local;
         // The library goes where a node's installer puts it; containers mount it from there.
         let library = local.dir().join("vgpu/libvgpu.so");
         std::fs::copy(Self::binary("libvgpu.so"), &library).expect("copy libvgpu.so");
-        let kubelet_root = local.kubelet_root();
         let fake_gpus = repo().join("deploy/components/fake-gpus/fake-gpus.yaml");
         let s = |p: &Path| p.display().to_string();
         local.write_launcher(
-            PLUGIN,
+            name,
             &Self::binary("kubelet-plugin"),
             &[],
             &[
-                ("NODE_NAME", local.node()),
-                ("KUBECONFIG", &s(&self.plugin_kubeconfig)),
+                ("NODE_NAME", node),
+                ("KUBECONFIG", &s(kubeconfig)),
                 ("FAKE_GPUS", &s(&fake_gpus)),
-                ("CDI_ROOT", &s(&local.cdi_root())),
+                ("CDI_ROOT", &s(cdi_root)),
                 ("PLUGIN_DIR", &s(&kubelet_root.join("plugins").join(DRIVER))),
                 ("REGISTRAR_DIR", &s(&kubelet_root.join("plugins_registry"))),
                 ("ENFORCEMENT_LIBRARY", &s(&library)),
-                ("METRICS_ADDR", "127.0.0.1:19402"),
+                ("METRICS_ADDR", metrics),
                 ("SHARING_MODE", mode.flag()),
                 ("RUST_LOG", "info"),
             ],
@@ -212,6 +271,26 @@ fn build_id(name: &str) -> String {
 
 fn registrations(log: &str) -> usize {
     log.matches("registered with the kubelet").count()
+}
+
+/// A plugin running on the second node; stopped, and its slices removed, when dropped.
+pub struct SecondNode<'a> {
+    install: &'a Installation,
+    pub node: String,
+}
+
+impl Drop for SecondNode<'_> {
+    fn drop(&mut self) {
+        self.install.cluster.local.stop(PLUGIN_B);
+        // A stopped plugin leaves its slices (the GPUs stay usable for running pods); this
+        // node stops being a GPU node for the tests that follow: remove them.
+        let _ = self.install.cluster.run(&[
+            "delete",
+            "resourceslices",
+            "--field-selector",
+            &format!("spec.nodeName={}", self.node),
+        ]);
+    }
 }
 
 /// A kubeconfig for `token` against the local cluster's API server.

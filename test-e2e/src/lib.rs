@@ -10,7 +10,7 @@ pub mod install;
 pub mod kubectl;
 pub mod local;
 
-pub use install::{Installation, SharingMode};
+pub use install::{Installation, SecondNode, SharingMode};
 pub use kubectl::{Cluster, Namespace};
 pub use local::LocalCluster;
 

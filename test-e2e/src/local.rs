@@ -59,6 +59,17 @@ impl LocalCluster {
     pub fn node(&self) -> &str {
         self.var("NODE_NAME")
     }
+    /// The second node (a kubelet with its own containerd), where a plugin runs only in the
+    /// tests that need a second GPU node.
+    pub fn node_b(&self) -> &str {
+        self.var("NODE_B_NAME")
+    }
+    pub fn kubelet_root_b(&self) -> PathBuf {
+        self.path("KUBELET_ROOT_B")
+    }
+    pub fn cdi_root_b(&self) -> PathBuf {
+        self.path("CDI_ROOT_B")
+    }
     pub fn kubelet_root(&self) -> PathBuf {
         self.path("KUBELET_ROOT")
     }

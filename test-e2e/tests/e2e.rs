@@ -117,7 +117,12 @@ fn exec(cluster: &Cluster, ns: &str, pod: &str, command: &[&str]) -> String {
 
 /// The CDI spec files the plugin has written for claim `uid`.
 fn cdi_specs_of(cluster: &Cluster, uid: &str) -> Vec<PathBuf> {
-    std::fs::read_dir(cluster.local.cdi_root())
+    cdi_specs_in(&cluster.local.cdi_root(), uid)
+}
+
+/// The CDI spec files in `root` for claim `uid`.
+fn cdi_specs_in(root: &std::path::Path, uid: &str) -> Vec<PathBuf> {
+    std::fs::read_dir(root)
         .map(|d| {
             d.filter_map(Result::ok)
                 .map(|e| e.path())
@@ -144,6 +149,11 @@ fn delete_pod(cluster: &Cluster, ns: &str, pod: &str) {
 /// Deleting a pod: the controller-manager deletes its generated claim (deallocating it first),
 /// and the kubelet unprepares it, which removes its CDI spec.
 fn assert_released(cluster: &Cluster, ns: &str, claim: &Value) {
+    assert_released_from(cluster, ns, claim, &[cluster.local.cdi_root()]);
+}
+
+/// [`assert_released`] for claims prepared on any node whose CDI directory is in `cdi_roots`.
+fn assert_released_from(cluster: &Cluster, ns: &str, claim: &Value, cdi_roots: &[PathBuf]) {
     let name = claim["metadata"]["name"].as_str().unwrap();
     let uid = claim["metadata"]["uid"].as_str().unwrap();
     cluster.wait_for(
@@ -158,7 +168,12 @@ fn assert_released(cluster: &Cluster, ns: &str, claim: &Value) {
     cluster.wait_for(
         &format!("the CDI spec of claim {uid} to be removed"),
         MINUTE,
-        || cdi_specs_of(cluster, uid).is_empty().then_some(()),
+        || {
+            cdi_roots
+                .iter()
+                .all(|root| cdi_specs_in(root, uid).is_empty())
+                .then_some(())
+        },
     );
 }
 
@@ -659,6 +674,7 @@ fn a7_native_mode_the_scheduler_allocates_shares_and_the_plugin_prepares_them() 
                         e["involvedObject"]["kind"] == "Node"
                             && e["involvedObject"]["name"] == node.as_str()
                             && e["type"] == "Warning"
+                            && e["reason"] == "NativeSharingUnavailable"
                     })
                     .cloned()
             },
@@ -721,4 +737,128 @@ fn a0_the_cluster_is_the_real_one_of_the_pinned_release() {
         served.lines().any(|l| l == expected),
         "{expected} not served:\n{served}"
     );
+}
+
+/// The nodes the controller allocated claim `ns/name` on, in order, from its log.
+fn allocations_logged(cluster: &Cluster, ns: &str, claim: &str) -> Vec<String> {
+    let needle = format!("claim={ns}/{claim} node=");
+    cluster
+        .local
+        .log(CONTROLLER)
+        .lines()
+        .filter(|l| l.contains("allocated") && !l.contains("deallocated"))
+        .filter_map(|l| {
+            let plain = strip_ansi(l);
+            let rest = &plain[plain.find(&needle)? + needle.len()..];
+            Some(rest.split_whitespace().next()?.to_string())
+        })
+        .collect()
+}
+
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::new();
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[test]
+fn a8_a_pod_that_does_not_fit_where_its_claim_was_placed_runs_on_the_other_node() {
+    let install = Installation::ensure(SharingMode::Controller);
+    let cluster = &install.cluster;
+    let second = install.second_gpu_node();
+    let ns = cluster.namespace("e2e-postfilter");
+    let claims = "    resources:\n      claims:\n      - name: gpu\n";
+    cluster.apply(&ns.name, &slice_template(cluster, "slice", "2Gi", 10, ""));
+    // An anchor takes most of the CPU of the node our controller puts it on; binpacking
+    // prefers that node for the next slices.
+    let anchor = pod("anchor", "slice", "").replace(
+        claims,
+        "    resources:\n      requests:\n        cpu: 1500m\n      claims:\n      - name: gpu\n",
+    );
+    let anchor = anchor.replace(
+        "metadata:\n  name: anchor\n",
+        "metadata:\n  name: anchor\n  labels: {app: anchor}\n",
+    );
+    cluster.apply(&ns.name, &anchor);
+    let anchor = wait_running(cluster, &ns.name, "anchor");
+    let crowded = anchor["spec"]["nodeName"].as_str().unwrap().to_string();
+    let other = if crowded == second.node {
+        cluster.local.node().to_string()
+    } else {
+        second.node.clone()
+    };
+
+    // A constraint only the scheduler checks (inter-pod anti-affinity): the controller puts the
+    // slice on the crowded node, the scheduler cannot bind the pod there and its PostFilter
+    // clears the allocation, and the controller places it again on the other node, once.
+    let spread = pod("spread", "slice", "").replace(
+        "  containers:\n",
+        "  affinity:\n    podAntiAffinity:\n      requiredDuringSchedulingIgnoredDuringExecution:\n      - labelSelector:\n          matchLabels: {app: anchor}\n        topologyKey: kubernetes.io/hostname\n  containers:\n",
+    );
+    cluster.apply(&ns.name, &spread);
+    let spread = wait_running(cluster, &ns.name, "spread");
+    assert_eq!(spread["spec"]["nodeName"], other.as_str());
+    let claim = claim_of(cluster, &ns.name, "spread");
+    let name = claim["metadata"]["name"].as_str().unwrap();
+    assert_eq!(
+        claim["status"]["allocation"]["devices"]["results"][0]["pool"],
+        other.as_str()
+    );
+    assert_eq!(
+        allocations_logged(cluster, &ns.name, name),
+        vec![crowded.clone(), other.clone()],
+        "placed on the crowded node, cleared by the scheduler, placed once on the other"
+    );
+
+    // A CPU request that does not fit the crowded node: the controller counts the pods'
+    // requests against the node's allocatable, so it goes to the other node at once.
+    let hungry = pod("hungry", "slice", "").replace(
+        claims,
+        "    resources:\n      requests:\n        cpu: 1000m\n      claims:\n      - name: gpu\n",
+    );
+    cluster.apply(&ns.name, &hungry);
+    let hungry = wait_running(cluster, &ns.name, "hungry");
+    assert_eq!(hungry["spec"]["nodeName"], other.as_str());
+    let claim = claim_of(cluster, &ns.name, "hungry");
+    let name = claim["metadata"]["name"].as_str().unwrap();
+    assert_eq!(
+        allocations_logged(cluster, &ns.name, name),
+        vec![other.clone()]
+    );
+
+    // Both were prepared there by that node's kubelet and plugin, and are released.
+    let cdi_root = if other == second.node {
+        cluster.local.cdi_root_b()
+    } else {
+        cluster.local.cdi_root()
+    };
+    for pod in ["spread", "hungry", "anchor"] {
+        let claim = claim_of(cluster, &ns.name, pod);
+        let uid = claim["metadata"]["uid"].as_str().unwrap();
+        if pod != "anchor" {
+            assert_eq!(
+                cdi_specs_in(&cdi_root, uid).len(),
+                1,
+                "{pod}: CDI spec on {other}"
+            );
+        }
+        delete_pod(cluster, &ns.name, pod);
+        assert_released_from(
+            cluster,
+            &ns.name,
+            &claim,
+            &[cluster.local.cdi_root(), cluster.local.cdi_root_b()],
+        );
+    }
 }
