@@ -13,7 +13,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 release=${1:?usage: hack/e2e.sh 1.32|1.34 [cargo test args...]}
 shift
-state=${VGPU_CLUSTER_DIR:-$PWD/.cluster}
+# shellcheck source=cluster/versions.sh
+. hack/cluster/versions.sh
+state=$(cluster_dir "$PWD")
 export VGPU_CLUSTER_DIR=$state
 
 start=$SECONDS

@@ -8,7 +8,9 @@
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
-state=${VGPU_CLUSTER_DIR:-$repo/.cluster}
+# shellcheck source=versions.sh
+. "$here/versions.sh"
+state=$(cluster_dir "$repo")
 log() { echo "hack/cluster/down.sh: $*" >&2; }
 
 if [ ! -d "$state" ]; then

@@ -10,7 +10,8 @@
 # 1.32 serves resource.k8s.io/v1beta1 with the DynamicResourceAllocation gate on; 1.34 serves v1
 # (DRA is GA) with DRAConsumableCapacity on for the native sharing mode. Authorization is Node
 # and RBAC, admission includes NodeRestriction and ValidatingAdmissionPolicy. Everything lives in
-# VGPU_CLUSTER_DIR (default .cluster/ in the repository, ignored by git): certificates,
+# VGPU_CLUSTER_DIR (default .cluster/ in the repository, ignored by git, or /tmp/vgpu-dra-cluster
+# where the repository path is too long for the sockets under it): certificates,
 # kubeconfigs, logs (logs/<component>.log), etcd's data, the kubelet's root directory, the CDI
 # spec directory the runtime reads (cdi/), and cluster.env, which names them for the tests.
 # Needs root (the kubelet and containerd manage cgroups, mounts and network namespaces).
@@ -21,7 +22,7 @@ repo=$(cd "$here/../.." && pwd)
 . "$here/versions.sh"
 release_versions "${1:-}"
 
-state=${VGPU_CLUSTER_DIR:-$repo/.cluster}
+state=$(cluster_dir "$repo")
 log() { echo "hack/cluster/up.sh: $*" >&2; }
 die() { log "$*"; exit 1; }
 

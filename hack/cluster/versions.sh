@@ -31,3 +31,16 @@ PAUSE_IMAGE=registry.k8s.io/pause:3.10
 # local cluster, where no registry can serve the real one.
 WORKLOAD_IMAGE=vgpu-dra/workload:e2e
 EXAMPLES_IMAGE=nvcr.io/nvidia/cuda:12.6.3-base-ubuntu24.04
+
+# cluster_dir REPO : the local cluster's state directory. VGPU_CLUSTER_DIR when set, else
+# REPO/.cluster, unless that path is too long for the Unix sockets inside it (108 bytes with the
+# longest name under it), then /tmp/vgpu-dra-cluster.
+cluster_dir() {
+  if [ -n "${VGPU_CLUSTER_DIR:-}" ]; then
+    echo "$VGPU_CLUSTER_DIR"
+  elif [ ${#1} -le 52 ]; then
+    echo "$1/.cluster"
+  else
+    echo /tmp/vgpu-dra-cluster
+  fi
+}

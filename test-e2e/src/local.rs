@@ -14,12 +14,22 @@ pub struct LocalCluster {
 
 impl LocalCluster {
     /// The cluster named by `VGPU_CLUSTER_ENV` (a cluster.env path), else the one in the
-    /// repository's `.cluster/`. Panics, with what to run, when there is none: these tests need
+    /// repository's `.cluster/` (or /tmp/vgpu-dra-cluster, where up.sh puts it when the
+    /// repository's path is too long for sockets). Panics, with what to run, when there is none: these tests need
     /// a cluster and never skip.
     pub fn get() -> LocalCluster {
+        // up.sh's default places (hack/cluster/versions.sh, cluster_dir).
         let path = std::env::var_os("VGPU_CLUSTER_ENV")
             .map(PathBuf::from)
-            .unwrap_or_else(|| repo().join(".cluster/cluster.env"));
+            .unwrap_or_else(|| {
+                let in_repo = repo().join(".cluster/cluster.env");
+                let short = PathBuf::from("/tmp/vgpu-dra-cluster/cluster.env");
+                if !in_repo.exists() && short.exists() {
+                    short
+                } else {
+                    in_repo
+                }
+            });
         let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
             panic!(
                 "no local cluster ({}: {e}); run `hack/e2e.sh 1.34`, or `hack/cluster/up.sh 1.34` \
