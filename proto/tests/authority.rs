@@ -6,10 +6,11 @@
 use std::path::Path;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
-use tokio::sync::oneshot;
 use tonic::{Request, Response, Status};
 use vgpu_proto::pluginregistration as reg;
-use vgpu_proto::uds;
+
+mod common;
+use common::start;
 
 struct Registrar;
 
@@ -119,24 +120,7 @@ async fn any_authority_a_kubelet_sends_is_answered() {
     let socket = dir.path().join("vgpu.hami.io-reg.sock");
     let router = tonic::transport::Server::builder()
         .add_service(reg::registration_server::RegistrationServer::new(Registrar));
-    let (stop, stopped) = oneshot::channel::<()>();
-    let (ready_tx, ready_rx) = oneshot::channel::<()>();
-    let path = socket.clone();
-    let server = tokio::spawn(async move {
-        uds::serve(
-            router,
-            &path,
-            move || {
-                let _ = ready_tx.send(());
-            },
-            async {
-                let _ = stopped.await;
-            },
-        )
-        .await
-        .unwrap();
-    });
-    ready_rx.await.unwrap();
+    let (stop, server) = start(router, &socket).await;
 
     let path = socket.to_str().unwrap().to_string();
     let encoded = path.replace('/', "%2F");

@@ -2,9 +2,7 @@
 //! method paths checked byte for byte.
 
 use prost::Message;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
-use tokio::sync::oneshot;
 use tokio_stream::StreamExt;
 use tonic::codegen::http::uri::PathAndQuery;
 use tonic::server::NamedService;
@@ -14,6 +12,9 @@ use vgpu_proto::dra::{v1, v1beta1};
 use vgpu_proto::health::v1alpha1 as health;
 use vgpu_proto::pluginregistration as reg;
 use vgpu_proto::uds;
+
+mod common;
+use common::start;
 
 /// A DRA service answering each claim with one device named after the claim, in both versions.
 #[derive(Default, Clone)]
@@ -192,32 +193,6 @@ impl health::dra_resource_health_server::DraResourceHealth for Health {
         ];
         Ok(Response::new(Box::pin(tokio_stream::iter(updates))))
     }
-}
-
-/// Serve `router` at `path` in the background; returns the shutdown trigger and the task.
-async fn start(
-    router: tonic::transport::server::Router,
-    path: &Path,
-) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
-    let (stop, stopped) = oneshot::channel::<()>();
-    let (ready_tx, ready_rx) = oneshot::channel::<()>();
-    let path = path.to_path_buf();
-    let task = tokio::spawn(async move {
-        uds::serve(
-            router,
-            &path,
-            move || {
-                let _ = ready_tx.send(());
-            },
-            async {
-                let _ = stopped.await;
-            },
-        )
-        .await
-        .expect("serve");
-    });
-    ready_rx.await.expect("server became ready");
-    (stop, task)
 }
 
 fn claim(uid: &str, name: &str) -> v1::Claim {
