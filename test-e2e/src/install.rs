@@ -91,18 +91,28 @@ impl Installation {
 
     fn start_plugin_named(&self, name: &str, node: &str) {
         let local = &self.cluster.local;
-        let before = registrations(&local.log(name));
+        let before = self.registrations(name);
         local.start(name);
         self.cluster.wait_for(
             &format!("the kubelet of {node} to register {name} (its log: \"registered with the kubelet\")"),
             Duration::from_secs(60),
-            || (registrations(&local.log(name)) > before).then_some(()),
+            || (self.registrations(name) > before).then_some(()),
         );
         self.cluster.wait_for(
             &format!("the ResourceSlices of {node}"),
             Duration::from_secs(60),
             || (!self.slices_of(node).is_empty()).then_some(()),
         );
+    }
+
+    /// How often plugin process `name` has been told by its kubelet that it is registered
+    /// (NotifyRegistrationStatus, which the plugin logs).
+    pub fn registrations(&self, name: &str) -> usize {
+        self.cluster
+            .local
+            .log(name)
+            .matches("registered with the kubelet")
+            .count()
     }
 
     /// Runs a plugin (controller mode) on the second node too, as the DaemonSet would on a
@@ -267,10 +277,6 @@ fn build_id(name: &str) -> String {
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map_or(0, |d| d.as_nanos());
     format!("{} {modified}", meta.len())
-}
-
-fn registrations(log: &str) -> usize {
-    log.matches("registered with the kubelet").count()
 }
 
 /// A plugin running on the second node; stopped, and its slices removed, when dropped.

@@ -82,8 +82,7 @@ impl Cluster {
             .map_err(|e| format!("kubectl get {}: not JSON: {e}", args.join(" ")))
     }
 
-    /// Poll `check` until it returns `Some` or `timeout` passes; on a timeout, panic with
-    /// `what` and the last state `describe` gives.
+    /// Poll `check` until it returns `Some`; panic naming `what` once `timeout` passes.
     pub fn wait_for<T>(
         &self,
         what: &str,

@@ -57,9 +57,33 @@ fn slice_template(cluster: &Cluster, name: &str, memory: &str, cores: u32, body:
 }
 
 /// A pod `name` running `sleep` in the workload image with the claim of template `template`.
-fn pod(name: &str, template: &str, extra_container: &str) -> String {
+fn pod(name: &str, template: &str) -> String {
+    pod_with(name, template, &PodOptions::default())
+}
+
+/// What some tests add to [`pod`]'s pod.
+#[derive(Default)]
+struct PodOptions<'a> {
+    /// `metadata.labels`, as a YAML flow mapping (`{app: x}`).
+    labels: Option<&'a str>,
+    /// The container's CPU request (`1500m`).
+    cpu: Option<&'a str>,
+    /// Lines of `spec` before `containers` (two-space indented), e.g. an affinity.
+    spec: &'a str,
+}
+
+fn pod_with(name: &str, template: &str, o: &PodOptions) -> String {
+    let labels = o
+        .labels
+        .map(|l| format!("  labels: {l}\n"))
+        .unwrap_or_default();
+    let requests = o
+        .cpu
+        .map(|c| format!("      requests:\n        cpu: {c}\n"))
+        .unwrap_or_default();
     format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n  restartPolicy: Never\n  terminationGracePeriodSeconds: 1\n  resourceClaims:\n  - name: gpu\n    resourceClaimTemplateName: {template}\n  containers:\n  - name: cuda\n    image: {IMAGE}\n    command: [sleep, '3600']\n{extra_container}    resources:\n      claims:\n      - name: gpu\n"
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n{labels}spec:\n  restartPolicy: Never\n  terminationGracePeriodSeconds: 1\n  resourceClaims:\n  - name: gpu\n    resourceClaimTemplateName: {template}\n{}  containers:\n  - name: cuda\n    image: {IMAGE}\n    command: [sleep, '3600']\n    resources:\n{requests}      claims:\n      - name: gpu\n",
+        o.spec
     )
 }
 
@@ -107,12 +131,17 @@ fn allocated_devices(claim: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// `command` in the `cuda` container of `pod`.
 fn exec(cluster: &Cluster, ns: &str, pod: &str, command: &[&str]) -> String {
-    let mut args = vec!["exec", "-n", ns, pod, "-c", "cuda", "--"];
+    exec_in(cluster, ns, pod, "cuda", command)
+}
+
+fn exec_in(cluster: &Cluster, ns: &str, pod: &str, container: &str, command: &[&str]) -> String {
+    let mut args = vec!["exec", "-n", ns, pod, "-c", container, "--"];
     args.extend_from_slice(command);
     cluster
         .run(&args)
-        .unwrap_or_else(|e| panic!("exec in {ns}/{pod}: {e}"))
+        .unwrap_or_else(|e| panic!("exec in {ns}/{pod}/{container}: {e}"))
 }
 
 /// The CDI spec files the plugin has written for claim `uid`.
@@ -218,7 +247,7 @@ fn a2_a_slice_pod_is_allocated_bound_prepared_and_runs_with_its_limits() {
         &ns.name,
         &slice_template(cluster, "slice-4gi-30", "4Gi", 30, ""),
     );
-    cluster.apply(&ns.name, &pod("slice", "slice-4gi-30", ""));
+    cluster.apply(&ns.name, &pod("slice", "slice-4gi-30"));
     let running = wait_running(cluster, &ns.name, "slice");
     assert_eq!(running["spec"]["nodeName"], cluster.local.node());
 
@@ -353,11 +382,7 @@ fn a3_every_shipped_example_runs_with_its_limits_and_mounts() {
         wait_running(cluster, &ns.name, pod);
         let mut shared_cache = None;
         for container in *containers {
-            let env = parse_env(
-                &cluster
-                    .run(&["exec", "-n", &ns.name, pod, "-c", container, "--", "env"])
-                    .expect("exec env"),
-            );
+            let env = parse_env(&exec_in(cluster, &ns.name, pod, container, &["env"]));
             assert_eq!(
                 env.get("CUDA_VISIBLE_DEVICES")
                     .map(|v| v.split(',').count()),
@@ -376,19 +401,13 @@ fn a3_every_shipped_example_runs_with_its_limits_and_mounts() {
                 *sm,
                 "{file}/{container}"
             );
-            let preload = cluster
-                .run(&[
-                    "exec",
-                    "-n",
-                    &ns.name,
-                    pod,
-                    "-c",
-                    container,
-                    "--",
-                    "cat",
-                    "/etc/ld.so.preload",
-                ])
-                .expect("read ld.so.preload");
+            let preload = exec_in(
+                cluster,
+                &ns.name,
+                pod,
+                container,
+                &["cat", "/etc/ld.so.preload"],
+            );
             assert!(
                 preload.contains("libvgpu.so"),
                 "{file}/{container}: {preload:?}"
@@ -419,8 +438,8 @@ fn a4_two_pods_share_one_gpu_and_a_whole_gpu_is_never_shared() {
         &ns.name,
         &slice_template(cluster, "on-gpu3", "8Gi", 20, &selector_index(3)),
     );
-    cluster.apply(&ns.name, &pod("first", "on-gpu3", ""));
-    cluster.apply(&ns.name, &pod("second", "on-gpu3", ""));
+    cluster.apply(&ns.name, &pod("first", "on-gpu3"));
+    cluster.apply(&ns.name, &pod("second", "on-gpu3"));
     wait_running(cluster, &ns.name, "first");
     wait_running(cluster, &ns.name, "second");
     let first = allocated_devices(&claim_of(cluster, &ns.name, "first"));
@@ -435,7 +454,7 @@ fn a4_two_pods_share_one_gpu_and_a_whole_gpu_is_never_shared() {
         request(cluster, "gpu.vgpu.hami.io", &selector_index(5))
     );
     cluster.apply(&ns.name, &whole);
-    cluster.apply(&ns.name, &pod("whole", "whole-gpu5", ""));
+    cluster.apply(&ns.name, &pod("whole", "whole-gpu5"));
     wait_running(cluster, &ns.name, "whole");
     let whole_claim = claim_of(cluster, &ns.name, "whole");
     let whole_device = allocated_devices(&whole_claim);
@@ -453,7 +472,7 @@ fn a4_two_pods_share_one_gpu_and_a_whole_gpu_is_never_shared() {
         &ns.name,
         &slice_template(cluster, "on-gpu5", "1Gi", 10, &selector_index(5)),
     );
-    cluster.apply(&ns.name, &pod("intruder", "on-gpu5", ""));
+    cluster.apply(&ns.name, &pod("intruder", "on-gpu5"));
     // ... and the scheduler never hands out a GPU our controller has sliced.
     let whole3 = format!(
         "apiVersion: {}\nkind: ResourceClaimTemplate\nmetadata:\n  name: whole-gpu3\nspec:\n  spec:\n    devices:\n      requests:\n{}",
@@ -461,7 +480,7 @@ fn a4_two_pods_share_one_gpu_and_a_whole_gpu_is_never_shared() {
         request(cluster, "gpu.vgpu.hami.io", &selector_index(3))
     );
     cluster.apply(&ns.name, &whole3);
-    cluster.apply(&ns.name, &pod("greedy", "whole-gpu3", ""));
+    cluster.apply(&ns.name, &pod("greedy", "whole-gpu3"));
     let intruder = claim_of(cluster, &ns.name, "intruder");
     let name = intruder["metadata"]["name"].as_str().unwrap().to_string();
     cluster.wait_for(
@@ -560,7 +579,7 @@ fn a6_plugin_controller_and_kubelet_killed_and_restarted_lose_nothing() {
     let local = &cluster.local;
     let ns = cluster.namespace("e2e-restart");
     cluster.apply(&ns.name, &slice_template(cluster, "slice", "2Gi", 10, ""));
-    cluster.apply(&ns.name, &pod("steady", "slice", ""));
+    cluster.apply(&ns.name, &pod("steady", "slice"));
     let steady = wait_running(cluster, &ns.name, "steady");
     let untouched = |what: &str| {
         let now = get(cluster, "pod", &ns.name, "steady").expect("steady pod");
@@ -576,7 +595,7 @@ fn a6_plugin_controller_and_kubelet_killed_and_restarted_lose_nothing() {
 
     // The plugin dies: a pod created meanwhile waits for it, then runs; nothing else moves.
     local.kill(PLUGIN);
-    cluster.apply(&ns.name, &pod("during-plugin-outage", "slice", ""));
+    cluster.apply(&ns.name, &pod("during-plugin-outage", "slice"));
     cluster.wait_for(
         "the controller to allocate while the plugin is down",
         MINUTE,
@@ -597,7 +616,7 @@ fn a6_plugin_controller_and_kubelet_killed_and_restarted_lose_nothing() {
 
     // The controller dies: a claim created meanwhile stays unallocated, then is allocated.
     local.kill(CONTROLLER);
-    cluster.apply(&ns.name, &pod("during-controller-outage", "slice", ""));
+    cluster.apply(&ns.name, &pod("during-controller-outage", "slice"));
     std::thread::sleep(Duration::from_secs(5));
     let waiting = claim_of(cluster, &ns.name, "during-controller-outage");
     assert!(waiting["status"]["allocation"].is_null(), "{waiting}");
@@ -606,10 +625,7 @@ fn a6_plugin_controller_and_kubelet_killed_and_restarted_lose_nothing() {
 
     // The kubelet dies: containers keep running; the restarted kubelet registers the plugin
     // again, leaves the running pods alone, and prepares and unprepares as before.
-    let registrations = local
-        .log(PLUGIN)
-        .matches("registered with the kubelet")
-        .count();
+    let registrations = install.registrations(PLUGIN);
     local.kill("kubelet");
     let container = steady["status"]["containerStatuses"][0]["containerID"]
         .as_str()
@@ -625,16 +641,9 @@ fn a6_plugin_controller_and_kubelet_killed_and_restarted_lose_nothing() {
     cluster.wait_for(
         "the restarted kubelet to register the plugin again",
         2 * MINUTE,
-        || {
-            (local
-                .log(PLUGIN)
-                .matches("registered with the kubelet")
-                .count()
-                > registrations)
-                .then_some(())
-        },
+        || (install.registrations(PLUGIN) > registrations).then_some(()),
     );
-    cluster.apply(&ns.name, &pod("after-kubelet-restart", "slice", ""));
+    cluster.apply(&ns.name, &pod("after-kubelet-restart", "slice"));
     wait_running(cluster, &ns.name, "after-kubelet-restart");
     untouched("after the kubelet's restart");
 
@@ -700,11 +709,7 @@ fn a7_native_mode_the_scheduler_allocates_shares_and_the_plugin_prepares_them() 
         !result["consumedCapacity"].is_null(),
         "the scheduler allocated a share (consumedCapacity): {claim}"
     );
-    let env = parse_env(
-        &cluster
-            .run(&["exec", "-n", &ns.name, "share-2gi-30pct", "--", "env"])
-            .expect("exec env"),
-    );
+    let env = parse_env(&exec(cluster, &ns.name, "share-2gi-30pct", &["env"]));
     assert_eq!(
         env.get("CUDA_DEVICE_MEMORY_LIMIT_0").map(String::as_str),
         Some("2048m")
@@ -778,17 +783,17 @@ fn a8_a_pod_that_does_not_fit_where_its_claim_was_placed_runs_on_the_other_node(
     let cluster = &install.cluster;
     let second = install.second_gpu_node();
     let ns = cluster.namespace("e2e-postfilter");
-    let claims = "    resources:\n      claims:\n      - name: gpu\n";
     cluster.apply(&ns.name, &slice_template(cluster, "slice", "2Gi", 10, ""));
     // An anchor takes most of the CPU of the node our controller puts it on; binpacking
     // prefers that node for the next slices.
-    let anchor = pod("anchor", "slice", "").replace(
-        claims,
-        "    resources:\n      requests:\n        cpu: 1500m\n      claims:\n      - name: gpu\n",
-    );
-    let anchor = anchor.replace(
-        "metadata:\n  name: anchor\n",
-        "metadata:\n  name: anchor\n  labels: {app: anchor}\n",
+    let anchor = pod_with(
+        "anchor",
+        "slice",
+        &PodOptions {
+            labels: Some("{app: anchor}"),
+            cpu: Some("1500m"),
+            ..Default::default()
+        },
     );
     cluster.apply(&ns.name, &anchor);
     let anchor = wait_running(cluster, &ns.name, "anchor");
@@ -802,9 +807,13 @@ fn a8_a_pod_that_does_not_fit_where_its_claim_was_placed_runs_on_the_other_node(
     // A constraint only the scheduler checks (inter-pod anti-affinity): the controller puts the
     // slice on the crowded node, the scheduler cannot bind the pod there and its PostFilter
     // clears the allocation, and the controller places it again on the other node, once.
-    let spread = pod("spread", "slice", "").replace(
-        "  containers:\n",
-        "  affinity:\n    podAntiAffinity:\n      requiredDuringSchedulingIgnoredDuringExecution:\n      - labelSelector:\n          matchLabels: {app: anchor}\n        topologyKey: kubernetes.io/hostname\n  containers:\n",
+    let spread = pod_with(
+        "spread",
+        "slice",
+        &PodOptions {
+            spec: "  affinity:\n    podAntiAffinity:\n      requiredDuringSchedulingIgnoredDuringExecution:\n      - labelSelector:\n          matchLabels: {app: anchor}\n        topologyKey: kubernetes.io/hostname\n",
+            ..Default::default()
+        },
     );
     cluster.apply(&ns.name, &spread);
     let spread = wait_running(cluster, &ns.name, "spread");
@@ -823,9 +832,13 @@ fn a8_a_pod_that_does_not_fit_where_its_claim_was_placed_runs_on_the_other_node(
 
     // A CPU request that does not fit the crowded node: the controller counts the pods'
     // requests against the node's allocatable, so it goes to the other node at once.
-    let hungry = pod("hungry", "slice", "").replace(
-        claims,
-        "    resources:\n      requests:\n        cpu: 1000m\n      claims:\n      - name: gpu\n",
+    let hungry = pod_with(
+        "hungry",
+        "slice",
+        &PodOptions {
+            cpu: Some("1000m"),
+            ..Default::default()
+        },
     );
     cluster.apply(&ns.name, &hungry);
     let hungry = wait_running(cluster, &ns.name, "hungry");
@@ -861,4 +874,38 @@ fn a8_a_pod_that_does_not_fit_where_its_claim_was_placed_runs_on_the_other_node(
             &[cluster.local.cdi_root(), cluster.local.cdi_root_b()],
         );
     }
+}
+
+#[test]
+fn a9_an_oversized_claim_stays_pending_with_an_event() {
+    let install = Installation::ensure(SharingMode::Controller);
+    let cluster = &install.cluster;
+    let ns = cluster.namespace("e2e-too-big");
+    // 64 slices: more GPUs than the node has.
+    let template = slice_template(cluster, "too-big", "1Gi", 10, "count: 64\n");
+    cluster.apply(&ns.name, &template);
+    cluster.apply(&ns.name, &pod("too-big", "too-big"));
+    let claim = claim_of(cluster, &ns.name, "too-big");
+    let name = claim["metadata"]["name"].as_str().unwrap().to_string();
+    let event = cluster.wait_for("a Warning Event on the oversized claim", 2 * MINUTE, || {
+        let events = cluster.get_json(&["events", "-n", &ns.name]).ok()?;
+        events["items"]
+            .as_array()?
+            .iter()
+            .find(|e| {
+                e["involvedObject"]["name"] == name.as_str()
+                    && e["involvedObject"]["kind"] == "ResourceClaim"
+            })
+            .cloned()
+    });
+    assert_eq!(event["type"], "Warning", "{event}");
+    let claim = get(cluster, "resourceclaim", &ns.name, &name).expect("claim");
+    assert!(
+        claim["status"]["allocation"].is_null(),
+        "an impossible claim must stay unallocated: {claim}"
+    );
+    assert_eq!(
+        phase(cluster, &ns.name, "too-big").as_deref(),
+        Some("Pending")
+    );
 }
