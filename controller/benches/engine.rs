@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 use std::hint::black_box;
 use vgpu_driver::config::{API_VERSION, KIND};
 use vgpu_driver::slice::{gpu_devices, render_pool};
-use vgpu_driver::{ApiVersion, ConfigEntry, ConfigSource, Inventory, NodeRef, PoolOptions};
+use vgpu_driver::{ConfigEntry, ConfigSource, Inventory, NodeRef, PoolOptions, SliceView};
 
 const DRIVER: &str = "vgpu.hami.io";
 const NODES: usize = 1000;
@@ -66,11 +66,11 @@ fn cluster() -> Engine {
                 uid: format!("uid-{n}"),
             },
             &devices,
-            &PoolOptions::new(DRIVER, ApiVersion::V1),
+            &PoolOptions::new(DRIVER),
         )
         .unwrap()
         {
-            inputs.slices.push(s.view());
+            inputs.slices.push(SliceView::of(&s));
         }
     }
     inputs.classes.push(ClassView {

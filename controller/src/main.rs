@@ -114,7 +114,8 @@ enum Command {
         /// This replica's identity in the Lease and in Events.
         #[arg(long, env = "POD_NAME")]
         identity: Option<String>,
-        /// Where to serve Prometheus metrics (/metrics) and /healthz.
+        /// Where to serve Prometheus metrics (/metrics), /healthz and /readyz (ready once the
+        /// watch caches are synced).
         #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:8080")]
         metrics_addr: std::net::SocketAddr,
         /// Log as JSON lines instead of text.
@@ -218,30 +219,41 @@ fn main() -> Result<()> {
                 .build()
                 .context("starting the async runtime")?;
             runtime.block_on(async move {
-                let config = match &kubeconfig {
-                    Some(path) => {
-                        let kc = kube::config::Kubeconfig::read_from(path)
-                            .with_context(|| format!("reading kubeconfig {}", path.display()))?;
-                        kube::Config::from_custom_kubeconfig(kc, &Default::default())
-                            .await
-                            .with_context(|| format!("loading kubeconfig {}", path.display()))?
-                    }
-                    None => kube::Config::infer()
-                        .await
-                        .context("no kubeconfig given and no in-cluster configuration found")?,
-                };
-                let client = kube::Client::try_from(config).context("building the API client")?;
+                let client = dra::connect::client(kubeconfig.as_deref()).await?;
                 let metrics = std::sync::Arc::new(run::metrics::Metrics::new());
-                let (bound, _server) = run::metrics::serve(metrics_addr, metrics.clone())
+                let controller = run::Controller::new(client, options, metrics.clone());
+                let synced = controller.synced();
+                let endpoint = dra::http::Endpoint::new(
+                    move || metrics.render(),
+                    move || synced.load(std::sync::atomic::Ordering::SeqCst),
+                );
+                let listener = tokio::net::TcpListener::bind(metrics_addr)
                     .await
                     .with_context(|| format!("serving metrics on {metrics_addr}"))?;
-                tracing::info!(%bound, "serving /metrics and /healthz");
-                let controller = run::Controller::new(client, options, metrics);
-                let shutdown = async {
-                    let _ = tokio::signal::ctrl_c().await;
-                    tracing::info!("shutting down");
+                tracing::info!(bound = %listener.local_addr()?, "serving /metrics, /healthz and /readyz");
+                let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
+                let server = tokio::spawn(endpoint.serve(listener, async {
+                    let _ = server_stopped.await;
+                }));
+                // The kubelet stops a pod with SIGTERM; a terminal with SIGINT.
+                let mut term = tokio::signal::unix::signal(
+                    tokio::signal::unix::SignalKind::terminate(),
+                )
+                .context("installing the SIGTERM handler")?;
+                let shutdown = async move {
+                    tokio::select! {
+                        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+                        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+                    }
                 };
-                controller.run(shutdown).await?;
+                let result = controller.run(shutdown).await;
+                let _ = stop_server.send(());
+                // A scraper holding its connection open must not keep the process alive.
+                let drained = tokio::time::timeout(std::time::Duration::from_secs(5), server);
+                if let Ok(Ok(Err(e))) = drained.await {
+                    tracing::warn!(error = %e, "the metrics endpoint failed");
+                }
+                result?;
                 Ok::<(), anyhow::Error>(())
             })
         }

@@ -1,8 +1,9 @@
-//! Version-neutral views of the Kubernetes objects the allocator reads: Nodes, Pods,
-//! DeviceClasses and ResourceClaims in resource.k8s.io v1 or v1beta1.
+//! The allocator's views of the Kubernetes objects it reads: Nodes, Pods, and
+//! resource.k8s.io v1 DeviceClasses and ResourceClaims (v1beta1 ones arrive converted by
+//! the `dra` crate).
 
 use k8s_openapi::api::core::v1::{Node, NodeSelector, Pod, Taint, Toleration};
-use k8s_openapi::api::resource::{v1, v1beta1};
+use k8s_openapi::api::resource::v1;
 use std::collections::BTreeMap;
 use vgpu_driver::class::is_controller_selector;
 use vgpu_driver::{ClaimAllocation, ConfigEntry, ConfigSource, Quantity};
@@ -152,46 +153,40 @@ pub struct ClassView {
     pub ours: bool,
 }
 
-macro_rules! class_from {
-    ($m:ident, $fn:ident) => {
-        impl ClassView {
-            pub fn $fn(class: &$m::DeviceClass) -> ClassView {
-                let mut selectors = Vec::new();
-                let mut ours = false;
-                for s in class.spec.selectors.iter().flatten() {
-                    if let Some(cel) = &s.cel {
-                        if is_controller_selector(&cel.expression) {
-                            ours = true;
-                        } else {
-                            selectors.push(cel.expression.clone());
-                        }
-                    }
-                }
-                let config = class
-                    .spec
-                    .config
-                    .iter()
-                    .flatten()
-                    .filter_map(|c| c.opaque.as_ref())
-                    .map(|o| ConfigEntry {
-                        source: ConfigSource::FromClass,
-                        requests: vec![],
-                        driver: o.driver.clone(),
-                        parameters: o.parameters.0.clone(),
-                    })
-                    .collect();
-                ClassView {
-                    name: class.metadata.name.clone().unwrap_or_default(),
-                    selectors,
-                    config,
-                    ours,
+impl ClassView {
+    pub fn of(class: &v1::DeviceClass) -> ClassView {
+        let mut selectors = Vec::new();
+        let mut ours = false;
+        for s in class.spec.selectors.iter().flatten() {
+            if let Some(cel) = &s.cel {
+                if is_controller_selector(&cel.expression) {
+                    ours = true;
+                } else {
+                    selectors.push(cel.expression.clone());
                 }
             }
         }
-    };
+        let config = class
+            .spec
+            .config
+            .iter()
+            .flatten()
+            .filter_map(|c| c.opaque.as_ref())
+            .map(|o| ConfigEntry {
+                source: ConfigSource::FromClass,
+                requests: vec![],
+                driver: o.driver.clone(),
+                parameters: o.parameters.0.clone(),
+            })
+            .collect();
+        ClassView {
+            name: class.metadata.name.clone().unwrap_or_default(),
+            selectors,
+            config,
+            ours,
+        }
+    }
 }
-class_from!(v1, from_v1);
-class_from!(v1beta1, from_v1beta1);
 
 /// How many devices a request wants.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -265,13 +260,75 @@ fn count_of(mode: Option<&str>, count: Option<i64>) -> Count {
     }
 }
 
-fn selectors_of<S>(selectors: Option<&Vec<S>>, cel: impl Fn(&S) -> Option<String>) -> Vec<String> {
-    selectors.into_iter().flatten().filter_map(cel).collect()
+/// Why a claim cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("ResourceClaim {claim}: {message}")]
+pub struct ClaimError {
+    pub claim: String,
+    pub message: String,
 }
 
-macro_rules! claim_common {
-    ($m:ident, $claim:ident) => {{
-        let devices = $claim.spec.devices.as_ref();
+fn capacity_of(c: Option<&v1::CapacityRequirements>) -> BTreeMap<String, String> {
+    c.and_then(|c| c.requests.as_ref())
+        .map(|r| r.iter().map(|(k, v)| (k.clone(), v.0.clone())).collect())
+        .unwrap_or_default()
+}
+
+fn selectors_of(selectors: Option<&Vec<v1::DeviceSelector>>) -> Vec<String> {
+    selectors
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s.cel.as_ref().map(|c| c.expression.clone()))
+        .collect()
+}
+
+impl ClaimView {
+    pub fn of(claim: &v1::ResourceClaim) -> Result<ClaimView, ClaimError> {
+        let meta = &claim.metadata;
+        let error = |message: String| ClaimError {
+            claim: key_of(meta),
+            message,
+        };
+        let devices = claim.spec.devices.as_ref();
+        let mut requests = Vec::new();
+        for r in devices
+            .and_then(|d| d.requests.as_ref())
+            .into_iter()
+            .flatten()
+        {
+            let alternatives = match (&r.exactly, &r.first_available) {
+                (Some(e), _) => vec![Alternative {
+                    result_name: r.name.clone(),
+                    class: e.device_class_name.clone(),
+                    selectors: selectors_of(e.selectors.as_ref()),
+                    count: count_of(e.allocation_mode.as_deref(), e.count),
+                    admin_access: e.admin_access.unwrap_or(false),
+                    capacity: capacity_of(e.capacity.as_ref()),
+                }],
+                (None, Some(subs)) => subs
+                    .iter()
+                    .map(|s| Alternative {
+                        result_name: format!("{}/{}", r.name, s.name),
+                        class: s.device_class_name.clone(),
+                        selectors: selectors_of(s.selectors.as_ref()),
+                        count: count_of(s.allocation_mode.as_deref(), s.count),
+                        admin_access: false,
+                        capacity: capacity_of(s.capacity.as_ref()),
+                    })
+                    .collect(),
+                // The API server refuses such a request; a hand-written simulator input may not.
+                (None, None) => {
+                    return Err(error(format!(
+                        "spec.devices.requests[{}]: neither exactly nor firstAvailable is set",
+                        r.name
+                    )));
+                }
+            };
+            requests.push(RequestView {
+                name: r.name.clone(),
+                alternatives,
+            });
+        }
         let constraints = devices
             .and_then(|d| d.constraints.as_ref())
             .into_iter()
@@ -295,167 +352,12 @@ macro_rules! claim_common {
                 })
             })
             .collect();
-        (constraints, config)
-    }};
-}
-
-/// Why a claim cannot be read.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("ResourceClaim {claim}: {message}")]
-pub struct ClaimError {
-    pub claim: String,
-    pub message: String,
-}
-
-fn capacity_of(c: Option<&v1::CapacityRequirements>) -> BTreeMap<String, String> {
-    c.and_then(|c| c.requests.as_ref())
-        .map(|r| r.iter().map(|(k, v)| (k.clone(), v.0.clone())).collect())
-        .unwrap_or_default()
-}
-
-impl ClaimView {
-    pub fn from_v1(claim: &v1::ResourceClaim) -> Result<ClaimView, ClaimError> {
-        let devices = claim.spec.devices.as_ref();
-        let mut requests = Vec::new();
-        for r in devices
-            .and_then(|d| d.requests.as_ref())
-            .into_iter()
-            .flatten()
-        {
-            let alternatives = if let Some(e) = &r.exactly {
-                vec![Alternative {
-                    result_name: r.name.clone(),
-                    class: e.device_class_name.clone(),
-                    selectors: selectors_of(e.selectors.as_ref(), |s| {
-                        s.cel.as_ref().map(|c| c.expression.clone())
-                    }),
-                    count: count_of(e.allocation_mode.as_deref(), e.count),
-                    admin_access: e.admin_access.unwrap_or(false),
-                    capacity: capacity_of(e.capacity.as_ref()),
-                }]
-            } else {
-                r.first_available
-                    .iter()
-                    .flatten()
-                    .map(|s| Alternative {
-                        result_name: format!("{}/{}", r.name, s.name),
-                        class: s.device_class_name.clone(),
-                        selectors: selectors_of(s.selectors.as_ref(), |s| {
-                            s.cel.as_ref().map(|c| c.expression.clone())
-                        }),
-                        count: count_of(s.allocation_mode.as_deref(), s.count),
-                        admin_access: false,
-                        capacity: capacity_of(s.capacity.as_ref()),
-                    })
-                    .collect()
-            };
-            requests.push(RequestView {
-                name: r.name.clone(),
-                alternatives,
-            });
-        }
-        let (constraints, config) = claim_common!(v1, claim);
-        let allocation = match claim.status.as_ref().and_then(|s| s.allocation.as_ref()) {
-            Some(_) => Some(ClaimAllocation::from_v1(claim).map_err(|e| ClaimError {
-                claim: key_of(&claim.metadata),
-                message: e.to_string(),
-            })?),
+        let status = claim.status.as_ref();
+        let allocation = match status.and_then(|s| s.allocation.as_ref()) {
+            Some(_) => Some(ClaimAllocation::of(claim).map_err(|e| error(e.to_string()))?),
             None => None,
         };
-        Ok(Self::assemble(
-            &claim.metadata,
-            requests,
-            constraints,
-            config,
-            allocation,
-            claim
-                .status
-                .as_ref()
-                .and_then(|s| s.reserved_for.as_ref())
-                .map(|r| r.iter().map(|c| c.uid.clone()).collect()),
-        ))
-    }
-
-    pub fn from_v1beta1(claim: &v1beta1::ResourceClaim) -> Result<ClaimView, ClaimError> {
-        let devices = claim.spec.devices.as_ref();
-        let mut requests = Vec::new();
-        for r in devices
-            .and_then(|d| d.requests.as_ref())
-            .into_iter()
-            .flatten()
-        {
-            let alternatives = match (&r.device_class_name, &r.first_available) {
-                (Some(class), _) => vec![Alternative {
-                    result_name: r.name.clone(),
-                    class: class.clone(),
-                    selectors: selectors_of(r.selectors.as_ref(), |s| {
-                        s.cel.as_ref().map(|c| c.expression.clone())
-                    }),
-                    count: count_of(r.allocation_mode.as_deref(), r.count),
-                    admin_access: r.admin_access.unwrap_or(false),
-                    capacity: BTreeMap::new(),
-                }],
-                (None, Some(subs)) => subs
-                    .iter()
-                    .map(|s| Alternative {
-                        result_name: format!("{}/{}", r.name, s.name),
-                        class: s.device_class_name.clone(),
-                        selectors: selectors_of(s.selectors.as_ref(), |s| {
-                            s.cel.as_ref().map(|c| c.expression.clone())
-                        }),
-                        count: count_of(s.allocation_mode.as_deref(), s.count),
-                        admin_access: false,
-                        capacity: BTreeMap::new(),
-                    })
-                    .collect(),
-                (None, None) => {
-                    return Err(ClaimError {
-                        claim: key_of(&claim.metadata),
-                        message: format!(
-                            "spec.devices.requests[{}]: neither deviceClassName nor firstAvailable is set",
-                            r.name
-                        ),
-                    });
-                }
-            };
-            requests.push(RequestView {
-                name: r.name.clone(),
-                alternatives,
-            });
-        }
-        let (constraints, config) = claim_common!(v1beta1, claim);
-        let allocation = match claim.status.as_ref().and_then(|s| s.allocation.as_ref()) {
-            Some(_) => Some(
-                ClaimAllocation::from_v1beta1(claim).map_err(|e| ClaimError {
-                    claim: key_of(&claim.metadata),
-                    message: e.to_string(),
-                })?,
-            ),
-            None => None,
-        };
-        Ok(Self::assemble(
-            &claim.metadata,
-            requests,
-            constraints,
-            config,
-            allocation,
-            claim
-                .status
-                .as_ref()
-                .and_then(|s| s.reserved_for.as_ref())
-                .map(|r| r.iter().map(|c| c.uid.clone()).collect()),
-        ))
-    }
-
-    fn assemble(
-        meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-        requests: Vec<RequestView>,
-        constraints: Vec<ConstraintView>,
-        config: Vec<ConfigEntry>,
-        allocation: Option<ClaimAllocation>,
-        reserved_for: Option<Vec<String>>,
-    ) -> ClaimView {
-        ClaimView {
+        Ok(ClaimView {
             namespace: meta.namespace.clone().unwrap_or_default(),
             name: meta.name.clone().unwrap_or_default(),
             uid: meta.uid.clone().unwrap_or_default(),
@@ -465,9 +367,12 @@ impl ClaimView {
             config,
             allocation,
             deleting: meta.deletion_timestamp.is_some(),
-            reserved_for: reserved_for.unwrap_or_default(),
+            reserved_for: status
+                .and_then(|s| s.reserved_for.as_ref())
+                .map(|r| r.iter().map(|c| c.uid.clone()).collect())
+                .unwrap_or_default(),
             finalizers: meta.finalizers.clone().unwrap_or_default(),
-        }
+        })
     }
 }
 
@@ -573,6 +478,25 @@ mod tests {
             effect: effect.map(Into::into),
             toleration_seconds: None,
         }
+    }
+
+    #[test]
+    fn a_request_with_neither_exactly_nor_first_available_is_named() {
+        let claim: v1::ResourceClaim = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "c", "namespace": "ml"},
+            "spec": {"devices": {"requests": [
+                {"name": "ok", "exactly": {"deviceClassName": "vgpu"}},
+                {"name": "empty"}
+            ]}}
+        }))
+        .unwrap();
+        let e = ClaimView::of(&claim).unwrap_err();
+        assert_eq!(e.claim, "ml/c");
+        assert!(
+            e.to_string()
+                .starts_with("ResourceClaim ml/c: spec.devices.requests[empty]: "),
+            "{e}"
+        );
     }
 
     #[test]

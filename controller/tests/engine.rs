@@ -179,10 +179,10 @@ fn exclusive_claims_take_a_whole_unused_gpu() {
 fn required_topology_takes_nvlink_peers_only() {
     // Pairs (0,1) and (2,3) are NVLinked; 1 and 2 are not.
     let gpus = vec![
-        gpu(0, 80, Some(0), &[1]),
-        gpu(1, 80, Some(0), &[0]),
-        gpu(2, 80, Some(1), &[3]),
-        gpu(3, 80, Some(1), &[2]),
+        gpu_with(0, 80, Some(0), &[1]),
+        gpu_with(1, 80, Some(0), &[0]),
+        gpu_with(2, 80, Some(1), &[3]),
+        gpu_with(3, 80, Some(1), &[2]),
     ];
     let inputs = cluster(&[("n1", gpus)]);
     let mut e = engine(&inputs, Policies::default());
@@ -237,7 +237,7 @@ fn required_topology_takes_nvlink_peers_only() {
 #[test]
 fn preferred_topology_falls_back_to_one_numa_node() {
     // No NVLink at all: GPUs 0,1 on NUMA 0 and 2,3 on NUMA 1.
-    let gpus = (0..4).map(|i| gpu(i, 80, Some(i / 2), &[])).collect();
+    let gpus = (0..4).map(|i| gpu_with(i, 80, Some(i / 2), &[])).collect();
     let inputs = cluster(&[("n1", gpus)]);
     let mut e = engine(&inputs, policies(Policy::Binpack, Policy::Spread));
     // Make GPU 1 the least used after GPU 2 and 3 so plain spread order would mix NUMA nodes.
@@ -258,7 +258,7 @@ fn preferred_topology_falls_back_to_one_numa_node() {
 
 #[test]
 fn selectors_of_class_and_request_both_apply() {
-    let gpus = vec![gpu(0, 40, Some(0), &[]), gpu(1, 80, Some(1), &[])];
+    let gpus = vec![gpu_with(0, 40, Some(0), &[]), gpu_with(1, 80, Some(1), &[])];
     let inputs = cluster(&[("n1", gpus)]);
     let mut e = engine(&inputs, Policies::default());
     let h100 = claim_with(
@@ -301,7 +301,7 @@ fn selectors_of_class_and_request_both_apply() {
 
 #[test]
 fn match_attribute_keeps_requests_on_one_numa_node() {
-    let gpus = (0..4).map(|i| gpu(i, 80, Some(i / 2), &[])).collect();
+    let gpus = (0..4).map(|i| gpu_with(i, 80, Some(i / 2), &[])).collect();
     let inputs = cluster(&[("n1", gpus)]);
     let mut e = engine(&inputs, policies(Policy::Binpack, Policy::Spread));
     // Load NUMA 0's GPU 0 so that spread would choose GPU 1 then 2 (different NUMA nodes).

@@ -86,7 +86,7 @@ fn build(spec: &[Vec<(u64, bool)>]) -> controller::engine::Inputs {
                     if i > 0 && gpus[i as usize - 1].1 {
                         peers.push(i - 1);
                     }
-                    gpu(i, *mem, Some(i / 2), &peers)
+                    gpu_with(i, *mem, Some(i / 2), &peers)
                 })
                 .collect();
             (format!("node-{n}"), list)

@@ -2,43 +2,128 @@
 //! first, then status in one update), resource.k8s.io version discovery, Events and retry
 //! when capacity frees, conflict retry, a restart rebuilding the same state, nodes the
 //! scheduler rejected avoided, and two replicas under leader election never double-booking.
-
-#[path = "support/fakeapi.rs"]
-mod fakeapi;
+//! The API server is the workspace's fake-apiserver; on 1.32 (v1beta1 only) it stores
+//! v1beta1, so those tests exercise the converting client.
 
 use controller::run::leader::LeaseTiming;
 use controller::run::metrics::Metrics;
 use controller::run::reconcile::Backoff;
 use controller::run::{Controller, LeaderElection, Options, Status};
-use fakeapi::FakeApi;
+use dra::ApiVersion;
+use fake_apiserver::{DraVersions, FakeApiServer, Gvr, Verb};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use test_support::gpu;
 use vgpu_driver::class::controller_selector;
 use vgpu_driver::config::{API_VERSION, KIND};
 use vgpu_driver::slice::{gpu_devices, render_pool};
-use vgpu_driver::{ApiVersion, ClaimAllocation, Gpu, NodeRef, PoolOptions};
+use vgpu_driver::{ClaimAllocation, NodeRef, PoolOptions};
 
 const DRIVER: &str = "vgpu.hami.io";
 const SLICE: &str = "gpu-slice.vgpu.hami.io";
 const GI: u64 = 1 << 30;
 
-fn gpu(index: u32) -> Gpu {
-    Gpu {
-        uuid: format!("GPU-{index:08}"),
-        index,
-        minor: index,
-        product_name: "NVIDIA H100 80GB HBM3".into(),
-        architecture: "Hopper".into(),
-        cuda_compute_capability: "9.0".into(),
-        driver_version: "560.35.03".into(),
-        cuda_driver_version: "12.6".into(),
-        pci_bus_id: format!("0000:{:02x}:00.0", index + 1),
-        numa_node: Some(0),
-        memory_bytes: 80 * GI,
-        multiprocessor_count: 132,
-        nvlink_peers: vec![],
+/// Where an object of the kinds these tests write is stored.
+fn gvr_of(object: &Value) -> Gvr {
+    let api_version = object["apiVersion"].as_str().unwrap();
+    let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
+    let plural = match object["kind"].as_str().unwrap() {
+        "Node" => "nodes",
+        "Pod" => "pods",
+        "ResourceClaim" => "resourceclaims",
+        "DeviceClass" => "deviceclasses",
+        "ResourceSlice" => "resourceslices",
+        "Lease" => "leases",
+        other => panic!("no plural known for {other}"),
+    };
+    Gvr::new(group, version, plural)
+}
+
+fn claims_gvr(version: ApiVersion) -> Gvr {
+    Gvr::new("resource.k8s.io", version.version(), "resourceclaims")
+}
+
+/// The fake API server with the calls these tests make, on objects as JSON.
+struct FakeApi {
+    server: FakeApiServer,
+}
+
+impl FakeApi {
+    async fn start(dra: DraVersions) -> FakeApi {
+        FakeApi {
+            server: FakeApiServer::start_with_builtin(dra).await.unwrap(),
+        }
+    }
+
+    fn client(&self) -> kube::Client {
+        self.server.client()
+    }
+
+    fn key(object: &Value) -> (Gvr, String, String) {
+        let meta = &object["metadata"];
+        (
+            gvr_of(object),
+            meta["namespace"].as_str().unwrap_or("").to_string(),
+            meta["name"].as_str().unwrap().to_string(),
+        )
+    }
+
+    /// Stored as another client would have created it.
+    fn create(&self, object: Value) -> Value {
+        self.server.put_object(gvr_of(&object), object).unwrap()
+    }
+
+    fn get(&self, object: &Value) -> Option<Value> {
+        let (gvr, namespace, name) = Self::key(object);
+        self.server.get(gvr, &namespace, &name)
+    }
+
+    fn list(&self, gvr: Gvr) -> Vec<Value> {
+        self.server.list(gvr)
+    }
+
+    fn events(&self) -> Vec<Value> {
+        self.list(Gvr::new("events.k8s.io", "v1", "events"))
+    }
+
+    /// Changed as another client (the kube-scheduler, say) would.
+    fn modify(&self, object: &Value, edit: impl FnOnce(&mut Value)) {
+        let (gvr, namespace, name) = Self::key(object);
+        self.server
+            .update_object(gvr, &namespace, &name, edit)
+            .unwrap();
+    }
+
+    /// Gone, finalizers and all, as after kube-controller-manager cleaned up.
+    fn remove(&self, object: &Value) {
+        let (gvr, namespace, name) = Self::key(object);
+        self.server
+            .update_object(&gvr, &namespace, &name, |o| {
+                o["metadata"]["finalizers"] = Value::Null;
+            })
+            .unwrap();
+        self.server.delete_object(gvr, &namespace, &name).unwrap();
+    }
+
+    /// The controller's successful writes, as `METHOD path`.
+    fn writes(&self) -> Vec<String> {
+        self.server
+            .writes()
+            .iter()
+            .map(|w| {
+                let method = match w.verb {
+                    Verb::Create => "POST",
+                    Verb::Update => "PUT",
+                    Verb::Patch => "PATCH",
+                    Verb::Delete | Verb::DeleteCollection => "DELETE",
+                    Verb::Get | Verb::List | Verb::Watch => "GET",
+                };
+                format!("{method} {}", w.path)
+            })
+            .collect()
     }
 }
 
@@ -60,13 +145,13 @@ fn cluster(fake: &FakeApi, version: ApiVersion, nodes: &[&str], gpus: u32) {
                 uid: format!("uid-{name}"),
             },
             &devices,
-            &PoolOptions::new(DRIVER, version),
+            &PoolOptions::new(DRIVER),
         )
         .unwrap()
         .into_iter()
         .enumerate()
         {
-            let mut s = slice.to_json();
+            let mut s = dra::convert::to_wire(&slice, version);
             s["metadata"]["name"] = json!(format!("{name}-{i}"));
             fake.create(s);
         }
@@ -122,6 +207,8 @@ struct Running {
     task: tokio::task::JoinHandle<()>,
     status: Arc<Mutex<Status>>,
     metrics: Arc<Metrics>,
+    /// What /readyz answers.
+    synced: Arc<AtomicBool>,
 }
 
 impl Running {
@@ -134,6 +221,7 @@ fn start(fake: &FakeApi, options: Options) -> Running {
     let metrics = Arc::new(Metrics::new());
     let controller = Controller::new(fake.client(), options, metrics.clone());
     let status = controller.status();
+    let synced = controller.synced();
     let task = tokio::spawn(async move {
         if let Err(e) = controller.run(futures::future::pending()).await {
             panic!("controller stopped: {e}");
@@ -143,6 +231,7 @@ fn start(fake: &FakeApi, options: Options) -> Running {
         task,
         status,
         metrics,
+        synced,
     }
 }
 
@@ -162,31 +251,25 @@ fn allocation(fake: &FakeApi, claim: &Value) -> Option<ClaimAllocation> {
     if stored["status"]["allocation"].is_null() {
         return None;
     }
-    Some(match stored["apiVersion"].as_str() {
-        Some("resource.k8s.io/v1") => {
-            ClaimAllocation::from_v1(&serde_json::from_value(stored).unwrap()).unwrap()
-        }
-        _ => ClaimAllocation::from_v1beta1(&serde_json::from_value(stored).unwrap()).unwrap(),
-    })
+    Some(ClaimAllocation::of(&dra::convert::from_wire(stored).unwrap()).unwrap())
 }
 
 /// Successful status writes per claim name.
 fn status_writes(fake: &FakeApi) -> BTreeMap<String, usize> {
     let mut out = BTreeMap::new();
-    for w in fake.writes() {
-        if w.method == "PUT" && w.path.ends_with("/status") && w.status == 200 {
-            let name = w.path.rsplit('/').nth(1).unwrap().to_string();
-            *out.entry(name).or_default() += 1;
+    for w in fake.server.writes() {
+        if w.verb == Verb::Update && w.subresource.as_deref() == Some("status") {
+            *out.entry(w.name).or_default() += 1;
         }
     }
     out
 }
 
 /// Memory allocated per (node, device), recomputed from the stored claims alone.
-fn usage(fake: &FakeApi, collection: &str) -> BTreeMap<(String, String), u64> {
+fn usage(fake: &FakeApi) -> BTreeMap<(String, String), u64> {
     let mut used = BTreeMap::new();
-    for c in fake.list(collection) {
-        if let Some(a) = allocation(&fake.clone(), &c) {
+    for c in fake.list(claims_gvr(ApiVersion::V1)) {
+        if let Some(a) = allocation(fake, &c) {
             for r in &a.results {
                 let limits = a.slice_limits(r, 80 * GI).unwrap();
                 *used.entry((r.pool.clone(), r.device.clone())).or_default() += limits.memory_bytes;
@@ -198,11 +281,12 @@ fn usage(fake: &FakeApi, collection: &str) -> BTreeMap<(String, String), u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn allocation_is_written_finalizer_first_then_status_in_one_update() {
-    let fake = FakeApi::new(&["v1beta1", "v1"]);
+    let fake = FakeApi::start(DraVersions::Both).await;
     cluster(&fake, ApiVersion::V1, &["node-a"], 2);
     let c = workload(&fake, ApiVersion::V1, "infer", 10);
     let running = start(&fake, options("replica-1"));
     eventually("the claim is allocated", || allocation(&fake, &c).is_some()).await;
+    assert!(running.synced.load(Ordering::SeqCst), "ready once synced");
     let stored = fake.get(&c).unwrap();
     assert_eq!(
         stored["metadata"]["finalizers"],
@@ -228,9 +312,8 @@ async fn allocation_is_written_finalizer_first_then_status_in_one_update() {
     // The finalizer Update precedes the status update, and there is one status update.
     let claim_writes: Vec<String> = fake
         .writes()
-        .iter()
-        .filter(|w| w.path.contains("/resourceclaims/"))
-        .map(|w| format!("{} {}", w.method, w.path))
+        .into_iter()
+        .filter(|w| w.contains("/resourceclaims/"))
         .collect();
     assert_eq!(
         claim_writes,
@@ -245,10 +328,10 @@ async fn allocation_is_written_finalizer_first_then_status_in_one_update() {
         .as_object_mut()
         .unwrap()
         .retain(|k, _| k != "creationTimestamp");
-    vgpu_driver::testing::validate_k8s(&[object], "1.34.0").unwrap();
+    test_support::validate_k8s(&[object], "1.34.0").unwrap();
     // An Event says where it went.
     eventually("an Allocated event", || {
-        fake.list("events.k8s.io/v1/events")
+        fake.events()
             .iter()
             .any(|e| e["reason"] == "Allocated" && e["regarding"]["name"] == "infer")
     })
@@ -268,21 +351,36 @@ async fn allocation_is_written_finalizer_first_then_status_in_one_update() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_v1beta1_cluster_is_allocated_through_v1beta1() {
-    let fake = FakeApi::new(&["v1beta1"]);
+    let fake = FakeApi::start(DraVersions::V1beta1Only).await;
     cluster(&fake, ApiVersion::V1beta1, &["node-a"], 1);
     let c = workload(&fake, ApiVersion::V1beta1, "old-cluster", 8);
     let running = start(&fake, options("replica-1"));
     eventually("the claim is allocated", || allocation(&fake, &c).is_some()).await;
     assert_eq!(running.status().version, Some(ApiVersion::V1beta1));
-    assert!(fake.writes().iter().any(|w| w.path
-        == "/apis/resource.k8s.io/v1beta1/namespaces/ml/resourceclaims/old-cluster/status"
-        && w.status == 200));
+    assert!(fake.writes().iter().any(|w| w
+        == "PUT /apis/resource.k8s.io/v1beta1/namespaces/ml/resourceclaims/old-cluster/status"));
+    // Stored as v1beta1 (the request's fields beside its name, no `exactly`).
+    let stored = fake.get(&c).unwrap();
+    assert_eq!(stored["apiVersion"], "resource.k8s.io/v1beta1");
+    assert_eq!(
+        stored["spec"]["devices"]["requests"][0]["deviceClassName"],
+        SLICE
+    );
+    // The Event points at the claim as this cluster serves it.
+    eventually("an Allocated event regarding the v1beta1 claim", || {
+        fake.events().iter().any(|e| {
+            e["reason"] == "Allocated"
+                && e["regarding"]["name"] == "old-cluster"
+                && e["regarding"]["apiVersion"] == "resource.k8s.io/v1beta1"
+        })
+    })
+    .await;
     running.task.abort();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_claim_gets_an_event_and_is_retried_when_capacity_frees() {
-    let fake = FakeApi::new(&["v1"]);
+    let fake = FakeApi::start(DraVersions::V1Only).await;
     cluster(&fake, ApiVersion::V1, &["node-a"], 1);
     let big = workload(&fake, ApiVersion::V1, "big", 60);
     let mut o = options("replica-1");
@@ -296,7 +394,7 @@ async fn a_refused_claim_gets_an_event_and_is_retried_when_capacity_frees() {
     eventually("big is allocated", || allocation(&fake, &big).is_some()).await;
     let second = workload(&fake, ApiVersion::V1, "second", 40);
     eventually("a FailedAllocation event for second", || {
-        fake.list("events.k8s.io/v1/events").iter().any(|e| {
+        fake.events().iter().any(|e| {
             e["reason"] == "FailedAllocation"
                 && e["type"] == "Warning"
                 && e["regarding"]["name"] == "second"
@@ -325,28 +423,27 @@ async fn a_refused_claim_gets_an_event_and_is_retried_when_capacity_frees() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_conflict_rereads_and_retries_without_double_booking() {
-    let fake = FakeApi::new(&["v1"]);
+    let fake = FakeApi::start(DraVersions::V1Only).await;
     cluster(&fake, ApiVersion::V1, &["node-a"], 1);
-    fake.conflict_on_next_status_write("contended");
-    let c = workload(&fake, ApiVersion::V1, "contended", 30);
+    // With the finalizer already there, the status update is the first write; it meets a
+    // conflict.
+    let mut protected = claim(ApiVersion::V1, "contended", 30);
+    protected["metadata"]["finalizers"] = json!(["resource.kubernetes.io/delete-protection"]);
+    let c = fake.create(protected);
+    fake.create(pod("contended-pod", "contended"));
+    fake.server.inject_conflicts(claims_gvr(ApiVersion::V1), 1);
     let running = start(&fake, options("replica-1"));
     eventually("the claim is allocated", || allocation(&fake, &c).is_some()).await;
-    let statuses: Vec<u16> = fake
-        .writes()
-        .iter()
-        .filter(|w| w.path.ends_with("/contended/status"))
-        .map(|w| w.status)
-        .collect();
+    let path = "/apis/resource.k8s.io/v1/namespaces/ml/resourceclaims/contended";
     assert_eq!(
-        statuses,
-        [409, 200],
+        fake.server
+            .request_count(Verb::Update, &format!("{path}/status")),
+        2,
         "one conflict, then one successful write"
     );
-    // The concurrent change survived the retry.
-    assert_eq!(
-        fake.get(&c).unwrap()["metadata"]["labels"]["touched-by"],
-        "another-client"
-    );
+    assert_eq!(status_writes(&fake).get("contended"), Some(&1));
+    // The retry started from a fresh read, not from the cached copy.
+    assert!(fake.server.request_count(Verb::Get, path) >= 1);
     assert!(
         running
             .metrics
@@ -358,7 +455,7 @@ async fn a_conflict_rereads_and_retries_without_double_booking() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_controller_rebuilds_the_same_state() {
-    let fake = FakeApi::new(&["v1"]);
+    let fake = FakeApi::start(DraVersions::V1Only).await;
     cluster(&fake, ApiVersion::V1, &["node-a", "node-b"], 2);
     let claims: Vec<Value> = (0..5)
         .map(|i| workload(&fake, ApiVersion::V1, &format!("c{i}"), 30))
@@ -405,7 +502,7 @@ async fn a_restarted_controller_rebuilds_the_same_state() {
             .count(),
         3
     );
-    for ((node, device), bytes) in usage(&fake, "resource.k8s.io/v1/resourceclaims") {
+    for ((node, device), bytes) in usage(&fake) {
         assert!(bytes <= 80 * GI, "{node}/{device} holds {bytes} bytes");
     }
     assert!(status_writes(&fake).values().all(|n| *n == 1));
@@ -414,7 +511,7 @@ async fn a_restarted_controller_rebuilds_the_same_state() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_the_scheduler_rejected_is_avoided_next_time() {
-    let fake = FakeApi::new(&["v1"]);
+    let fake = FakeApi::start(DraVersions::V1Only).await;
     cluster(&fake, ApiVersion::V1, &["node-a", "node-b"], 1);
     let c = workload(&fake, ApiVersion::V1, "picky", 10);
     let running = start(&fake, options("replica-1"));
@@ -432,7 +529,7 @@ async fn a_node_the_scheduler_rejected_is_avoided_next_time() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_never_double_book_and_the_standby_takes_over() {
-    let fake = FakeApi::new(&["v1"]);
+    let fake = FakeApi::start(DraVersions::V1Only).await;
     cluster(&fake, ApiVersion::V1, &["node-a"], 2);
     let election = |identity: &str| {
         let mut o = options(identity);
@@ -476,6 +573,8 @@ async fn two_replicas_never_double_book_and_the_standby_takes_over() {
         sa.allocated,
         sb.allocated
     );
+    // Both replicas are ready: the standby can take over at once.
+    assert!(a.synced.load(Ordering::SeqCst) && b.synced.load(Ordering::SeqCst));
     let (leader, standby, standby_name) = if sa.allocated.is_empty() {
         (b, a, "replica-a")
     } else {
@@ -508,9 +607,11 @@ async fn two_replicas_never_double_book_and_the_standby_takes_over() {
     })
     .await;
     let lease = fake
+        .server
         .get(
-            &json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-                      "metadata": {"name": "vgpu-controller", "namespace": "vgpu-system"}}),
+            Gvr::new("coordination.k8s.io", "v1", "leases"),
+            "vgpu-system",
+            "vgpu-controller",
         )
         .unwrap();
     let holder = lease["spec"]["holderIdentity"].as_str().unwrap();
@@ -524,7 +625,7 @@ async fn two_replicas_never_double_book_and_the_standby_takes_over() {
         "{:?}",
         status_writes(&fake)
     );
-    for ((node, device), bytes) in usage(&fake, "resource.k8s.io/v1/resourceclaims") {
+    for ((node, device), bytes) in usage(&fake) {
         assert!(bytes <= 80 * GI, "{node}/{device} holds {bytes} bytes");
     }
     standby.task.abort();

@@ -3,10 +3,11 @@
 
 use controller::engine::{Mode, Policies};
 use controller::simulate::{self, Outcome, default, input, report};
+use dra::ApiVersion;
 use std::path::PathBuf;
+use test_support::validate_k8s;
 use vgpu_driver::slice::{gpu_devices, render_pool};
-use vgpu_driver::testing::validate_k8s;
-use vgpu_driver::{ApiVersion, DEFAULT_DRIVER_NAME, Inventory, NodeRef, PoolOptions};
+use vgpu_driver::{DEFAULT_DRIVER_NAME, Inventory, NodeRef, PoolOptions};
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -101,11 +102,11 @@ fn examples_workload(version: ApiVersion) -> String {
                 uid: format!("uid-{n}"),
             },
             &devices,
-            &PoolOptions::new(DEFAULT_DRIVER_NAME, version),
+            &PoolOptions::new(DEFAULT_DRIVER_NAME),
         )
         .unwrap()
         {
-            let mut json = s.to_json();
+            let mut json = dra::convert::to_wire(&s, version);
             json["metadata"]["name"] = serde_json::json!(format!("{name}-slice"));
             text.push_str(&format!(
                 "---\n{}",
@@ -166,7 +167,12 @@ fn every_shipped_example_is_allocatable_with_the_shipped_classes() {
             .filter(|(_, o)| matches!(o, Outcome::Placed(_)))
             .count();
         assert_eq!(placed, 5, "{version:?}");
-        validate_k8s(&sim.claim_objects(), k8s).unwrap();
+        let objects = sim.claim_objects();
+        assert!(
+            objects.iter().all(|o| o["apiVersion"] == version.as_str()),
+            "{version:?}: claims are given back in the version they were read in"
+        );
+        validate_k8s(&objects, k8s).unwrap();
     }
 }
 
@@ -190,6 +196,16 @@ fn bad_input_names_the_document_and_field() {
         .to_string();
     assert!(
         err.contains("ResourceClaimTemplate ml/missing is not in the input"),
+        "{err}"
+    );
+    // A v1beta1 claim is converted as it is read; a bad field still names the document.
+    let err = input::parse("---\napiVersion: v1\nkind: Namespace\nmetadata: {name: ml}\n---\napiVersion: resource.k8s.io/v1beta1\nkind: ResourceClaim\nmetadata: {name: c, namespace: ml}\nspec:\n  devices:\n    requests: [{name: gpu, deviceClassName: x, count: two}]\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("document 1 (ResourceClaim c)")
+            && err.contains("spec.devices.requests[0]")
+            && err.contains("count"),
         "{err}"
     );
     let w = input::parse("apiVersion: v1\nkind: Namespace\nmetadata: {name: ml}\n").unwrap();

@@ -18,10 +18,11 @@ use std::process::{Child, Command};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+use test_support::gpu_with;
 use vgpu_driver::class::controller_selector;
 use vgpu_driver::config::{API_VERSION, KIND};
 use vgpu_driver::slice::{gpu_devices, render_pool};
-use vgpu_driver::{ApiVersion, Gpu, NodeRef, PoolOptions};
+use vgpu_driver::{NodeRef, PoolOptions};
 
 const BIN: &str = env!("CARGO_BIN_EXE_controller");
 const DRIVER: &str = "vgpu.hami.io";
@@ -54,24 +55,6 @@ fn allocatable(i: usize) -> bool {
     ask(i).0 * GI <= GPU_MEMORY
 }
 
-fn gpu(index: u32) -> Gpu {
-    Gpu {
-        uuid: format!("GPU-{index:08}"),
-        index,
-        minor: index,
-        product_name: "NVIDIA H100 80GB HBM3".into(),
-        architecture: "Hopper".into(),
-        cuda_compute_capability: "9.0".into(),
-        driver_version: "560.35.03".into(),
-        cuda_driver_version: "12.6".into(),
-        pci_bus_id: format!("0000:{:02x}:00.0", index + 1),
-        numa_node: Some(0),
-        memory_bytes: GPU_MEMORY,
-        multiprocessor_count: 132,
-        nvlink_peers: vec![],
-    }
-}
-
 /// Nodes enough for the storm's cores at about 60 % of the cluster.
 fn cluster(server: &FakeApiServer, claims: usize) -> usize {
     let cores: u64 = (0..claims)
@@ -79,7 +62,12 @@ fn cluster(server: &FakeApiServer, claims: usize) -> usize {
         .map(|i| ask(i).1)
         .sum();
     let nodes = (cores as f64 / 100.0 / f64::from(GPUS_PER_NODE) / 0.6).ceil() as usize;
-    let devices = gpu_devices(&(0..GPUS_PER_NODE).map(gpu).collect::<Vec<_>>()).unwrap();
+    let devices = gpu_devices(
+        &(0..GPUS_PER_NODE)
+            .map(|i| gpu_with(i, GPU_MEMORY / GI, Some(0), &[]))
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
     for n in 0..nodes {
         let name = format!("node-{n:04}");
         server
@@ -93,12 +81,12 @@ fn cluster(server: &FakeApiServer, claims: usize) -> usize {
             name: name.clone(),
             uid: format!("uid-{name}"),
         };
-        for (i, slice) in render_pool(&node, &devices, &PoolOptions::new(DRIVER, ApiVersion::V1))
+        for (i, slice) in render_pool(&node, &devices, &PoolOptions::new(DRIVER))
             .unwrap()
             .into_iter()
             .enumerate()
         {
-            let mut s = slice.to_json();
+            let mut s = dra::convert::to_wire(&slice, dra::ApiVersion::V1);
             s["metadata"]["name"] = json!(format!("{name}-{i}"));
             server
                 .put_object(Gvr::new("resource.k8s.io", "v1", "resourceslices"), s)

@@ -6,7 +6,7 @@ use serde_json::json;
 use std::hint::black_box;
 use vgpu_driver::config::{API_VERSION, ConfigEntry, ConfigSource, KIND, effective_config};
 use vgpu_driver::slice::{gpu_devices, render_pool};
-use vgpu_driver::{ApiVersion, Inventory, NodeRef, PoolOptions, PublishedDevice, Quantity};
+use vgpu_driver::{Inventory, NodeRef, PoolOptions, PublishedDevice, Quantity};
 
 const HGX: &str = include_str!("../testdata/hgx-h100.yaml");
 
@@ -16,7 +16,7 @@ fn bench(c: &mut Criterion) {
         name: "gpu-node-1".into(),
         uid: "uid".into(),
     };
-    let opts = PoolOptions::new("vgpu.hami.io", ApiVersion::V1);
+    let opts = PoolOptions::new("vgpu.hami.io");
 
     c.bench_function("render 8×H100 node (devices + v1 slice)", |b| {
         b.iter(|| {

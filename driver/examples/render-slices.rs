@@ -1,10 +1,11 @@
 //! Render a node's GPUs as the ResourceSlices the kubelet plugin publishes, in both API
-//! versions, from a fake inventory (the embedded HGX H100 node by default).
+//! versions (v1beta1 converted from v1 as the plugin does at the wire), from a fake inventory (the embedded HGX H100 node by default).
 //!
 //! `cargo run -p vgpu-driver --example render-slices [-- INVENTORY.yaml [v1|v1beta1]]`
 
+use dra::ApiVersion;
 use vgpu_driver::slice::{gpu_devices, render_pool};
-use vgpu_driver::{ApiVersion, DEFAULT_DRIVER_NAME, Inventory, NodeRef, PoolOptions};
+use vgpu_driver::{DEFAULT_DRIVER_NAME, Inventory, NodeRef, PoolOptions};
 
 const EMBEDDED: &str = include_str!("../testdata/hgx-h100.yaml");
 
@@ -28,13 +29,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         name: "gpu-node-1".into(),
         uid: "00000000-0000-0000-0000-000000000001".into(),
     };
+    let slices = render_pool(&node, &devices, &PoolOptions::new(DEFAULT_DRIVER_NAME))?;
     for version in versions {
-        for slice in render_pool(
-            &node,
-            &devices,
-            &PoolOptions::new(DEFAULT_DRIVER_NAME, version),
-        )? {
-            println!("---\n{}", serde_yaml_ng::to_string(&slice.to_json())?);
+        for slice in &slices {
+            let object = dra::convert::to_wire(slice, version);
+            println!("---\n{}", serde_yaml_ng::to_string(&object)?);
         }
     }
     Ok(())

@@ -1,4 +1,4 @@
-//! A claim's allocation, independent of the API version it was read in or is written to.
+//! A claim's allocation, as the driver reads and writes it (resource.k8s.io/v1).
 //!
 //! The kubelet plugin reads it to prepare a claim; the controller writes it. Both derive a
 //! slice's limits from it through [`ClaimAllocation::slice_limits`], so they cannot disagree
@@ -7,7 +7,7 @@
 use crate::config::{ConfigEntry, ConfigError, ConfigSource, SliceLimits, effective_config};
 use crate::quantity::Quantity;
 use k8s_openapi::api::core::v1::{NodeSelector, NodeSelectorRequirement, NodeSelectorTerm};
-use k8s_openapi::api::resource::{v1, v1beta1};
+use k8s_openapi::api::resource::v1;
 use k8s_openapi::apimachinery::pkg::runtime::RawExtension;
 use std::collections::BTreeMap;
 
@@ -108,131 +108,122 @@ pub fn node_selector_for(node: &str) -> NodeSelector {
     }
 }
 
-macro_rules! allocation_conversions {
-    ($m:ident, $from:ident, $to:ident) => {
-        impl ClaimAllocation {
-            /// Read a claim's allocation; errors name the claim and field.
-            pub fn $from(claim: &$m::ResourceClaim) -> Result<ClaimAllocation, AllocationError> {
-                let key = format!(
-                    "{}/{}",
-                    claim.metadata.namespace.as_deref().unwrap_or(""),
-                    claim.metadata.name.as_deref().unwrap_or("")
-                );
-                let allocation = claim
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.allocation.as_ref())
-                    .ok_or_else(|| AllocationError::NotAllocated(key.clone()))?;
-                let devices = allocation.devices.as_ref();
-                let mut results = Vec::new();
-                for (i, r) in devices
-                    .and_then(|d| d.results.as_ref())
-                    .into_iter()
-                    .flatten()
-                    .enumerate()
-                {
-                    let mut consumed = BTreeMap::new();
-                    for (name, q) in r.consumed_capacity.iter().flatten() {
-                        let q = Quantity::parse(&q.0).map_err(|e| AllocationError::Invalid {
-                            claim: key.clone(),
-                            field: format!(
-                                "status.allocation.devices.results[{i}].consumedCapacity.{name}"
-                            ),
-                            message: e.to_string(),
-                        })?;
-                        consumed.insert(name.clone(), q);
-                    }
-                    results.push(AllocatedDevice {
-                        request: r.request.clone(),
-                        driver: r.driver.clone(),
-                        pool: r.pool.clone(),
-                        device: r.device.clone(),
-                        admin_access: r.admin_access.unwrap_or(false),
-                        share_id: r.share_id.clone(),
-                        consumed_capacity: consumed,
-                    });
-                }
-                let mut config = Vec::new();
-                for (i, c) in devices
-                    .and_then(|d| d.config.as_ref())
-                    .into_iter()
-                    .flatten()
-                    .enumerate()
-                {
-                    let source = source_of(&c.source).ok_or_else(|| AllocationError::Invalid {
-                        claim: key.clone(),
-                        field: format!("status.allocation.devices.config[{i}].source"),
-                        message: format!("{:?} is neither FromClass nor FromClaim", c.source),
-                    })?;
-                    if let Some(opaque) = &c.opaque {
-                        config.push(ConfigEntry {
-                            source,
-                            requests: c.requests.clone().unwrap_or_default(),
-                            driver: opaque.driver.clone(),
-                            parameters: opaque.parameters.0.clone(),
-                        });
-                    }
-                }
-                Ok(ClaimAllocation {
-                    namespace: claim.metadata.namespace.clone().unwrap_or_default(),
-                    name: claim.metadata.name.clone().unwrap_or_default(),
-                    uid: claim.metadata.uid.clone().unwrap_or_default(),
-                    results,
-                    config,
-                    node_name: pinned_node(allocation.node_selector.as_ref()),
-                })
+impl ClaimAllocation {
+    /// Read a claim's allocation; errors name the claim and field.
+    pub fn of(claim: &v1::ResourceClaim) -> Result<ClaimAllocation, AllocationError> {
+        let key = format!(
+            "{}/{}",
+            claim.metadata.namespace.as_deref().unwrap_or(""),
+            claim.metadata.name.as_deref().unwrap_or("")
+        );
+        let allocation = claim
+            .status
+            .as_ref()
+            .and_then(|s| s.allocation.as_ref())
+            .ok_or_else(|| AllocationError::NotAllocated(key.clone()))?;
+        let devices = allocation.devices.as_ref();
+        let mut results = Vec::new();
+        for (i, r) in devices
+            .and_then(|d| d.results.as_ref())
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            let mut consumed = BTreeMap::new();
+            for (name, q) in r.consumed_capacity.iter().flatten() {
+                let q = Quantity::parse(&q.0).map_err(|e| AllocationError::Invalid {
+                    claim: key.clone(),
+                    field: format!(
+                        "status.allocation.devices.results[{i}].consumedCapacity.{name}"
+                    ),
+                    message: e.to_string(),
+                })?;
+                consumed.insert(name.clone(), q);
             }
-
-            /// The `status.allocation` to write for this allocation.
-            pub fn $to(&self) -> $m::AllocationResult {
-                $m::AllocationResult {
-                    devices: Some($m::DeviceAllocationResult {
-                        results: Some(
-                            self.results
-                                .iter()
-                                .map(|r| $m::DeviceRequestAllocationResult {
-                                    request: r.request.clone(),
-                                    driver: r.driver.clone(),
-                                    pool: r.pool.clone(),
-                                    device: r.device.clone(),
-                                    admin_access: r.admin_access.then_some(true),
-                                    share_id: r.share_id.clone(),
-                                    consumed_capacity: (!r.consumed_capacity.is_empty()).then(
-                                        || {
-                                            r.consumed_capacity
-                                                .iter()
-                                                .map(|(k, q)| (k.clone(), q.into()))
-                                                .collect()
-                                        },
-                                    ),
-                                    ..Default::default()
-                                })
-                                .collect(),
-                        ),
-                        config: (!self.config.is_empty()).then(|| {
-                            self.config
-                                .iter()
-                                .map(|c| $m::DeviceAllocationConfiguration {
-                                    source: source_str(c.source).into(),
-                                    requests: (!c.requests.is_empty()).then(|| c.requests.clone()),
-                                    opaque: Some($m::OpaqueDeviceConfiguration {
-                                        driver: c.driver.clone(),
-                                        parameters: RawExtension(c.parameters.clone()),
-                                    }),
-                                })
-                                .collect()
-                        }),
-                    }),
-                    node_selector: self.node_name.as_deref().map(node_selector_for),
-                    ..Default::default()
-                }
+            results.push(AllocatedDevice {
+                request: r.request.clone(),
+                driver: r.driver.clone(),
+                pool: r.pool.clone(),
+                device: r.device.clone(),
+                admin_access: r.admin_access.unwrap_or(false),
+                share_id: r.share_id.clone(),
+                consumed_capacity: consumed,
+            });
+        }
+        let mut config = Vec::new();
+        for (i, c) in devices
+            .and_then(|d| d.config.as_ref())
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            let source = source_of(&c.source).ok_or_else(|| AllocationError::Invalid {
+                claim: key.clone(),
+                field: format!("status.allocation.devices.config[{i}].source"),
+                message: format!("{:?} is neither FromClass nor FromClaim", c.source),
+            })?;
+            if let Some(opaque) = &c.opaque {
+                config.push(ConfigEntry {
+                    source,
+                    requests: c.requests.clone().unwrap_or_default(),
+                    driver: opaque.driver.clone(),
+                    parameters: opaque.parameters.0.clone(),
+                });
             }
         }
-    };
-}
+        Ok(ClaimAllocation {
+            namespace: claim.metadata.namespace.clone().unwrap_or_default(),
+            name: claim.metadata.name.clone().unwrap_or_default(),
+            uid: claim.metadata.uid.clone().unwrap_or_default(),
+            results,
+            config,
+            node_name: pinned_node(allocation.node_selector.as_ref()),
+        })
+    }
 
-allocation_conversions!(v1, from_v1, to_v1);
-allocation_conversions!(v1beta1, from_v1beta1, to_v1beta1);
+    /// The `status.allocation` to write for this allocation.
+    pub fn to_result(&self) -> v1::AllocationResult {
+        v1::AllocationResult {
+            devices: Some(v1::DeviceAllocationResult {
+                results: Some(
+                    self.results
+                        .iter()
+                        .map(|r| v1::DeviceRequestAllocationResult {
+                            request: r.request.clone(),
+                            driver: r.driver.clone(),
+                            pool: r.pool.clone(),
+                            device: r.device.clone(),
+                            admin_access: r.admin_access.then_some(true),
+                            share_id: r.share_id.clone(),
+                            consumed_capacity: (!r.consumed_capacity.is_empty()).then(|| {
+                                r.consumed_capacity
+                                    .iter()
+                                    .map(|(k, q)| (k.clone(), q.into()))
+                                    .collect()
+                            }),
+                            ..Default::default()
+                        })
+                        .collect(),
+                ),
+                config: (!self.config.is_empty()).then(|| {
+                    self.config
+                        .iter()
+                        .map(|c| v1::DeviceAllocationConfiguration {
+                            source: source_str(c.source).into(),
+                            requests: (!c.requests.is_empty()).then(|| c.requests.clone()),
+                            opaque: Some(v1::OpaqueDeviceConfiguration {
+                                driver: c.driver.clone(),
+                                parameters: RawExtension(c.parameters.clone()),
+                            }),
+                        })
+                        .collect()
+                }),
+            }),
+            node_selector: self.node_name.as_deref().map(node_selector_for),
+            ..Default::default()
+        }
+    }
+}
 
 impl ClaimAllocation {
     /// `namespace/name`, how Kubernetes names a claim in messages.
@@ -373,25 +364,16 @@ mod tests {
             },
             spec: Default::default(),
             status: Some(v1::ResourceClaimStatus {
-                allocation: Some(a.to_v1()),
+                allocation: Some(a.to_result()),
                 ..Default::default()
             }),
         }
     }
 
     #[test]
-    fn round_trips_through_both_versions() {
+    fn round_trips_through_the_claim_status() {
         let a = allocation();
-        assert_eq!(ClaimAllocation::from_v1(&claim_v1(&a)).unwrap(), a);
-        let beta = v1beta1::ResourceClaim {
-            metadata: claim_v1(&a).metadata,
-            spec: Default::default(),
-            status: Some(v1beta1::ResourceClaimStatus {
-                allocation: Some(a.to_v1beta1()),
-                ..Default::default()
-            }),
-        };
-        assert_eq!(ClaimAllocation::from_v1beta1(&beta).unwrap(), a);
+        assert_eq!(ClaimAllocation::of(&claim_v1(&a)).unwrap(), a);
     }
 
     #[test]
@@ -429,7 +411,7 @@ mod tests {
                 exclusive: false
             }
         );
-        assert_eq!(ClaimAllocation::from_v1(&claim_v1(&a)).unwrap(), a);
+        assert_eq!(ClaimAllocation::of(&claim_v1(&a)).unwrap(), a);
         // A claim that asked for no amount consumed the policy's default, the largest whole
         // number of steps: with no room for another share beside it, it has the whole memory.
         a.results[0].consumed_capacity = [
@@ -451,7 +433,7 @@ mod tests {
         let mut claim = claim_v1(&allocation());
         claim.status = None;
         assert_eq!(
-            ClaimAllocation::from_v1(&claim).unwrap_err().to_string(),
+            ClaimAllocation::of(&claim).unwrap_err().to_string(),
             "ResourceClaim ml/train-gpu: status.allocation is not set"
         );
         let mut a = allocation();
@@ -468,7 +450,7 @@ mod tests {
         let mut claim = claim_v1(&allocation());
         let alloc = claim.status.as_mut().unwrap().allocation.as_mut().unwrap();
         alloc.devices.as_mut().unwrap().config.as_mut().unwrap()[0].source = "FromNowhere".into();
-        let e = ClaimAllocation::from_v1(&claim).unwrap_err().to_string();
+        let e = ClaimAllocation::of(&claim).unwrap_err().to_string();
         assert!(e.contains("config[0].source"), "{e}");
     }
 

@@ -1,11 +1,12 @@
-//! Rendering a node's GPUs into ResourceSlice objects (resource.k8s.io v1beta1 for Kubernetes
-//! 1.32–1.33, v1 for 1.34+) within the API's limits, and reading published slices back.
+//! Rendering a node's GPUs into ResourceSlice objects (resource.k8s.io/v1; the `dra` crate
+//! converts for clusters that serve v1beta1) within the API's limits, and reading published
+//! slices back.
 
 use crate::capacity::{CORES, FULL_CORES, MEMORY, NATIVE_CORES_MIN, NATIVE_MEMORY_STEP};
 use crate::gpu::{Gpu, semver_of};
 use crate::names::{is_dns_label, is_driver_name, is_qualified_name};
 use crate::quantity::Quantity;
-use k8s_openapi::api::resource::{v1, v1beta1};
+use k8s_openapi::api::resource::v1;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity as K8sQuantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use std::collections::BTreeMap;
@@ -20,24 +21,6 @@ pub const MAX_ATTRIBUTE_VALUE_LEN: usize = 64;
 pub const UNHEALTHY_TAINT_KEY: &str = "vgpu.hami.io/unhealthy";
 /// The standard attribute name Kubernetes defines for a PCI bus id.
 pub const PCI_BUS_ID_ATTRIBUTE: &str = "resource.kubernetes.io/pciBusID";
-
-/// Which resource.k8s.io version to speak.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum ApiVersion {
-    /// Kubernetes 1.32 and 1.33: device fields under `basic`.
-    V1beta1,
-    /// Kubernetes 1.34 and later.
-    V1,
-}
-
-impl ApiVersion {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            ApiVersion::V1beta1 => "resource.k8s.io/v1beta1",
-            ApiVersion::V1 => "resource.k8s.io/v1",
-        }
-    }
-}
 
 /// A device attribute value: exactly one of int, bool, string or (semantic) version.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -311,7 +294,6 @@ pub struct NodeRef {
 #[derive(Clone, Debug)]
 pub struct PoolOptions {
     pub driver: String,
-    pub api_version: ApiVersion,
     pub generation: i64,
     /// At most [`MAX_DEVICES_PER_SLICE`].
     pub max_devices_per_slice: usize,
@@ -320,52 +302,12 @@ pub struct PoolOptions {
 }
 
 impl PoolOptions {
-    pub fn new(driver: &str, api_version: ApiVersion) -> Self {
+    pub fn new(driver: &str) -> Self {
         PoolOptions {
             driver: driver.to_string(),
-            api_version,
             generation: 0,
             max_devices_per_slice: MAX_DEVICES_PER_SLICE,
             taint_unhealthy: false,
-        }
-    }
-}
-
-/// A rendered ResourceSlice in one of the served versions.
-#[derive(Clone, Debug, PartialEq)]
-pub enum RenderedSlice {
-    V1(v1::ResourceSlice),
-    V1beta1(v1beta1::ResourceSlice),
-}
-
-impl RenderedSlice {
-    /// The object as the API server would receive it (apiVersion and kind included).
-    pub fn to_json(&self) -> serde_json::Value {
-        let value = match self {
-            RenderedSlice::V1(s) => serde_json::to_value(s),
-            RenderedSlice::V1beta1(s) => serde_json::to_value(s),
-        };
-        value.expect("k8s-openapi types always serialize")
-    }
-
-    pub fn metadata(&self) -> &ObjectMeta {
-        match self {
-            RenderedSlice::V1(s) => &s.metadata,
-            RenderedSlice::V1beta1(s) => &s.metadata,
-        }
-    }
-
-    pub fn metadata_mut(&mut self) -> &mut ObjectMeta {
-        match self {
-            RenderedSlice::V1(s) => &mut s.metadata,
-            RenderedSlice::V1beta1(s) => &mut s.metadata,
-        }
-    }
-
-    pub fn view(&self) -> SliceView {
-        match self {
-            RenderedSlice::V1(s) => SliceView::from_v1(s),
-            RenderedSlice::V1beta1(s) => SliceView::from_v1beta1(s),
         }
     }
 }
@@ -377,7 +319,7 @@ pub fn render_pool(
     node: &NodeRef,
     devices: &[PublishedDevice],
     opts: &PoolOptions,
-) -> Result<Vec<RenderedSlice>, SliceError> {
+) -> Result<Vec<v1::ResourceSlice>, SliceError> {
     if !is_driver_name(&opts.driver) {
         return Err(SliceError::DriverName(opts.driver.clone()));
     }
@@ -419,35 +361,19 @@ pub fn render_pool(
     };
     Ok(chunks
         .into_iter()
-        .map(|chunk| match opts.api_version {
-            ApiVersion::V1 => RenderedSlice::V1(v1::ResourceSlice {
-                metadata: metadata.clone(),
-                spec: v1::ResourceSliceSpec {
-                    driver: opts.driver.clone(),
-                    node_name: Some(node.name.clone()),
-                    pool: v1::ResourcePool {
-                        name: node.name.clone(),
-                        generation: opts.generation,
-                        resource_slice_count: count,
-                    },
-                    devices: Some(chunk.iter().map(|d| to_v1(d)).collect()),
-                    ..Default::default()
+        .map(|chunk| v1::ResourceSlice {
+            metadata: metadata.clone(),
+            spec: v1::ResourceSliceSpec {
+                driver: opts.driver.clone(),
+                node_name: Some(node.name.clone()),
+                pool: v1::ResourcePool {
+                    name: node.name.clone(),
+                    generation: opts.generation,
+                    resource_slice_count: count,
                 },
-            }),
-            ApiVersion::V1beta1 => RenderedSlice::V1beta1(v1beta1::ResourceSlice {
-                metadata: metadata.clone(),
-                spec: v1beta1::ResourceSliceSpec {
-                    driver: opts.driver.clone(),
-                    node_name: Some(node.name.clone()),
-                    pool: v1beta1::ResourcePool {
-                        name: node.name.clone(),
-                        generation: opts.generation,
-                        resource_slice_count: count,
-                    },
-                    devices: Some(chunk.iter().map(|d| to_v1beta1(d)).collect()),
-                    ..Default::default()
-                },
-            }),
+                devices: Some(chunk.iter().map(|d| to_device(d)).collect()),
+                ..Default::default()
+            },
         })
         .collect())
 }
@@ -456,157 +382,101 @@ fn k8s_quantity(q: &Quantity) -> K8sQuantity {
     K8sQuantity(q.to_string())
 }
 
-macro_rules! attribute_conversions {
-    ($m:ident) => {
-        fn to_attr(v: &AttributeValue) -> $m::DeviceAttribute {
-            let mut a = $m::DeviceAttribute::default();
-            match v {
-                AttributeValue::Int(i) => a.int = Some(*i),
-                AttributeValue::Bool(b) => a.bool = Some(*b),
-                AttributeValue::String(s) => a.string = Some(s.clone()),
-                AttributeValue::Version(s) => a.version = Some(s.clone()),
-            }
-            a
-        }
-        fn from_attr(a: &$m::DeviceAttribute) -> Option<AttributeValue> {
-            match (a.int, a.bool, &a.string, &a.version) {
-                (Some(i), None, None, None) => Some(AttributeValue::Int(i)),
-                (None, Some(b), None, None) => Some(AttributeValue::Bool(b)),
-                (None, None, Some(s), None) => Some(AttributeValue::String(s.clone())),
-                (None, None, None, Some(s)) => Some(AttributeValue::Version(s.clone())),
-                _ => None,
-            }
-        }
-        fn attrs(d: &PublishedDevice) -> BTreeMap<String, $m::DeviceAttribute> {
+fn to_attr(v: &AttributeValue) -> v1::DeviceAttribute {
+    let mut a = v1::DeviceAttribute::default();
+    match v {
+        AttributeValue::Int(i) => a.int = Some(*i),
+        AttributeValue::Bool(b) => a.bool = Some(*b),
+        AttributeValue::String(s) => a.string = Some(s.clone()),
+        AttributeValue::Version(s) => a.version = Some(s.clone()),
+    }
+    a
+}
+
+fn from_attr(a: &v1::DeviceAttribute) -> Option<AttributeValue> {
+    match (a.int, a.bool, &a.string, &a.version) {
+        (Some(i), None, None, None) => Some(AttributeValue::Int(i)),
+        (None, Some(b), None, None) => Some(AttributeValue::Bool(b)),
+        (None, None, Some(s), None) => Some(AttributeValue::String(s.clone())),
+        (None, None, None, Some(s)) => Some(AttributeValue::Version(s.clone())),
+        _ => None,
+    }
+}
+
+fn capacity_of(d: &PublishedDevice) -> BTreeMap<String, v1::DeviceCapacity> {
+    d.capacity
+        .iter()
+        .map(|(k, q)| {
+            let request_policy = d
+                .allow_multiple_allocations
+                .then(|| capacity_request_policy(k, q))
+                .flatten()
+                .map(|p| v1::CapacityRequestPolicy {
+                    default: Some(k8s_quantity(&p.default)),
+                    valid_values: None,
+                    valid_range: Some(v1::CapacityRequestPolicyRange {
+                        min: k8s_quantity(&p.min),
+                        max: Some(k8s_quantity(&p.max)),
+                        step: Some(k8s_quantity(&p.step)),
+                    }),
+                });
+            (
+                k.clone(),
+                v1::DeviceCapacity {
+                    value: k8s_quantity(q),
+                    request_policy,
+                },
+            )
+        })
+        .collect()
+}
+
+fn to_device(d: &PublishedDevice) -> v1::Device {
+    v1::Device {
+        name: d.name.clone(),
+        attributes: Some(
             d.attributes
                 .iter()
                 .map(|(k, v)| (k.clone(), to_attr(v)))
-                .collect()
-        }
-        fn caps(d: &PublishedDevice) -> BTreeMap<String, $m::DeviceCapacity> {
-            d.capacity
-                .iter()
-                .map(|(k, q)| {
-                    let request_policy = d
-                        .allow_multiple_allocations
-                        .then(|| capacity_request_policy(k, q))
-                        .flatten()
-                        .map(|p| $m::CapacityRequestPolicy {
-                            default: Some(k8s_quantity(&p.default)),
-                            valid_values: None,
-                            valid_range: Some($m::CapacityRequestPolicyRange {
-                                min: k8s_quantity(&p.min),
-                                max: Some(k8s_quantity(&p.max)),
-                                step: Some(k8s_quantity(&p.step)),
-                            }),
-                        });
-                    (
-                        k.clone(),
-                        $m::DeviceCapacity {
-                            value: k8s_quantity(q),
-                            request_policy,
-                        },
-                    )
-                })
-                .collect()
-        }
-        fn taints(d: &PublishedDevice) -> Option<Vec<$m::DeviceTaint>> {
-            d.unhealthy.as_ref().map(|reason| {
-                vec![$m::DeviceTaint {
-                    key: UNHEALTHY_TAINT_KEY.into(),
-                    value: Some(clip(reason)),
-                    effect: "NoSchedule".into(),
-                    time_added: None,
-                }]
-            })
-        }
-        fn read_back(
-            name: &str,
-            attributes: Option<&BTreeMap<String, $m::DeviceAttribute>>,
-            capacity: Option<&BTreeMap<String, $m::DeviceCapacity>>,
-            taints: Option<&Vec<$m::DeviceTaint>>,
-            allow_multiple_allocations: Option<bool>,
-        ) -> PublishedDevice {
-            PublishedDevice {
-                name: name.to_string(),
-                attributes: attributes
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|(k, a)| from_attr(a).map(|v| (k.clone(), v)))
-                    .collect(),
-                capacity: capacity
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|(k, c)| Quantity::parse(&c.value.0).ok().map(|q| (k.clone(), q)))
-                    .collect(),
-                unhealthy: taints
-                    .into_iter()
-                    .flatten()
-                    .find(|t| t.key == UNHEALTHY_TAINT_KEY)
-                    .map(|t| t.value.clone().unwrap_or_default()),
-                allow_multiple_allocations: allow_multiple_allocations.unwrap_or(false),
-            }
-        }
-    };
-}
-
-mod conv_v1 {
-    use super::*;
-    attribute_conversions!(v1);
-    pub(super) fn device(d: &PublishedDevice) -> v1::Device {
-        v1::Device {
-            name: d.name.clone(),
-            attributes: Some(attrs(d)),
-            capacity: Some(caps(d)),
-            taints: taints(d),
-            allow_multiple_allocations: d.allow_multiple_allocations.then_some(true),
-            ..Default::default()
-        }
-    }
-    pub(super) fn back(d: &v1::Device) -> PublishedDevice {
-        read_back(
-            &d.name,
-            d.attributes.as_ref(),
-            d.capacity.as_ref(),
-            d.taints.as_ref(),
-            d.allow_multiple_allocations,
-        )
+                .collect(),
+        ),
+        capacity: Some(capacity_of(d)),
+        taints: d.unhealthy.as_ref().map(|reason| {
+            vec![v1::DeviceTaint {
+                key: UNHEALTHY_TAINT_KEY.into(),
+                value: Some(clip(reason)),
+                effect: "NoSchedule".into(),
+                time_added: None,
+            }]
+        }),
+        allow_multiple_allocations: d.allow_multiple_allocations.then_some(true),
+        ..Default::default()
     }
 }
 
-mod conv_v1beta1 {
-    use super::*;
-    attribute_conversions!(v1beta1);
-    pub(super) fn device(d: &PublishedDevice) -> v1beta1::Device {
-        v1beta1::Device {
-            name: d.name.clone(),
-            basic: Some(v1beta1::BasicDevice {
-                attributes: Some(attrs(d)),
-                capacity: Some(caps(d)),
-                taints: taints(d),
-                allow_multiple_allocations: d.allow_multiple_allocations.then_some(true),
-                ..Default::default()
-            }),
-        }
+fn from_device(d: &v1::Device) -> PublishedDevice {
+    PublishedDevice {
+        name: d.name.clone(),
+        attributes: d
+            .attributes
+            .iter()
+            .flatten()
+            .filter_map(|(k, a)| from_attr(a).map(|v| (k.clone(), v)))
+            .collect(),
+        capacity: d
+            .capacity
+            .iter()
+            .flatten()
+            .filter_map(|(k, c)| Quantity::parse(&c.value.0).ok().map(|q| (k.clone(), q)))
+            .collect(),
+        unhealthy: d
+            .taints
+            .iter()
+            .flatten()
+            .find(|t| t.key == UNHEALTHY_TAINT_KEY)
+            .map(|t| t.value.clone().unwrap_or_default()),
+        allow_multiple_allocations: d.allow_multiple_allocations.unwrap_or(false),
     }
-    pub(super) fn back(d: &v1beta1::Device) -> PublishedDevice {
-        let basic = d.basic.as_ref();
-        read_back(
-            &d.name,
-            basic.and_then(|b| b.attributes.as_ref()),
-            basic.and_then(|b| b.capacity.as_ref()),
-            basic.and_then(|b| b.taints.as_ref()),
-            basic.and_then(|b| b.allow_multiple_allocations),
-        )
-    }
-}
-
-fn to_v1(d: &PublishedDevice) -> v1::Device {
-    conv_v1::device(d)
-}
-
-fn to_v1beta1(d: &PublishedDevice) -> v1beta1::Device {
-    conv_v1beta1::device(d)
 }
 
 /// A published slice as the allocator needs it, whatever version it was read in.
@@ -622,7 +492,7 @@ pub struct SliceView {
 }
 
 impl SliceView {
-    pub fn from_v1(s: &v1::ResourceSlice) -> SliceView {
+    pub fn of(s: &v1::ResourceSlice) -> SliceView {
         SliceView {
             name: s.metadata.name.clone().unwrap_or_default(),
             driver: s.spec.driver.clone(),
@@ -630,25 +500,7 @@ impl SliceView {
             generation: s.spec.pool.generation,
             resource_slice_count: s.spec.pool.resource_slice_count,
             node_name: s.spec.node_name.clone().filter(|n| !n.is_empty()),
-            devices: s.spec.devices.iter().flatten().map(conv_v1::back).collect(),
-        }
-    }
-
-    pub fn from_v1beta1(s: &v1beta1::ResourceSlice) -> SliceView {
-        SliceView {
-            name: s.metadata.name.clone().unwrap_or_default(),
-            driver: s.spec.driver.clone(),
-            pool: s.spec.pool.name.clone(),
-            generation: s.spec.pool.generation,
-            resource_slice_count: s.spec.pool.resource_slice_count,
-            node_name: s.spec.node_name.clone().filter(|n| !n.is_empty()),
-            devices: s
-                .spec
-                .devices
-                .iter()
-                .flatten()
-                .map(conv_v1beta1::back)
-                .collect(),
+            devices: s.spec.devices.iter().flatten().map(from_device).collect(),
         }
     }
 }
@@ -765,12 +617,12 @@ mod tests {
                 ..Default::default()
             })
             .collect();
-        for version in [ApiVersion::V1, ApiVersion::V1beta1] {
-            let mut opts = PoolOptions::new("vgpu.hami.io", version);
+        {
+            let mut opts = PoolOptions::new("vgpu.hami.io");
             opts.generation = 7;
             let slices = render_pool(&node(), &devices, &opts).unwrap();
             assert_eq!(slices.len(), 3);
-            let views: Vec<SliceView> = slices.iter().map(RenderedSlice::view).collect();
+            let views: Vec<SliceView> = slices.iter().map(SliceView::of).collect();
             assert_eq!(
                 views.iter().map(|v| v.devices.len()).collect::<Vec<_>>(),
                 vec![128, 128, 44]
@@ -790,12 +642,12 @@ mod tests {
     fn unhealthy_devices_are_left_out_or_tainted() {
         let mut devices = gpu_devices(&[gpu(0), gpu(1)]).unwrap();
         devices[1].unhealthy = Some("Xid 79: GPU has fallen off the bus".into());
-        let mut opts = PoolOptions::new("vgpu.hami.io", ApiVersion::V1);
+        let mut opts = PoolOptions::new("vgpu.hami.io");
         let slices = render_pool(&node(), &devices, &opts).unwrap();
-        assert_eq!(slices[0].view().devices.len(), 1);
+        assert_eq!(SliceView::of(&slices[0]).devices.len(), 1);
         opts.taint_unhealthy = true;
         let slices = render_pool(&node(), &devices, &opts).unwrap();
-        let view = slices[0].view();
+        let view = SliceView::of(&slices[0]);
         assert_eq!(view.devices.len(), 2);
         assert_eq!(view.devices[1].unhealthy, devices[1].unhealthy);
     }
@@ -804,9 +656,9 @@ mod tests {
     fn native_sharing_publishes_request_policies() {
         let mut devices = gpu_devices(&[gpu(0)]).unwrap();
         devices[0].allow_multiple_allocations = true;
-        let opts = PoolOptions::new("vgpu.hami.io", ApiVersion::V1);
+        let opts = PoolOptions::new("vgpu.hami.io");
         let slices = render_pool(&node(), &devices, &opts).unwrap();
-        let json = slices[0].to_json();
+        let json = serde_json::to_value(&slices[0]).unwrap();
         let d = &json["spec"]["devices"][0];
         assert_eq!(d["allowMultipleAllocations"], true);
         assert_eq!(
@@ -830,10 +682,12 @@ mod tests {
             "81408Mi"
         );
         assert_eq!(d["capacity"]["cores"]["requestPolicy"]["default"], "100");
-        assert_eq!(slices[0].view().devices, devices);
+        assert_eq!(SliceView::of(&slices[0]).devices, devices);
         // Without native sharing no policy and no flag are published.
-        let plain =
-            render_pool(&node(), &gpu_devices(&[gpu(0)]).unwrap(), &opts).unwrap()[0].to_json();
+        let plain = serde_json::to_value(
+            &render_pool(&node(), &gpu_devices(&[gpu(0)]).unwrap(), &opts).unwrap()[0],
+        )
+        .unwrap();
         assert!(
             plain["spec"]["devices"][0]
                 .get("allowMultipleAllocations")
@@ -848,21 +702,21 @@ mod tests {
 
     #[test]
     fn empty_node_still_publishes_one_slice() {
-        let opts = PoolOptions::new("vgpu.hami.io", ApiVersion::V1beta1);
+        let opts = PoolOptions::new("vgpu.hami.io");
         let slices = render_pool(&node(), &[], &opts).unwrap();
         assert_eq!(slices.len(), 1);
-        assert_eq!(slices[0].view().resource_slice_count, 1);
+        assert_eq!(SliceView::of(&slices[0]).resource_slice_count, 1);
     }
 
     #[test]
     fn refuses_bad_driver_pool_and_duplicates() {
         let devices = gpu_devices(&[gpu(0)]).unwrap();
-        let opts = PoolOptions::new("Not_A_Driver", ApiVersion::V1);
+        let opts = PoolOptions::new("Not_A_Driver");
         assert!(matches!(
             render_pool(&node(), &devices, &opts),
             Err(SliceError::DriverName(_))
         ));
-        let opts = PoolOptions::new("vgpu.hami.io", ApiVersion::V1);
+        let opts = PoolOptions::new("vgpu.hami.io");
         let bad_node = NodeRef {
             name: "Node_1".into(),
             uid: "x".into(),

@@ -89,28 +89,14 @@ struct Args {
     log_format: LogFormat,
 }
 
-async fn kube_client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<kube::Client> {
-    let config = match kubeconfig {
-        Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-                .await
-                .with_context(|| format!("using kubeconfig {}", path.display()))?
-        }
-        None => kube::Config::incluster().context(
-            "no --kubeconfig given and not running in a cluster (in-cluster service account config unavailable)",
-        )?,
-    };
-    kube::Client::try_from(config).context("creating the Kubernetes client")
-}
-
 async fn run(args: Args) -> anyhow::Result<()> {
     let source = match &args.fake_gpus {
         Some(path) => GpuSource::Fake(FakeSource::new(path, Duration::from_secs(2))),
         None => GpuSource::Nvml(NvmlSource::init()?),
     };
-    let client = kube_client(args.kubeconfig.as_ref()).await?;
+    let client = dra::connect::client(args.kubeconfig.as_deref())
+        .await
+        .context("connecting to the API server")?;
     let plugin_dir = args
         .plugin_dir
         .clone()

@@ -1,8 +1,5 @@
-//! Prometheus metrics, served as text over HTTP at `/metrics` on `--metrics-addr`.
-//!
-//! The HTTP side is a deliberately tiny HTTP/1.1 responder (one GET, connection closed after
-//! the answer): a scrape endpoint needs nothing more, and it keeps a web framework out of the
-//! node agent.
+//! Prometheus metrics, served at `/metrics` on `--metrics-addr` by `dra::http` (with
+//! `/healthz` and `/readyz`).
 
 use crate::discovery::Snapshot;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -13,7 +10,6 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
@@ -178,97 +174,21 @@ impl Metrics {
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
-
-    /// Serve `/metrics` on `listener` until `stop` fires.
-    pub async fn serve(
-        self,
-        listener: tokio::net::TcpListener,
-        mut stop: tokio::sync::watch::Receiver<bool>,
-    ) {
-        loop {
-            let (mut socket, _) = tokio::select! {
-                _ = stop.changed() => return,
-                accepted = listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "metrics: accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
-            };
-            let metrics = self.clone();
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 4096];
-                let mut len = 0;
-                // Read the request head (bounded, with a timeout against idle clients).
-                let read = tokio::time::timeout(Duration::from_secs(5), async {
-                    while len < buf.len() {
-                        let n = socket.read(&mut buf[len..]).await?;
-                        if n == 0 {
-                            break;
-                        }
-                        len += n;
-                        if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
-                            break;
-                        }
-                    }
-                    Ok::<_, std::io::Error>(())
-                })
-                .await;
-                if !matches!(read, Ok(Ok(()))) {
-                    return;
-                }
-                let head = String::from_utf8_lossy(&buf[..len]);
-                let first = head.lines().next().unwrap_or("");
-                let (status, content_type, body) =
-                    if first.starts_with("GET /metrics ") || first == "GET /metrics" {
-                        (
-                            "200 OK",
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                            metrics.encode(),
-                        )
-                    } else {
-                        (
-                            "404 Not Found",
-                            "text/plain",
-                            "only /metrics is served\n".to_string(),
-                        )
-                    };
-                let response = format!(
-                    "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = socket.write_all(response.as_bytes()).await;
-                let _ = socket.shutdown().await;
-            });
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn metrics_are_served_over_http() {
+    #[test]
+    fn counts_and_latency_are_exposed() {
         let metrics = Metrics::new();
         metrics.prepared(true);
         metrics.prepared(false);
         metrics.prepared(true);
         metrics.observe_prepare(Duration::from_millis(3));
         metrics.set_published_devices(7);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop_tx, stop) = tokio::sync::watch::channel(false);
-        let server = tokio::spawn(metrics.clone().serve(listener, stop));
-        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
-        conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .unwrap();
-        let mut text = String::new();
-        conn.read_to_string(&mut text).await.unwrap();
-        assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+        let text = metrics.encode();
         assert!(
             text.contains("vgpu_kubelet_plugin_prepare_claims_total{result=\"success\"} 2"),
             "{text}"
@@ -285,12 +205,5 @@ mod tests {
             text.contains("vgpu_kubelet_plugin_prepare_duration_seconds_count 1"),
             "{text}"
         );
-        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
-        conn.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
-        let mut text = String::new();
-        conn.read_to_string(&mut text).await.unwrap();
-        assert!(text.starts_with("HTTP/1.1 404"), "{text}");
-        stop_tx.send(true).unwrap();
-        server.await.unwrap();
     }
 }

@@ -1,24 +1,20 @@
-//! Wiring: discovery → state → publisher, preparer → gRPC sockets, metrics; and an orderly
-//! stop that removes the sockets.
+//! Wiring: discovery → state → publisher, preparer → the kubelet helper's sockets, metrics;
+//! and an orderly stop that removes the sockets.
 
 use crate::discovery::{DiscoveryError, GpuSource, GpuState};
-use crate::grpc::{self, DraCore, DraService, Registrar, SocketPaths};
+use crate::driver::VgpuDriver;
 use crate::metrics::Metrics;
 use crate::prepare::devnodes::DeviceNodes;
 use crate::prepare::{PrepareConfig, PrepareError, Preparer};
 use crate::publish::{self, PublishError, Publisher};
+use dra::ApiVersion;
+use dra::kubeletplugin::{Helper, HelperError, Options};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
-use vgpu_driver::slice::ApiVersion;
 
-/// Default kubelet plugin data directory root (`<root>/<driver>`).
-pub const KUBELET_PLUGINS_DIR: &str = "/var/lib/kubelet/plugins";
-/// Default kubelet plugin registry directory.
-pub const KUBELET_REGISTRY_DIR: &str = "/var/lib/kubelet/plugins_registry";
-/// File name of the DRA socket in the plugin directory.
-pub const DRA_SOCKET: &str = "dra.sock";
+pub use dra::kubeletplugin::{KUBELET_PLUGINS_DIR, KUBELET_REGISTRY_DIR};
 
 /// Everything the plugin needs to know; the binary fills it from flags.
 #[derive(Clone, Debug)]
@@ -45,28 +41,27 @@ pub struct PluginConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum PluginError {
     #[error(transparent)]
-    Discovery(#[from] DiscoveryError),
+    Gpus(#[from] DiscoveryError),
     #[error(transparent)]
     Publish(#[from] PublishError),
     #[error(transparent)]
     Prepare(#[from] PrepareError),
     #[error(transparent)]
-    Socket(#[from] vgpu_proto::uds::UdsError),
-    #[error("the gRPC server stopped before it was ready")]
-    NotReady,
+    Kubelet(#[from] HelperError),
+    #[error(transparent)]
+    Discovery(#[from] dra::DiscoveryError),
 }
 
 /// A started plugin.
 pub struct Running {
     stop: watch::Sender<bool>,
-    grpc: tokio::task::JoinHandle<Result<(), vgpu_proto::uds::UdsError>>,
+    kubelet: Helper,
     publisher: tokio::task::JoinHandle<()>,
-    metrics_server: Option<tokio::task::JoinHandle<()>>,
+    metrics_server: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
     pub gpus: GpuState,
     pub preparer: Arc<Preparer>,
     pub metrics: Metrics,
     pub api_version: ApiVersion,
-    pub sockets: SocketPaths,
 }
 
 /// Start the plugin. Returns once both sockets are served and the first publish was started.
@@ -86,7 +81,7 @@ pub async fn start(
     let gpus = GpuState::new(snapshot);
     source.spawn_health_watcher(gpus.clone(), stop_rx.clone());
 
-    let api_version = publish::discover_api_version(&client).await?;
+    let api_version = dra::version::discover(&client).await?;
     tracing::info!(api = api_version.as_str(), "resource.k8s.io version chosen");
 
     let prepare_cfg = PrepareConfig {
@@ -139,69 +134,68 @@ pub async fn start(
         stop_rx.clone(),
     ));
 
-    let sockets = SocketPaths {
-        dra: cfg.plugin_dir.join(DRA_SOCKET),
-        registration: grpc::registration_socket(&cfg.registrar_dir, &cfg.driver),
-    };
-    let registrar = Registrar {
-        driver: cfg.driver.clone(),
-        endpoint: cfg
-            .kubelet_plugin_dir
-            .join(DRA_SOCKET)
-            .display()
-            .to_string(),
-    };
-    let core = DraCore::new(
+    let kubelet = Helper::start(
+        Arc::new(VgpuDriver::new(
+            preparer.clone(),
+            metrics.clone(),
+            gpus.clone(),
+            &cfg.node,
+        )),
         client,
         api_version,
-        &cfg.driver,
-        &cfg.node,
-        preparer.clone(),
-        metrics.clone(),
-    );
-    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-    let grpc = {
-        let sockets = sockets.clone();
-        let stop_rx = stop_rx.clone();
-        tokio::spawn(async move {
-            grpc::serve(
-                &sockets,
-                DraService(Arc::new(core)),
-                registrar,
-                move || {
-                    let _ = ready_tx.send(());
-                },
-                stop_rx,
-            )
-            .await
-        })
+        Options {
+            driver_name: cfg.driver.clone(),
+            node_name: cfg.node.clone(),
+            plugin_dir: cfg.plugin_dir.clone(),
+            kubelet_plugin_dir: cfg.kubelet_plugin_dir.clone(),
+            registrar_dir: cfg.registrar_dir.clone(),
+            rolling_update_uid: None,
+        },
+    )
+    .await;
+    let kubelet = match kubelet {
+        Ok(k) => k,
+        Err(e) => {
+            let _ = stop.send(true);
+            return Err(e.into());
+        }
     };
-    if ready_rx.await.is_err() {
-        let _ = stop.send(true);
-        return match grpc.await {
-            Ok(Err(e)) => Err(e.into()),
-            _ => Err(PluginError::NotReady),
-        };
-    }
-    let metrics_server = metrics_listener.map(|l| tokio::spawn(metrics.clone().serve(l, stop_rx)));
+    let metrics_server = metrics_listener.map(|listener| {
+        let rendered = metrics.clone();
+        // Ready once serving the kubelet, which is when start returns.
+        let endpoint = dra::http::Endpoint::new(move || rendered.encode(), || true);
+        let mut stop_rx = stop_rx;
+        tokio::spawn(endpoint.serve(listener, async move {
+            let _ = stop_rx.wait_for(|stopped| *stopped).await;
+        }))
+    });
     Ok(Running {
         stop,
-        grpc,
+        kubelet,
         publisher,
         metrics_server,
         gpus,
         preparer,
         metrics,
         api_version,
-        sockets,
     })
 }
 
 impl Running {
+    /// The DRA socket the kubelet dials.
+    pub fn dra_socket(&self) -> &std::path::Path {
+        self.kubelet.dra_socket()
+    }
+
+    /// The registration socket in the kubelet's registry directory.
+    pub fn registration_socket(&self) -> &std::path::Path {
+        self.kubelet.registration_socket()
+    }
+
     /// Stop serving and remove the sockets.
     pub async fn shutdown(self) -> Result<(), PluginError> {
         let _ = self.stop.send(true);
-        let grpc = self.grpc.await;
+        let kubelet = self.kubelet.shutdown().await;
         // A sync stuck on an unresponsive API server must not hold the stop; syncs are
         // idempotent, so cutting one short is harmless.
         let mut publisher = self.publisher;
@@ -214,9 +208,6 @@ impl Running {
         if let Some(m) = self.metrics_server {
             let _ = m.await;
         }
-        match grpc {
-            Ok(r) => r.map_err(PluginError::from),
-            Err(_) => Err(PluginError::NotReady),
-        }
+        Ok(kubelet?)
     }
 }

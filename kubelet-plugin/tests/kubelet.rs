@@ -367,7 +367,7 @@ async fn v1beta1_and_v1_are_served_on_a_132_cluster() {
     )
     .await;
     let running = h.start().await;
-    assert_eq!(running.api_version, vgpu_driver::ApiVersion::V1beta1);
+    assert_eq!(running.api_version, dra::ApiVersion::V1beta1);
     let uid = h.put_claim(&ClaimSpec::sliced("beta", &["gpu-4"], "2Gi", 25));
     let beta = h
         .v1beta1()
@@ -554,6 +554,90 @@ async fn a_native_share_prepares_the_same_container_as_the_controllers_slice() {
     assert_eq!(
         by_scheduler["devices"][0]["name"],
         format!("{native_uid}-gpu-{share}")
+    );
+    running.shutdown().await.unwrap();
+}
+
+/// The DRA socket serves gRPC health (SERVING) and the kubelet's device health stream: the
+/// current health at once, then each change, as the kubelet with ResourceHealthStatus reads it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_services_report_serving_and_device_health_changes() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    use vgpu_proto::health::v1alpha1 as health;
+
+    let h = Harness::new(DraVersions::V1Only, &example("fake-gpus-mixed.yaml")).await;
+    let running = h.start().await;
+    let channel = vgpu_proto::uds::connect(h.dra_socket()).await.unwrap();
+    let mut grpc_health = HealthClient::new(channel.clone());
+    for service in [
+        "",
+        "k8s.io.kubelet.pkg.apis.dra.v1.DRAPlugin",
+        "k8s.io.kubelet.pkg.apis.dra.v1beta1.DRAPlugin",
+    ] {
+        let status = grpc_health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        assert_eq!(status, ServingStatus::Serving as i32, "{service:?}");
+    }
+    let unknown = grpc_health
+        .check(HealthCheckRequest {
+            service: "no.such.Service".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound);
+
+    let mut devices = health::dra_resource_health_client::DraResourceHealthClient::new(channel)
+        .node_watch_resources(health::NodeWatchResourcesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let status_of = |m: &health::NodeWatchResourcesResponse, device: &str| {
+        m.devices
+            .iter()
+            .find(|d| d.device.as_ref().is_some_and(|i| i.device_name == device))
+            .map(|d| {
+                assert_eq!(d.device.as_ref().unwrap().pool_name, "node-a");
+                assert!(d.last_updated_time > 1_700_000_000, "{d:?}");
+                d.health
+            })
+    };
+    let first = devices.message().await.unwrap().unwrap();
+    assert_eq!(first.devices.len(), 4, "{first:?}");
+    // The mixed node's T4 (gpu-3) is unhealthy in the inventory, the others are healthy.
+    assert_eq!(
+        status_of(&first, "gpu-3"),
+        Some(health::HealthStatus::Unhealthy as i32)
+    );
+    assert_eq!(
+        status_of(&first, "gpu-0"),
+        Some(health::HealthStatus::Healthy as i32)
+    );
+    // gpu-0 turns unhealthy (an Xid event): the stream says so.
+    let inventory = example("fake-gpus-mixed.yaml").replace(
+        "unhealthy:\n",
+        "unhealthy:\n  GPU-8a1d3c52-0000-4b7e-a1f0-1c2d3e4f5a60: \"Xid 48: double-bit ECC error\"\n",
+    );
+    h.write_inventory(&inventory);
+    let changed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let m = devices.message().await.unwrap().unwrap();
+            if status_of(&m, "gpu-0") == Some(health::HealthStatus::Unhealthy as i32) {
+                return m;
+            }
+        }
+    })
+    .await
+    .expect("the health stream reported gpu-0 unhealthy");
+    assert_eq!(
+        status_of(&changed, "gpu-3"),
+        Some(health::HealthStatus::Unhealthy as i32)
     );
     running.shutdown().await.unwrap();
 }

@@ -47,7 +47,7 @@ fn without_server_fields(mut v: Value) -> Value {
 async fn v1_slices_on_a_134_server_are_exact_and_valid() {
     let h = Harness::new(DraVersions::V1Only, &example("fake-gpus-mixed.yaml")).await;
     let running = h.start().await;
-    assert_eq!(running.api_version, vgpu_driver::ApiVersion::V1);
+    assert_eq!(running.api_version, dra::ApiVersion::V1);
     h.eventually("a published slice", || h.slices().len() == 1)
         .await;
     let writes = slice_writes(&h);
@@ -95,7 +95,7 @@ async fn v1_slices_on_a_134_server_are_exact_and_valid() {
         slice["spec"]["devices"][2]["capacity"]["memory"]["value"],
         "46068Mi"
     );
-    vgpu_driver::testing::validate_k8s(std::slice::from_ref(slice), "1.34.0").unwrap();
+    test_support::validate_k8s(std::slice::from_ref(slice), "1.34.0").unwrap();
     let text = running.metrics.encode();
     assert!(
         text.contains("vgpu_kubelet_plugin_published_devices 3"),
@@ -113,7 +113,7 @@ async fn v1beta1_slices_on_a_132_server_are_valid() {
     )
     .await;
     let running = h.start().await;
-    assert_eq!(running.api_version, vgpu_driver::ApiVersion::V1beta1);
+    assert_eq!(running.api_version, dra::ApiVersion::V1beta1);
     h.eventually("a published slice", || h.slices().len() == 1)
         .await;
     let slice = h.slices().remove(0);
@@ -130,7 +130,7 @@ async fn v1beta1_slices_on_a_132_server_are_valid() {
         slice["spec"]["pool"],
         json!({"name": "node-a", "generation": 0, "resourceSliceCount": 1})
     );
-    vgpu_driver::testing::validate_k8s(&[slice], "1.32.0").unwrap();
+    test_support::validate_k8s(&[slice], "1.32.0").unwrap();
     running.shutdown().await.unwrap();
 }
 
@@ -280,7 +280,7 @@ async fn taint_mode_publishes_unhealthy_gpus_with_a_taint() {
         json!([{"key": "vgpu.hami.io/unhealthy", "value": "Xid 79: GPU has fallen off the bus", "effect": "NoSchedule"}])
     );
     assert!(slice["spec"]["devices"][2].get("taints").is_none());
-    vgpu_driver::testing::validate_k8s(&[slice], "1.34.0").unwrap();
+    test_support::validate_k8s(&[slice], "1.34.0").unwrap();
     running.shutdown().await.unwrap();
 }
 
@@ -329,7 +329,7 @@ async fn native_mode_publishes_shareable_gpus_with_request_policies() {
         assert!(d["capacity"]["memory"]["requestPolicy"].is_object(), "{d}");
         assert!(d["capacity"]["cores"]["requestPolicy"].is_object(), "{d}");
     }
-    vgpu_driver::testing::validate_k8s(&[slice], "1.34.0").unwrap();
+    test_support::validate_k8s(&[slice], "1.34.0").unwrap();
     assert!(fallback_events(&h).is_empty());
     let text = running.metrics.encode();
     assert!(
@@ -408,6 +408,6 @@ async fn native_mode_on_a_132_cluster_falls_back_at_once() {
     h.eventually("a published slice", || h.slices().len() == 1)
         .await;
     let slice = h.slices().remove(0);
-    vgpu_driver::testing::validate_k8s(&[slice], "1.32.0").unwrap();
+    test_support::validate_k8s(&[slice], "1.32.0").unwrap();
     running.shutdown().await.unwrap();
 }

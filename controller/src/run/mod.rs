@@ -1,21 +1,21 @@
 //! `controller run`: the allocator against a live API server. Watches ResourceClaims,
-//! DeviceClasses, ResourceSlices (resource.k8s.io v1 where served, else v1beta1), Nodes and
-//! Pods; while this replica holds the leader Lease, allocates pending claims of our classes
-//! in passes triggered by changes and by retry back-off.
+//! DeviceClasses, ResourceSlices (as v1, whichever version the API server serves: the `dra`
+//! crate converts at the wire), Nodes and Pods; while this replica holds the leader Lease,
+//! allocates pending claims of our classes in passes triggered by changes and by retry
+//! back-off.
 
-pub mod api;
 pub mod leader;
 pub mod metrics;
 pub mod reconcile;
 
 use crate::engine::Policies;
-use crate::model::{NodeView, PodView};
-use api::{ClaimObject, ClassObject, SliceObject, Watched};
-use futures::StreamExt;
+use crate::model::{ClassView, NodeView, PodView};
+use dra::events::EventSink;
+use dra::{ApiVersion, DiscoveryError, DraApi, DraObject};
+use futures::{Stream, StreamExt};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod};
-use k8s_openapi::api::resource::{v1, v1beta1};
-use kube::runtime::events::{Recorder, Reporter};
+use k8s_openapi::api::resource::v1;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
@@ -23,10 +23,11 @@ use leader::{Elector, Leadership, LeaseTiming};
 use metrics::Metrics;
 use reconcile::{Allocator, Backoff, PassReport, Snapshot};
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
-use vgpu_driver::ApiVersion;
+use vgpu_driver::SliceView;
 
 /// Leader election settings; `None` in [`Options`] runs without (a single replica).
 #[derive(Clone, Debug)]
@@ -83,7 +84,7 @@ pub struct Status {
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error(transparent)]
-    Discovery(#[from] api::DiscoveryError),
+    Discovery(#[from] DiscoveryError),
     #[error("a watch cache stopped before its first list completed")]
     CacheNotReady,
 }
@@ -94,6 +95,7 @@ pub struct Controller {
     options: Options,
     metrics: Arc<Metrics>,
     status: Arc<Mutex<Status>>,
+    synced: Arc<AtomicBool>,
 }
 
 impl Controller {
@@ -103,6 +105,7 @@ impl Controller {
             options,
             metrics,
             status: Arc::default(),
+            synced: Arc::default(),
         }
     }
 
@@ -111,41 +114,30 @@ impl Controller {
         self.status.clone()
     }
 
+    /// True once every watch cache has listed: from then on this replica can allocate, or
+    /// take over at once if it is the standby, so both are ready.
+    pub fn synced(&self) -> Arc<AtomicBool> {
+        self.synced.clone()
+    }
+
     /// Run until `shutdown` completes.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
-        let version = api::discover(&self.client).await?;
+        let version = dra::version::discover(&self.client).await?;
         tracing::info!(version = version.as_str(), "resource.k8s.io version chosen");
         if let Ok(mut s) = self.status.lock() {
             s.version = Some(version);
         }
-        match version {
-            ApiVersion::V1 => {
-                self.run_typed::<v1::ResourceClaim, v1::DeviceClass, v1::ResourceSlice>(shutdown)
-                    .await
-            }
-            ApiVersion::V1beta1 => self
-                .run_typed::<v1beta1::ResourceClaim, v1beta1::DeviceClass, v1beta1::ResourceSlice>(
-                    shutdown,
-                )
-                .await,
-        }
-    }
-
-    async fn run_typed<C, D, S>(self, shutdown: impl Future<Output = ()>) -> Result<(), RunError>
-    where
-        C: ClaimObject,
-        D: ClassObject,
-        S: SliceObject,
-    {
         let notify = Arc::new(Notify::new());
         // Aborted when this future ends or is dropped: a stopped replica must not keep
         // renewing its Lease or watching.
         let mut tasks = AbortOnDrop(Vec::new());
-        let claims: Store<C> = watch(Api::all(self.client.clone()), &notify, &mut tasks);
-        let classes: Store<D> = watch(Api::all(self.client.clone()), &notify, &mut tasks);
-        let slices: Store<S> = watch(Api::all(self.client.clone()), &notify, &mut tasks);
-        let nodes: Store<Node> = watch(Api::all(self.client.clone()), &notify, &mut tasks);
-        let pods: Store<Pod> = watch(Api::all(self.client.clone()), &notify, &mut tasks);
+        let claims: Store<v1::ResourceClaim> =
+            watch_dra(&self.client, version, &notify, &mut tasks);
+        let classes: Store<v1::DeviceClass> = watch_dra(&self.client, version, &notify, &mut tasks);
+        let slices: Store<v1::ResourceSlice> =
+            watch_dra(&self.client, version, &notify, &mut tasks);
+        let nodes: Store<Node> = watch_core(&self.client, &notify, &mut tasks);
+        let pods: Store<Pod> = watch_core(&self.client, &notify, &mut tasks);
 
         let leadership = match &self.options.leader_election {
             Some(le) => {
@@ -182,21 +174,21 @@ impl Controller {
                 ready.map_err(|_| RunError::CacheNotReady)?;
             }
             tracing::info!("watch caches synced");
-            let recorder = self.options.events.then(|| {
-                Recorder::new(
+            self.synced.store(true, Ordering::SeqCst);
+            let events = self.options.events.then(|| {
+                EventSink::new(
                     self.client.clone(),
-                    Reporter {
-                        controller: "vgpu-controller".into(),
-                        instance: Some(self.options.identity.clone()),
-                    },
+                    "vgpu-controller",
+                    &self.options.identity,
                 )
             });
             let mut allocator = Allocator::new(
                 self.client.clone(),
+                version,
                 &self.options.driver,
                 self.options.policies,
                 self.options.backoff,
-                recorder,
+                events,
                 self.metrics.clone(),
                 leadership.clone(),
             );
@@ -265,15 +257,46 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Start a reflector for `api`, waking the loop on every change.
-fn watch<K: Watched>(api: Api<K>, notify: &Arc<Notify>, tasks: &mut AbortOnDrop) -> Store<K> {
+/// Start a reflector for a resource.k8s.io resource, in v1 whatever the wire speaks.
+fn watch_dra<K: DraObject>(
+    client: &Client,
+    version: ApiVersion,
+    notify: &Arc<Notify>,
+    tasks: &mut AbortOnDrop,
+) -> Store<K> {
+    let stream = DraApi::<K>::all(client.clone(), version).watch(watcher::Config::default());
+    reflect(stream, notify, tasks)
+}
+
+/// Start a reflector for a core resource.
+fn watch_core<K>(client: &Client, notify: &Arc<Notify>, tasks: &mut AbortOnDrop) -> Store<K>
+where
+    K: kube::Resource<DynamicType = ()>
+        + k8s_openapi::Resource
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let stream = watcher(Api::<K>::all(client.clone()), watcher::Config::default());
+    reflect(stream, notify, tasks)
+}
+
+/// Feed `stream` into a new store, waking the loop on every change.
+fn reflect<K>(
+    stream: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+    notify: &Arc<Notify>,
+    tasks: &mut AbortOnDrop,
+) -> Store<K>
+where
+    K: kube::Resource<DynamicType = ()> + k8s_openapi::Resource + Clone + Send + Sync + 'static,
+{
     let (store, writer) = reflector::store::<K>();
     let notify = notify.clone();
     tasks.push(tokio::spawn(async move {
-        let stream = reflector::reflector(
-            writer,
-            watcher(api, watcher::Config::default()).default_backoff(),
-        );
+        let stream = reflector::reflector(writer, stream.default_backoff());
         futures::pin_mut!(stream);
         while let Some(event) = stream.next().await {
             match event {
@@ -285,7 +308,9 @@ fn watch<K: Watched>(api: Api<K>, notify: &Arc<Notify>, tasks: &mut AbortOnDrop)
     store
 }
 
-fn versions<K: Watched>(store: &Store<K>) -> Vec<(String, String)> {
+fn versions<K: kube::Resource<DynamicType = ()> + Clone>(
+    store: &Store<K>,
+) -> Vec<(String, String)> {
     store
         .state()
         .iter()
@@ -293,17 +318,17 @@ fn versions<K: Watched>(store: &Store<K>) -> Vec<(String, String)> {
         .collect()
 }
 
-fn snapshot<C: ClaimObject, D: ClassObject, S: SliceObject>(
-    claims: &Store<C>,
-    classes: &Store<D>,
-    slices: &Store<S>,
+fn snapshot(
+    claims: &Store<v1::ResourceClaim>,
+    classes: &Store<v1::DeviceClass>,
+    slices: &Store<v1::ResourceSlice>,
     nodes: &Store<Node>,
     pods: &Store<Pod>,
-) -> Snapshot<C> {
+) -> Snapshot {
     Snapshot {
         claims: claims.state(),
-        classes: classes.state().iter().map(|c| c.view()).collect(),
-        slices: slices.state().iter().map(|s| s.view()).collect(),
+        classes: classes.state().iter().map(|c| ClassView::of(c)).collect(),
+        slices: slices.state().iter().map(|s| SliceView::of(s)).collect(),
         nodes: nodes
             .state()
             .iter()

@@ -6,15 +6,21 @@
 //! a restarted or newly elected replica decides exactly as the previous one would have), then
 //! allocates the pending claims of our classes oldest first, charging each allocation before
 //! deciding the next.
+//!
+//! A pass has two halves: [`Selection`] decides (which claims are ours, pending and waiting,
+//! in which order, and where each goes) from the snapshot and the [`Book`] alone, and
+//! [`Allocator`] writes those decisions and publishes Events about them.
 
-use super::api::{ClaimObject, claim_reference};
 use super::leader::Leadership;
 use super::metrics::{Metrics, RefusalLabels};
 use crate::engine::{Engine, Inputs, Policies, Refusal};
 use crate::model::{ClaimView, ClassView, NodeView, PodView};
+use dra::events::{self, EventSink};
+use dra::{ApiVersion, ClientError, DraApi};
+use k8s_openapi::api::resource::v1;
 use kube::api::PostParams;
-use kube::runtime::events::{Event, EventType, Recorder};
-use kube::{Api, Client, ResourceExt};
+use kube::runtime::events::EventType;
+use kube::{Client, ResourceExt};
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
@@ -91,8 +97,8 @@ fn hash_of(items: impl Iterator<Item = (String, String)>) -> u64 {
 }
 
 /// The objects a pass works on.
-pub struct Snapshot<C> {
-    pub claims: Vec<Arc<C>>,
+pub struct Snapshot {
+    pub claims: Vec<Arc<v1::ResourceClaim>>,
     pub classes: Vec<ClassView>,
     pub slices: Vec<SliceView>,
     pub nodes: Vec<NodeView>,
@@ -252,6 +258,14 @@ impl Book {
         changed || retry.attempts == 1
     }
 
+    /// Record a refusal; returns whether the reason changed (worth a new Event).
+    fn refused(&mut self, uid: &str, reason: &str, backoff: Backoff, now: Instant) -> bool {
+        // Nodes the scheduler rejected may be the only ones left: forget them so the next
+        // attempt can try them again rather than waiting forever.
+        self.avoid.remove(uid);
+        self.failed(uid, reason, backoff, now)
+    }
+
     fn succeeded(&mut self, uid: &str) {
         self.retries.remove(uid);
         self.avoid.remove(uid);
@@ -262,63 +276,61 @@ impl Book {
     }
 }
 
-/// What became of a write.
-#[derive(Debug)]
-enum Written {
-    /// status.allocation is stored; the claim's new resourceVersion.
-    Stored(String),
-    /// Someone else allocated the claim meanwhile: nothing written.
-    AlreadyAllocated,
-    /// The claim is gone, being deleted, or was replaced (another UID).
-    Gone,
-    /// Leadership was lost: nothing written.
-    NotLeader,
-    /// Conflicts on every attempt.
-    Conflicted,
+/// What the engine decided for one claim, before anything is written.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Decision {
+    /// Write this allocation.
+    Allocate(ClaimAllocation),
+    /// No room now (`unschedulable`, retried) or never as written (`invalid`); the reason.
+    Refuse { label: &'static str, reason: String },
+    /// Not a claim this controller allocates after all.
+    NotOurs,
 }
 
-/// The allocation loop's worker.
-pub struct Allocator {
-    pub driver: String,
-    pub policies: Policies,
-    pub backoff: Backoff,
-    client: Client,
-    recorder: Option<Recorder>,
-    metrics: Arc<Metrics>,
-    leadership: Leadership,
-    pub book: Book,
-}
-
-impl Allocator {
-    pub fn new(
-        client: Client,
-        driver: &str,
-        policies: Policies,
-        backoff: Backoff,
-        recorder: Option<Recorder>,
-        metrics: Arc<Metrics>,
-        leadership: Leadership,
-    ) -> Allocator {
-        Allocator {
-            driver: driver.to_string(),
-            policies,
-            backoff,
-            client,
-            recorder,
-            metrics,
-            leadership,
-            book: Book::default(),
+impl Decision {
+    fn of(result: Result<ClaimAllocation, Refusal>) -> Decision {
+        match result {
+            Ok(allocation) => Decision::Allocate(allocation),
+            Err(Refusal::NotOurs(_)) => Decision::NotOurs,
+            Err(Refusal::Invalid(reason)) => Decision::Refuse {
+                label: "invalid",
+                reason,
+            },
+            Err(Refusal::Unschedulable(reason)) => Decision::Refuse {
+                label: "unschedulable",
+                reason,
+            },
         }
     }
+}
 
-    /// One pass: allocate every pending claim of our classes that is due.
-    pub async fn pass<C: ClaimObject>(&mut self, snapshot: Snapshot<C>) -> PassReport {
-        let now = Instant::now();
-        let mut report = PassReport::default();
+/// The pure half of a pass: the claims as the pass sees them (our unconfirmed writes laid
+/// over the cache), which of them are ours, pending and waiting for a pod, in the order they
+/// are tried, and the engine that decides each. Touches only the [`Book`]; writes nothing.
+pub struct Selection {
+    views: Vec<ClaimView>,
+    objects: HashMap<String, Arc<v1::ResourceClaim>>,
+    /// A pod waiting to be scheduled per claim (namespace, name).
+    waiting: HashMap<(String, String), PodView>,
+    /// Indices into `views` of the claims to try: oldest first, then by name.
+    pending: Vec<usize>,
+    /// (claim, node) for each allocation the scheduler cleared since the last pass.
+    pub cleared: Vec<(String, String)>,
+    engine: Engine,
+}
+
+impl Selection {
+    pub fn new(
+        snapshot: Snapshot,
+        book: &mut Book,
+        driver: &str,
+        policies: Policies,
+        now: Instant,
+    ) -> Selection {
         let mut views = Vec::with_capacity(snapshot.claims.len());
-        let mut objects: HashMap<String, Arc<C>> = HashMap::new();
+        let mut objects = HashMap::new();
         for claim in &snapshot.claims {
-            match claim.view() {
+            match ClaimView::of(claim) {
                 Ok(v) => {
                     objects.insert(v.uid.clone(), claim.clone());
                     views.push(v);
@@ -328,7 +340,7 @@ impl Allocator {
                 Err(e) => tracing::warn!(error = %e, "ignoring an unreadable ResourceClaim"),
             }
         }
-        self.book.overlay_assumed(&mut views, now);
+        book.overlay_assumed(&mut views, now);
 
         let ours_classes: HashSet<&str> = snapshot
             .classes
@@ -347,7 +359,7 @@ impl Allocator {
             .map(|v| v.uid.clone())
             .collect();
         // Claims (namespace, name) with a pod waiting to be scheduled, and with a bound pod.
-        let mut waiting: HashMap<(String, String), &PodView> = HashMap::new();
+        let mut waiting: HashMap<(String, String), PodView> = HashMap::new();
         let mut bound: HashSet<(String, String)> = HashSet::new();
         for pod in snapshot.pods.iter().filter(|p| !p.finished) {
             for claim in &pod.claims {
@@ -355,48 +367,29 @@ impl Allocator {
                 if pod.node_name.is_some() {
                     bound.insert(key);
                 } else {
-                    waiting.entry(key).or_insert(pod);
+                    waiting.entry(key).or_insert_with(|| pod.clone());
                 }
             }
         }
         let waiting_keys: HashSet<(String, String)> = waiting.keys().cloned().collect();
-        for (claim, node) in self.book.observe_clears(&views, &ours, &waiting_keys) {
-            tracing::info!(claim = %claim, node = %node, "the scheduler cleared our allocation; avoiding the node for this claim");
-        }
-        self.book.observe_capacity(
-            Fingerprint {
-                allocated: views
-                    .iter()
-                    .filter(|v| v.allocation.is_some())
-                    .map(|v| v.uid.clone())
-                    .collect(),
-                bound_pods: snapshot
-                    .pods
-                    .iter()
-                    .filter(|p| p.node_name.is_some() && !p.finished)
-                    .map(|p| p.uid.clone())
-                    .collect(),
-                slices: hash_of(snapshot.slice_versions.iter().cloned()),
-                nodes: hash_of(snapshot.node_versions.iter().cloned()),
-                classes: hash_of(snapshot.class_versions.iter().cloned()),
-            },
-            now,
-        );
+        let cleared = book.observe_clears(&views, &ours, &waiting_keys);
+        book.observe_capacity(fingerprint(&views, &snapshot), now);
 
         let mut pending: Vec<(Option<k8s_openapi::jiff::Timestamp>, String, usize)> = views
             .iter()
             .enumerate()
             .filter(|(_, v)| {
+                let key = (v.namespace.clone(), v.name.clone());
                 ours.contains(&v.uid)
                     && v.allocation.is_none()
                     && !v.deleting
-                    && !bound.contains(&(v.namespace.clone(), v.name.clone()))
-                    && waiting.contains_key(&(v.namespace.clone(), v.name.clone()))
+                    && !bound.contains(&key)
+                    && waiting.contains_key(&key)
             })
             .map(|(i, v)| {
                 let created = objects
                     .get(&v.uid)
-                    .and_then(|o| o.meta().creation_timestamp.as_ref().map(|t| t.0));
+                    .and_then(|o| o.metadata.creation_timestamp.as_ref().map(|t| t.0));
                 (created, v.key(), i)
             })
             .collect();
@@ -412,95 +405,217 @@ impl Allocator {
                 .filter(|v| v.allocation.is_some())
                 .cloned()
                 .collect(),
-            pods: snapshot.pods.clone(),
+            pods: snapshot.pods,
         };
-        let mut engine = Engine::new(&self.driver, &inputs, self.policies);
+        let engine = Engine::new(driver, &inputs, policies);
+        Selection {
+            views,
+            objects,
+            waiting,
+            pending: pending.into_iter().map(|(_, _, i)| i).collect(),
+            cleared,
+            engine,
+        }
+    }
 
-        for (_, key, i) in pending {
-            let view = &views[i];
-            if !self.book.due(&view.uid, now) {
+    /// The claims to try, in order, as indices for [`Selection::view`].
+    pub fn pending(&self) -> Vec<usize> {
+        self.pending.clone()
+    }
+
+    pub fn view(&self, i: usize) -> &ClaimView {
+        &self.views[i]
+    }
+
+    /// The claim as the cache holds it.
+    pub fn object(&self, i: usize) -> Option<&Arc<v1::ResourceClaim>> {
+        self.objects.get(&self.views[i].uid)
+    }
+
+    /// Where claim `i` goes, avoiding `avoid`, given every allocation committed so far.
+    pub fn decide(&mut self, i: usize, avoid: &BTreeSet<String>) -> Decision {
+        let view = &self.views[i];
+        let pod = self
+            .waiting
+            .get(&(view.namespace.clone(), view.name.clone()));
+        Decision::of(self.engine.allocate(view, pod, avoid))
+    }
+
+    /// Charge a stored allocation before the next decision.
+    pub fn commit(&mut self, allocation: &ClaimAllocation) {
+        self.engine.commit(allocation);
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Per (node, device): memory bytes, cores, claims.
+    pub fn usage(&self) -> BTreeMap<(String, String), (u64, u32, u32)> {
+        let state = &self.engine.state;
+        state
+            .gpus
+            .iter()
+            .map(|gpu| {
+                (
+                    (
+                        state.nodes[gpu.node].view.name.clone(),
+                        gpu.device.name.clone(),
+                    ),
+                    (gpu.used.memory_bytes, gpu.used.cores, gpu.holders),
+                )
+            })
+            .collect()
+    }
+}
+
+fn fingerprint(views: &[ClaimView], snapshot: &Snapshot) -> Fingerprint {
+    Fingerprint {
+        allocated: views
+            .iter()
+            .filter(|v| v.allocation.is_some())
+            .map(|v| v.uid.clone())
+            .collect(),
+        bound_pods: snapshot
+            .pods
+            .iter()
+            .filter(|p| p.node_name.is_some() && !p.finished)
+            .map(|p| p.uid.clone())
+            .collect(),
+        slices: hash_of(snapshot.slice_versions.iter().cloned()),
+        nodes: hash_of(snapshot.node_versions.iter().cloned()),
+        classes: hash_of(snapshot.class_versions.iter().cloned()),
+    }
+}
+
+/// What became of a write.
+#[derive(Debug)]
+enum Written {
+    /// status.allocation is stored; the claim's new resourceVersion.
+    Stored(String),
+    /// Someone else allocated the claim meanwhile: nothing written.
+    AlreadyAllocated,
+    /// The claim is gone, being deleted, or was replaced (another UID).
+    Gone,
+    /// Leadership was lost: nothing written.
+    NotLeader,
+    /// Conflicts on every attempt.
+    Conflicted,
+}
+
+/// The allocation loop's worker: runs a [`Selection`] and writes what it decides.
+pub struct Allocator {
+    pub driver: String,
+    pub policies: Policies,
+    pub backoff: Backoff,
+    client: Client,
+    version: ApiVersion,
+    events: Option<EventSink>,
+    metrics: Arc<Metrics>,
+    leadership: Leadership,
+    pub book: Book,
+}
+
+impl Allocator {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        client: Client,
+        version: ApiVersion,
+        driver: &str,
+        policies: Policies,
+        backoff: Backoff,
+        events: Option<EventSink>,
+        metrics: Arc<Metrics>,
+        leadership: Leadership,
+    ) -> Allocator {
+        Allocator {
+            driver: driver.to_string(),
+            policies,
+            backoff,
+            client,
+            version,
+            events,
+            metrics,
+            leadership,
+            book: Book::default(),
+        }
+    }
+
+    /// One pass: allocate every pending claim of our classes that is due.
+    pub async fn pass(&mut self, snapshot: Snapshot) -> PassReport {
+        let now = Instant::now();
+        let mut report = PassReport::default();
+        let mut selection =
+            Selection::new(snapshot, &mut self.book, &self.driver, self.policies, now);
+        for (claim, node) in &selection.cleared {
+            tracing::info!(claim = %claim, node = %node, "the scheduler cleared our allocation; avoiding the node for this claim");
+        }
+        for i in selection.pending() {
+            let uid = selection.view(i).uid.clone();
+            if !self.book.due(&uid, now) {
                 report.deferred += 1;
                 continue;
             }
             if !self.leadership.is_leading() {
                 break;
             }
-            let pod = waiting
-                .get(&(view.namespace.clone(), view.name.clone()))
-                .copied();
-            let avoid = self.book.avoid(&view.uid);
+            let avoid = self.book.avoid(&uid);
             let started = std::time::Instant::now();
-            let decision = engine.allocate(view, pod, &avoid);
+            let decision = selection.decide(i, &avoid);
             self.metrics
                 .decision_seconds
                 .observe(started.elapsed().as_secs_f64());
-            let Some(object) = objects.get(&view.uid) else {
+            let Some(object) = selection.object(i).cloned() else {
                 continue;
             };
+            let key = selection.view(i).key();
             match decision {
-                Ok(allocation) => {
+                Decision::Allocate(allocation) => {
                     let node = allocation.node_name.clone().unwrap_or_default();
-                    match self.write(object.as_ref(), &allocation).await {
+                    match self.write(&object, &allocation).await {
                         Ok(Written::Stored(rv)) => {
-                            engine.commit(&allocation);
-                            self.book.assume(&view.uid, rv, allocation.clone());
-                            self.book.succeeded(&view.uid);
+                            selection.commit(&allocation);
+                            self.book.assume(&uid, rv, allocation.clone());
+                            self.book.succeeded(&uid);
                             // Known allocated from now on, even if the scheduler clears it
                             // before a pass sees the write echoed back by the watch.
-                            self.book.last_node.insert(view.uid.clone(), node.clone());
+                            self.book.last_node.insert(uid.clone(), node.clone());
                             self.metrics.allocated.inc();
-                            tracing::info!(claim = %key, node = %node, devices = ?allocation.results.iter().map(|r| r.device.as_str()).collect::<Vec<_>>(), "allocated");
-                            self.event(
-                                object.as_ref(),
-                                EventType::Normal,
-                                "Allocated",
-                                &format!(
-                                    "allocated {} on node {node}",
-                                    allocation
-                                        .results
-                                        .iter()
-                                        .map(|r| r.device.as_str())
-                                        .collect::<Vec<_>>()
-                                        .join(", ")
-                                ),
-                            )
-                            .await;
+                            let devices: Vec<&str> = allocation
+                                .results
+                                .iter()
+                                .map(|r| r.device.as_str())
+                                .collect();
+                            tracing::info!(claim = %key, node = %node, devices = ?devices, "allocated");
+                            let note = format!("allocated {} on node {node}", devices.join(", "));
+                            self.event(&object, EventType::Normal, "Allocated", &note)
+                                .await;
                             report.allocated.push((key, node));
                         }
                         Ok(Written::AlreadyAllocated) | Ok(Written::Gone) => {
                             // The next pass sees the claim as it is now.
-                            self.book.succeeded(&view.uid);
+                            self.book.succeeded(&uid);
                         }
                         Ok(Written::NotLeader) => break,
                         Ok(Written::Conflicted) => {
-                            self.book
-                                .failed(&view.uid, "write conflicts", self.backoff, now);
+                            self.book.failed(&uid, "write conflicts", self.backoff, now);
                         }
                         Err(e) => {
                             tracing::warn!(claim = %key, error = %e, "writing the allocation failed");
                             self.book
-                                .failed(&view.uid, &format!("write: {e}"), self.backoff, now);
+                                .failed(&uid, &format!("write: {e}"), self.backoff, now);
                         }
                     }
                 }
-                Err(Refusal::NotOurs(_)) => {}
-                Err(refusal) => {
-                    let (label, reason) = match &refusal {
-                        Refusal::Invalid(r) => ("invalid", r.clone()),
-                        Refusal::Unschedulable(r) | Refusal::NotOurs(r) => {
-                            ("unschedulable", r.clone())
-                        }
-                    };
-                    // Nodes the scheduler rejected may be the only ones left: forget them so
-                    // the next attempt can try them again rather than waiting forever.
-                    self.book.avoid.remove(&view.uid);
+                Decision::NotOurs => {}
+                Decision::Refuse { label, reason } => {
                     self.metrics
                         .refused
                         .get_or_create(&RefusalLabels {
                             reason: label.into(),
                         })
                         .inc();
-                    let new_reason = self.book.failed(&view.uid, &reason, self.backoff, now);
+                    let new_reason = self.book.refused(&uid, &reason, self.backoff, now);
                     tracing::info!(claim = %key, reason = %reason, "cannot allocate");
                     if new_reason {
                         let event_reason = if label == "invalid" {
@@ -508,23 +623,15 @@ impl Allocator {
                         } else {
                             "FailedAllocation"
                         };
-                        self.event(object.as_ref(), EventType::Warning, event_reason, &reason)
+                        self.event(&object, EventType::Warning, event_reason, &reason)
                             .await;
                     }
                     report.refused.push((key, reason));
                 }
             }
         }
-        self.metrics.observe_state(&engine.state);
-        for gpu in &engine.state.gpus {
-            report.usage.insert(
-                (
-                    engine.state.nodes[gpu.node].view.name.clone(),
-                    gpu.device.name.clone(),
-                ),
-                (gpu.used.memory_bytes, gpu.used.cores, gpu.holders),
-            );
-        }
+        self.metrics.observe_state(&selection.engine().state);
+        report.usage = selection.usage();
         report.next_retry = self.book.next_retry();
         report
     }
@@ -533,15 +640,16 @@ impl Allocator {
     /// status update carrying the claim's resourceVersion. A conflict re-reads the claim: if
     /// someone allocated it meanwhile nothing is written, otherwise the same allocation (the
     /// claim's spec is immutable, and this pass already charged it) is retried.
-    async fn write<C: ClaimObject>(
+    async fn write(
         &self,
-        cached: &C,
+        cached: &v1::ResourceClaim,
         allocation: &ClaimAllocation,
-    ) -> Result<Written, kube::Error> {
+    ) -> Result<Written, ClientError> {
         let namespace = cached.namespace().unwrap_or_default();
         let name = cached.name_any();
         let uid = cached.uid();
-        let api: Api<C> = Api::namespaced(self.client.clone(), &namespace);
+        let api =
+            DraApi::<v1::ResourceClaim>::namespaced(self.client.clone(), &namespace, self.version);
         let mut current = cached.clone();
         for attempt in 0..MAX_WRITE_ATTEMPTS {
             if attempt > 0 {
@@ -550,10 +658,14 @@ impl Allocator {
                     None => return Ok(Written::Gone),
                 }
             }
-            if current.uid() != uid || current.meta().deletion_timestamp.is_some() {
+            if current.uid() != uid || current.metadata.deletion_timestamp.is_some() {
                 return Ok(Written::Gone);
             }
-            if current.is_allocated() {
+            if current
+                .status
+                .as_ref()
+                .is_some_and(|s| s.allocation.is_some())
+            {
                 return Ok(Written::AlreadyAllocated);
             }
             if !self.leadership.is_leading() {
@@ -563,7 +675,7 @@ impl Allocator {
                 current.finalizers_mut().push(DELETE_PROTECTION.to_string());
                 current = match api.replace(&name, &PostParams::default(), &current).await {
                     Ok(c) => c,
-                    Err(kube::Error::Api(e)) if e.code == 409 => {
+                    Err(e) if e.is_conflict() => {
                         self.metrics.conflicts.inc();
                         tracing::debug!(claim = %format!("{namespace}/{name}"), "conflict adding the finalizer; re-reading");
                         continue;
@@ -571,7 +683,10 @@ impl Allocator {
                     Err(e) => return Err(e),
                 };
             }
-            current.set_allocation(allocation);
+            current
+                .status
+                .get_or_insert_with(Default::default)
+                .allocation = Some(allocation.to_result());
             match api
                 .replace_status(&name, &PostParams::default(), &current)
                 .await
@@ -581,7 +696,7 @@ impl Allocator {
                         stored.resource_version().unwrap_or_default(),
                     ));
                 }
-                Err(kube::Error::Api(e)) if e.code == 409 => {
+                Err(e) if e.is_conflict() => {
                     self.metrics.conflicts.inc();
                     tracing::debug!(claim = %format!("{namespace}/{name}"), "conflict writing the allocation; re-reading");
                 }
@@ -591,30 +706,15 @@ impl Allocator {
         Ok(Written::Conflicted)
     }
 
-    async fn event<C: ClaimObject>(&self, claim: &C, kind: EventType, reason: &str, note: &str) {
-        let Some(recorder) = &self.recorder else {
+    async fn event(&self, claim: &v1::ResourceClaim, kind: EventType, reason: &str, note: &str) {
+        let Some(sink) = &self.events else {
             return;
         };
-        // Event notes are limited to 1 kB.
-        let mut note = note.to_string();
-        if note.len() > 1000 {
-            let mut end = 997;
-            while !note.is_char_boundary(end) {
-                end -= 1;
-            }
-            note.truncate(end);
-            note.push_str("...");
-        }
-        let event = Event {
-            type_: kind,
-            reason: reason.to_string(),
-            note: Some(note),
-            action: "Allocate".into(),
-            secondary: None,
-        };
-        if let Err(e) = recorder.publish(&event, &claim_reference(claim)).await {
-            tracing::warn!(claim = %claim.name_any(), error = %e, "publishing an Event failed");
-        }
+        // Pointing at the claim in the version the cluster serves, so that `kubectl
+        // describe` there finds the Event.
+        let regarding = events::reference(claim, self.version.as_str());
+        sink.publish(&regarding, kind, reason, "Allocate", note)
+            .await;
     }
 }
 
@@ -746,6 +846,92 @@ mod tests {
         assert!(book.due("a", t0));
         book.succeeded("a");
         assert_eq!(book.next_retry(), None);
+    }
+
+    fn claim_object(name: &str, second: u32, class: &str) -> Arc<v1::ResourceClaim> {
+        Arc::new(
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name, "namespace": "ml", "uid": name,
+                             "creationTimestamp": format!("2025-01-01T00:00:{second:02}Z")},
+                "spec": {"devices": {"requests": [
+                    {"name": "gpu", "exactly": {"deviceClassName": class}}]}}
+            }))
+            .unwrap(),
+        )
+    }
+
+    fn pod_of(name: &str, claim: &str, node: Option<&str>) -> PodView {
+        PodView {
+            namespace: "ml".into(),
+            name: name.into(),
+            uid: name.into(),
+            node_name: node.map(Into::into),
+            claims: vec![claim.into()],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn selection_tries_our_waiting_claims_oldest_first() {
+        let snapshot = Snapshot {
+            claims: vec![
+                claim_object("young", 2, "slice"),
+                claim_object("old", 1, "slice"),
+                claim_object("bound", 0, "slice"),
+                claim_object("theirs", 0, "whole"),
+                claim_object("idle", 0, "slice"),
+            ],
+            classes: vec![
+                ClassView {
+                    name: "slice".into(),
+                    selectors: vec![],
+                    config: vec![],
+                    ours: true,
+                },
+                ClassView {
+                    name: "whole".into(),
+                    selectors: vec![],
+                    config: vec![],
+                    ours: false,
+                },
+            ],
+            slices: vec![],
+            nodes: vec![],
+            pods: vec![
+                pod_of("p1", "young", None),
+                pod_of("p2", "old", None),
+                pod_of("p3", "bound", Some("n1")),
+                pod_of("p4", "theirs", None),
+            ],
+            slice_versions: vec![],
+            node_versions: vec![],
+            class_versions: vec![],
+        };
+        let mut book = Book::default();
+        let mut selection = Selection::new(
+            snapshot,
+            &mut book,
+            "vgpu.hami.io",
+            Policies::default(),
+            Instant::now(),
+        );
+        let order: Vec<String> = selection
+            .pending()
+            .into_iter()
+            .map(|i| selection.view(i).key())
+            .collect();
+        assert_eq!(order, ["ml/old", "ml/young"]);
+        let first = selection.pending()[0];
+        assert!(selection.object(first).is_some());
+        // No slices: no room anywhere, and nothing was written to decide that.
+        assert!(matches!(
+            selection.decide(first, &BTreeSet::new()),
+            Decision::Refuse {
+                label: "unschedulable",
+                ..
+            }
+        ));
+        assert!(book.fingerprint.is_some());
     }
 
     #[test]

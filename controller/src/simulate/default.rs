@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 use vgpu_driver::class::controller_selector;
 use vgpu_driver::config::{API_VERSION, KIND};
 use vgpu_driver::slice::{gpu_devices, render_pool};
-use vgpu_driver::{ApiVersion, DEFAULT_DRIVER_NAME, Inventory, NodeRef, PoolOptions};
+use vgpu_driver::{DEFAULT_DRIVER_NAME, Inventory, NodeRef, PoolOptions};
 
 const HGX: &str = include_str!("../../../driver/testdata/hgx-h100.yaml");
 const NODES: usize = 4;
@@ -60,16 +60,12 @@ pub fn objects() -> Vec<Value> {
             name: name.clone(),
             uid: format!("00000000-0000-0000-0000-00000000000{n}"),
         };
-        for (i, slice) in render_pool(
-            &node,
-            &devices,
-            &PoolOptions::new(DEFAULT_DRIVER_NAME, ApiVersion::V1),
-        )
-        .expect("renders")
-        .into_iter()
-        .enumerate()
+        for (i, slice) in render_pool(&node, &devices, &PoolOptions::new(DEFAULT_DRIVER_NAME))
+            .expect("renders")
+            .into_iter()
+            .enumerate()
         {
-            let mut s = slice.to_json();
+            let mut s = dra::convert::to_wire(&slice, dra::ApiVersion::V1);
             s["metadata"]["name"] = json!(format!("{name}-{DEFAULT_DRIVER_NAME}-{i}"));
             objects.push(s);
         }

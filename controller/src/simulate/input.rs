@@ -1,36 +1,48 @@
 //! Reading standard Kubernetes YAML for the simulator: Nodes, Pods, ResourceSlices,
 //! DeviceClasses, ResourceClaims and ResourceClaimTemplates (resource.k8s.io v1 or v1beta1),
 //! several documents per file. Pods that use templates get the claims the
-//! kube-controller-manager would generate.
+//! kube-controller-manager would generate. v1beta1 objects are converted to v1 as they are
+//! read; claims remember their version so that output gives them back as they came.
 
 use crate::engine::Inputs;
 use crate::model::{ClaimView, ClassView, NodeView, PodView};
+use dra::convert::{self, DraObject};
+use dra::{ApiVersion, ConvertError};
 use k8s_openapi::api::core::v1::{Node, Pod};
-use k8s_openapi::api::resource::{v1, v1beta1};
+use k8s_openapi::api::resource::v1;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use vgpu_driver::SliceView;
 
-/// A claim as read, kept in its own API version for output.
+/// A claim as read: v1, and the version it was written in.
 #[derive(Clone, Debug)]
-pub enum ClaimObject {
-    V1(v1::ResourceClaim),
-    V1beta1(v1beta1::ResourceClaim),
+pub struct ClaimObject {
+    pub claim: v1::ResourceClaim,
+    pub version: ApiVersion,
 }
 
 impl ClaimObject {
     pub fn view(&self) -> Result<ClaimView, crate::model::ClaimError> {
-        match self {
-            ClaimObject::V1(c) => ClaimView::from_v1(c),
-            ClaimObject::V1beta1(c) => ClaimView::from_v1beta1(c),
-        }
+        ClaimView::of(&self.claim)
     }
 
     pub fn uid(&self) -> String {
-        match self {
-            ClaimObject::V1(c) => c.metadata.uid.clone().unwrap_or_default(),
-            ClaimObject::V1beta1(c) => c.metadata.uid.clone().unwrap_or_default(),
-        }
+        self.claim.metadata.uid.clone().unwrap_or_default()
+    }
+
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        let meta = &self.claim.metadata;
+        format!(
+            "{}/{}",
+            meta.namespace.as_deref().unwrap_or(""),
+            meta.name.as_deref().unwrap_or("")
+        )
+    }
+
+    /// The claim's JSON in the version it was read in.
+    pub fn to_wire(&self) -> Value {
+        convert::to_wire(&self.claim, self.version)
     }
 }
 
@@ -73,6 +85,21 @@ fn decode<T: DeserializeOwned>(
         kind: kind.to_string(),
         name: name.to_string(),
         message: format!("{}: {}", e.path(), e.inner()),
+    })
+}
+
+/// A resource.k8s.io object, as v1, from either version.
+fn decode_dra<K: DraObject>(
+    index: usize,
+    kind: &str,
+    name: &str,
+    doc: Value,
+) -> Result<K, InputError> {
+    convert::from_wire(doc).map_err(|e: ConvertError| InputError::Object {
+        index,
+        kind: kind.to_string(),
+        name: name.to_string(),
+        message: format!("{}: {}", e.field, e.message),
     })
 }
 
@@ -155,51 +182,31 @@ pub fn parse(text: &str) -> Result<Workload, InputError> {
             });
         }
         ensure_uid(&mut doc, &kind);
-        match (api_version.as_str(), kind.as_str()) {
-            ("v1", "Node") => workload
+        let dra_version = ApiVersion::of_api_version(&api_version);
+        match (api_version.as_str(), dra_version, kind.as_str()) {
+            ("v1", _, "Node") => workload
                 .inputs
                 .nodes
                 .push(NodeView::from_node(&decode::<Node>(
                     index, &kind, &name, doc,
                 )?)),
-            ("v1", "Pod") => pods.push((index, decode(index, &kind, &name, doc)?)),
-            ("resource.k8s.io/v1", "ResourceSlice") => {
-                workload
-                    .inputs
-                    .slices
-                    .push(SliceView::from_v1(&decode(index, &kind, &name, doc)?));
-            }
-            ("resource.k8s.io/v1beta1", "ResourceSlice") => {
-                workload
-                    .inputs
-                    .slices
-                    .push(SliceView::from_v1beta1(&decode(index, &kind, &name, doc)?));
-            }
-            ("resource.k8s.io/v1", "DeviceClass") => workload
+            ("v1", _, "Pod") => pods.push((index, decode(index, &kind, &name, doc)?)),
+            (_, Some(_), "ResourceSlice") => workload
+                .inputs
+                .slices
+                .push(SliceView::of(&decode_dra(index, &kind, &name, doc)?)),
+            (_, Some(_), "DeviceClass") => workload
                 .inputs
                 .classes
-                .push(ClassView::from_v1(&decode(index, &kind, &name, doc)?)),
-            ("resource.k8s.io/v1beta1", "DeviceClass") => {
-                workload
-                    .inputs
-                    .classes
-                    .push(ClassView::from_v1beta1(&decode(index, &kind, &name, doc)?));
-            }
-            ("resource.k8s.io/v1", "ResourceClaim") => workload
-                .claims
-                .push(ClaimObject::V1(decode(index, &kind, &name, doc)?)),
-            ("resource.k8s.io/v1beta1", "ResourceClaim") => workload
-                .claims
-                .push(ClaimObject::V1beta1(decode(index, &kind, &name, doc)?)),
-            ("resource.k8s.io/v1", "ResourceClaimTemplate") => {
-                let t: v1::ResourceClaimTemplate = decode(index, &kind, &name, doc)?;
-                let ns = t.metadata.namespace.clone().unwrap_or_default();
-                templates.push((ClaimTemplate::V1(t), ns));
-            }
-            ("resource.k8s.io/v1beta1", "ResourceClaimTemplate") => {
-                let t: v1beta1::ResourceClaimTemplate = decode(index, &kind, &name, doc)?;
-                let ns = t.metadata.namespace.clone().unwrap_or_default();
-                templates.push((ClaimTemplate::V1beta1(t), ns));
+                .push(ClassView::of(&decode_dra(index, &kind, &name, doc)?)),
+            (_, Some(version), "ResourceClaim") => workload.claims.push(ClaimObject {
+                claim: decode_dra(index, &kind, &name, doc)?,
+                version,
+            }),
+            (_, Some(version), "ResourceClaimTemplate") => {
+                let template: v1::ResourceClaimTemplate = decode_dra(index, &kind, &name, doc)?;
+                let ns = template.metadata.namespace.clone().unwrap_or_default();
+                templates.push((ClaimTemplate { template, version }, ns));
             }
             _ => workload
                 .ignored
@@ -249,18 +256,16 @@ pub fn parse(text: &str) -> Result<Workload, InputError> {
     Ok(workload)
 }
 
+/// A template as read, and the version it was written in (its claims are given back in it).
 #[derive(Clone, Debug)]
-enum ClaimTemplate {
-    V1(v1::ResourceClaimTemplate),
-    V1beta1(v1beta1::ResourceClaimTemplate),
+struct ClaimTemplate {
+    template: v1::ResourceClaimTemplate,
+    version: ApiVersion,
 }
 
 impl ClaimTemplate {
     fn name(&self) -> String {
-        match self {
-            ClaimTemplate::V1(t) => t.metadata.name.clone().unwrap_or_default(),
-            ClaimTemplate::V1beta1(t) => t.metadata.name.clone().unwrap_or_default(),
-        }
+        self.template.metadata.name.clone().unwrap_or_default()
     }
 
     fn instantiate(&self, ns: &str, name: &str, pod: &str) -> ClaimObject {
@@ -277,17 +282,13 @@ impl ClaimTemplate {
             ),
             ..Default::default()
         };
-        match self {
-            ClaimTemplate::V1(t) => ClaimObject::V1(v1::ResourceClaim {
+        ClaimObject {
+            claim: v1::ResourceClaim {
                 metadata,
-                spec: t.spec.spec.clone(),
+                spec: self.template.spec.spec.clone(),
                 status: None,
-            }),
-            ClaimTemplate::V1beta1(t) => ClaimObject::V1beta1(v1beta1::ResourceClaim {
-                metadata,
-                spec: t.spec.spec.clone(),
-                status: None,
-            }),
+            },
+            version: self.version,
         }
     }
 }

@@ -78,30 +78,16 @@ impl Simulation {
             .map(|(object, outcome)| {
                 let mut object = object.clone();
                 if let Outcome::Placed(a) = outcome {
-                    match &mut object {
-                        ClaimObject::V1(c) => {
-                            c.status.get_or_insert_with(Default::default).allocation =
-                                Some(a.to_v1());
-                            c.metadata
-                                .finalizers
-                                .get_or_insert_with(Vec::new)
-                                .push("resource.kubernetes.io/delete-protection".into());
-                        }
-                        ClaimObject::V1beta1(c) => {
-                            c.status.get_or_insert_with(Default::default).allocation =
-                                Some(a.to_v1beta1());
-                            c.metadata
-                                .finalizers
-                                .get_or_insert_with(Vec::new)
-                                .push("resource.kubernetes.io/delete-protection".into());
-                        }
-                    }
+                    let claim = &mut object.claim;
+                    claim.status.get_or_insert_with(Default::default).allocation =
+                        Some(a.to_result());
+                    claim
+                        .metadata
+                        .finalizers
+                        .get_or_insert_with(Vec::new)
+                        .push("resource.kubernetes.io/delete-protection".into());
                 }
-                match object {
-                    ClaimObject::V1(c) => serde_json::to_value(c),
-                    ClaimObject::V1beta1(c) => serde_json::to_value(c),
-                }
-                .expect("k8s-openapi objects serialize")
+                object.to_wire()
             })
             .collect()
     }

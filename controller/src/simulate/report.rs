@@ -114,7 +114,7 @@ pub fn table(sim: &Simulation) -> String {
         .claims
         .iter()
         .filter_map(|(o, outcome)| match outcome {
-            Outcome::Refused(r) => Some((claim_key(o), r.as_str())),
+            Outcome::Refused(r) => Some((o.key(), r.as_str())),
             _ => None,
         })
         .collect();
@@ -150,16 +150,4 @@ pub fn table(sim: &Simulation) -> String {
         );
     }
     out
-}
-
-fn claim_key(object: &super::input::ClaimObject) -> String {
-    let meta = match object {
-        super::input::ClaimObject::V1(c) => &c.metadata,
-        super::input::ClaimObject::V1beta1(c) => &c.metadata,
-    };
-    format!(
-        "{}/{}",
-        meta.namespace.as_deref().unwrap_or(""),
-        meta.name.as_deref().unwrap_or("")
-    )
 }

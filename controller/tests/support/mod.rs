@@ -6,52 +6,16 @@ use controller::model::{
     Alternative, ClaimView, ClassView, ConstraintView, Count, NodeView, PodView, RequestView,
 };
 use serde_json::{Value, json};
+pub use test_support::{gpu_with, hgx};
 use vgpu_driver::class::controller_selector;
 use vgpu_driver::config::{API_VERSION, KIND};
 use vgpu_driver::slice::{AttributeValue, PublishedDevice, gpu_devices, render_pool};
-use vgpu_driver::{ApiVersion, ConfigEntry, ConfigSource, Gpu, NodeRef, PoolOptions};
+use vgpu_driver::{ConfigEntry, ConfigSource, Gpu, NodeRef, PoolOptions, SliceView};
 
 pub const DRIVER: &str = "vgpu.hami.io";
 pub const SLICE: &str = "gpu-slice.vgpu.hami.io";
 pub const WHOLE: &str = "gpu.vgpu.hami.io";
 pub const GI: u64 = 1 << 30;
-
-/// A GPU with `memory_gib`, on NUMA node `numa`, NVLinked to `peers` (indices on its node).
-pub fn gpu(index: u32, memory_gib: u64, numa: Option<u32>, peers: &[u32]) -> Gpu {
-    Gpu {
-        uuid: format!("GPU-{index:08}"),
-        index,
-        minor: index,
-        product_name: if memory_gib >= 80 {
-            "NVIDIA H100 80GB HBM3".into()
-        } else {
-            "NVIDIA A100-SXM4-40GB".into()
-        },
-        architecture: "Hopper".into(),
-        cuda_compute_capability: "9.0".into(),
-        driver_version: "560.35.03".into(),
-        cuda_driver_version: "12.6".into(),
-        pci_bus_id: format!("0000:{:02x}:00.0", index + 1),
-        numa_node: numa,
-        memory_bytes: memory_gib * GI,
-        multiprocessor_count: 132,
-        nvlink_peers: peers.iter().map(|p| format!("GPU-{p:08}")).collect(),
-    }
-}
-
-/// `count` identical GPUs, all NVLink peers of each other, NUMA node = index / 4.
-pub fn hgx(count: u32, memory_gib: u64) -> Vec<Gpu> {
-    (0..count)
-        .map(|i| {
-            gpu(
-                i,
-                memory_gib,
-                Some(i / 4),
-                &(0..count).filter(|p| *p != i).collect::<Vec<_>>(),
-            )
-        })
-        .collect()
-}
 
 pub fn node(name: &str) -> NodeView {
     NodeView {
@@ -73,11 +37,11 @@ pub fn cluster(nodes: &[(&str, Vec<Gpu>)]) -> Inputs {
                 uid: format!("uid-{name}"),
             },
             &devices,
-            &PoolOptions::new(DRIVER, ApiVersion::V1),
+            &PoolOptions::new(DRIVER),
         )
         .unwrap()
         {
-            inputs.slices.push(s.view());
+            inputs.slices.push(SliceView::of(&s));
         }
     }
     inputs.classes = classes();

@@ -164,23 +164,7 @@ impl GpuSource {
 pub(crate) mod tests {
     use super::*;
 
-    pub(crate) fn gpu(index: u32) -> Gpu {
-        Gpu {
-            uuid: format!("GPU-{index:08x}-aaaa-bbbb-cccc-000000000000"),
-            index,
-            minor: index,
-            product_name: "NVIDIA H100 80GB HBM3".into(),
-            architecture: "Hopper".into(),
-            cuda_compute_capability: "9.0".into(),
-            driver_version: "560.35.03".into(),
-            cuda_driver_version: "12.6".into(),
-            pci_bus_id: format!("0000:{:02x}:00.0", index + 0x18),
-            numa_node: Some(0),
-            memory_bytes: 80 << 30,
-            multiprocessor_count: 132,
-            nvlink_peers: vec![],
-        }
-    }
+    pub(crate) use test_support::gpu;
 
     #[test]
     fn health_changes_wake_subscribers_and_mark_devices() {

@@ -25,17 +25,8 @@ use std::sync::Mutex;
 use vgpu_cdi::{Kind, Spec, SpecDir};
 use vgpu_driver::ClaimAllocation;
 
-/// A device in the kubelet's answer (`NodePrepareResourceResponse.devices[]`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct KubeletDevice {
-    pub request_names: Vec<String>,
-    pub pool_name: String,
-    pub device_name: String,
-    pub cdi_device_ids: Vec<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub share_id: Option<String>,
-}
+/// A device in the kubelet's answer, as the checkpoint records it.
+pub use dra::kubeletplugin::Device as KubeletDevice;
 
 /// What a prepared claim holds of one GPU.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -168,6 +159,14 @@ pub struct ReconcileReport {
     pub removed: Vec<String>,
     /// Claim UIDs whose spec was missing or different and was written again.
     pub rewritten: Vec<String>,
+}
+
+/// The host's side of a spec: the enforcement library and the device nodes.
+struct HostFacts {
+    library_installed: bool,
+    control_nodes: Vec<vgpu_cdi::DeviceNode>,
+    /// By GPU minor number.
+    gpu_nodes: BTreeMap<u32, vgpu_cdi::DeviceNode>,
 }
 
 /// Prepares and unprepares claims; one at a time (the kubelet may call concurrently).
@@ -327,7 +326,8 @@ impl Preparer {
             return Ok(claim.clone());
         }
         let snapshot = self.gpus.current();
-        let claim = self.plan(alloc, &snapshot, &state)?;
+        let host = self.host_facts(&snapshot);
+        let claim = self.plan(alloc, &snapshot, &state, &host)?;
         let uid = alloc.uid.as_str();
         if claim.gpus.iter().any(|g| !g.admin_access) {
             self.ensure_claim_dir(uid)?;
@@ -349,12 +349,27 @@ impl Preparer {
         Ok(claim)
     }
 
-    /// Decide what a claim gets, without side effects.
+    /// What the host has that a spec refers to, read once before planning.
+    fn host_facts(&self, snapshot: &Snapshot) -> HostFacts {
+        HostFacts {
+            library_installed: self.cfg.enforcement_library.is_file(),
+            control_nodes: self.cfg.device_nodes.control(),
+            gpu_nodes: snapshot
+                .gpus
+                .iter()
+                .map(|g| (g.minor, self.cfg.device_nodes.gpu(g.minor)))
+                .collect(),
+        }
+    }
+
+    /// Decide what a claim gets from the allocation, the GPUs, the prepared claims and the
+    /// host facts: no I/O, no side effects.
     fn plan(
         &self,
         alloc: &ClaimAllocation,
         snapshot: &Snapshot,
         state: &Payload,
+        host: &HostFacts,
     ) -> Result<PreparedClaim, PrepareError> {
         let key = alloc.key();
         let uid = alloc.uid.as_str();
@@ -414,7 +429,13 @@ impl Preparer {
             });
             let limit = GpuLimit {
                 uuid: gpu.uuid.clone(),
-                node: self.cfg.device_nodes.gpu(gpu.minor),
+                node: host.gpu_nodes.get(&gpu.minor).cloned().ok_or_else(|| {
+                    PrepareError::UnknownDevice {
+                        claim: key.clone(),
+                        device: result.device.clone(),
+                        pool: pool.into(),
+                    }
+                })?,
                 memory_bytes,
                 cores,
             };
@@ -458,13 +479,13 @@ impl Preparer {
             });
         }
         admit(&key, &gpus, snapshot, state)?;
-        if gpus.iter().any(|g| !g.admin_access) && !self.cfg.enforcement_library.is_file() {
+        if gpus.iter().any(|g| !g.admin_access) && !host.library_installed {
             return Err(PrepareError::MissingLibrary {
                 claim: key,
                 path: self.cfg.enforcement_library.clone(),
             });
         }
-        let control = self.cfg.device_nodes.control();
+        let control = &host.control_nodes;
         let shared_dir = self.claim_dir(uid);
         let preload = self.preload_file();
         let params = ClaimSpecParams {
@@ -473,7 +494,7 @@ impl Preparer {
             enforcement_library: &self.cfg.enforcement_library,
             preload_file: &preload,
             shared_dir: &shared_dir,
-            control_nodes: &control,
+            control_nodes: control,
         };
         let mut spec = cdi_spec::build_claim_spec(&params, &requests).map_err(|source| {
             PrepareError::Spec {

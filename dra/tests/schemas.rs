@@ -1,44 +1,21 @@
-//! Every rendered ResourceSlice and allocation validates against the official Kubernetes
-//! schemas: v1beta1 against 1.32, v1 against 1.34.
+//! The driver's ResourceSlices and allocations, written in v1 and converted at the wire,
+//! validate against the official Kubernetes schemas: v1 against 1.34, v1beta1 against 1.32
+//! and 1.33; and what is converted to v1beta1 converts back to the same v1 object.
 
-use k8s_openapi::api::resource::{v1, v1beta1};
+use dra::ApiVersion;
+use dra::convert::{from_wire, to_wire};
+use k8s_openapi::api::resource::v1;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde_json::json;
 use std::collections::BTreeMap;
+use test_support::validate_k8s;
 use vgpu_driver::allocation::{AllocatedDevice, ClaimAllocation};
 use vgpu_driver::config::{API_VERSION, ConfigEntry, ConfigSource, KIND};
 use vgpu_driver::slice::{gpu_devices, render_pool};
-use vgpu_driver::testing::validate_k8s;
-use vgpu_driver::{ApiVersion, Gpu, NodeRef, PoolOptions, PublishedDevice, Quantity};
+use vgpu_driver::{Gpu, NodeRef, PoolOptions, PublishedDevice, Quantity};
 
 fn hgx_h100() -> Vec<Gpu> {
-    let uuids: Vec<String> = (0..8)
-        .map(|i| format!("GPU-5f2c9a1e-{i:04}-4a8b-9c3d-7e6f5a4b3c2d"))
-        .collect();
-    (0..8u32)
-        .map(|i| Gpu {
-            uuid: uuids[i as usize].clone(),
-            index: i,
-            minor: i,
-            product_name: "NVIDIA H100 80GB HBM3".into(),
-            architecture: "Hopper".into(),
-            cuda_compute_capability: "9.0".into(),
-            driver_version: "560.35.03".into(),
-            cuda_driver_version: "12.6".into(),
-            pci_bus_id: format!(
-                "0000:{:02x}:00.0",
-                [0x18, 0x2a, 0x3a, 0x5d, 0x9a, 0xab, 0xba, 0xdb][i as usize]
-            ),
-            numa_node: Some(i / 4),
-            memory_bytes: 81559 << 20,
-            multiprocessor_count: 132,
-            nvlink_peers: uuids
-                .iter()
-                .filter(|u| **u != uuids[i as usize])
-                .cloned()
-                .collect(),
-        })
-        .collect()
+    test_support::hgx(8, 80)
 }
 
 fn node() -> NodeRef {
@@ -50,10 +27,10 @@ fn node() -> NodeRef {
 
 fn rendered(version: ApiVersion) -> Vec<serde_json::Value> {
     let mut objects = Vec::new();
-    let mut opts = PoolOptions::new("vgpu.hami.io", version);
+    let mut opts = PoolOptions::new("vgpu.hami.io");
     opts.generation = 3;
     for slice in render_pool(&node(), &gpu_devices(&hgx_h100()).unwrap(), &opts).unwrap() {
-        objects.push(name_it(slice.to_json(), objects.len()));
+        objects.push(name_it(wire(&slice, version), objects.len()));
     }
     // A pool big enough to need several slices.
     let many: Vec<PublishedDevice> = (0..200)
@@ -66,13 +43,24 @@ fn rendered(version: ApiVersion) -> Vec<serde_json::Value> {
     let slices = render_pool(&node(), &many, &opts).unwrap();
     assert_eq!(slices.len(), 2);
     for slice in slices {
-        objects.push(name_it(slice.to_json(), objects.len()));
+        objects.push(name_it(wire(&slice, version), objects.len()));
     }
     // An empty pool.
     for slice in render_pool(&node(), &[], &opts).unwrap() {
-        objects.push(name_it(slice.to_json(), objects.len()));
+        objects.push(name_it(wire(&slice, version), objects.len()));
     }
     objects
+}
+
+/// The object as `version` carries it, checked to convert back to itself.
+fn wire<K: dra::DraObject + PartialEq>(object: &K, version: ApiVersion) -> serde_json::Value {
+    let value = to_wire(object, version);
+    assert_eq!(
+        &from_wire::<K>(value.clone()).unwrap(),
+        object,
+        "{version} round trip"
+    );
+    value
 }
 
 /// The API server fills metadata.name from generateName; the schema accepts either.
@@ -115,37 +103,8 @@ fn meta() -> ObjectMeta {
     }
 }
 
-#[test]
-fn v1beta1_slices_and_allocations_validate_against_kubernetes_1_32() {
-    let mut objects = rendered(ApiVersion::V1beta1);
-    let claim = v1beta1::ResourceClaim {
-        metadata: meta(),
-        spec: v1beta1::ResourceClaimSpec {
-            devices: Some(v1beta1::DeviceClaim {
-                requests: Some(vec![v1beta1::DeviceRequest {
-                    name: "gpu".into(),
-                    device_class_name: Some("gpu-slice.vgpu.hami.io".into()),
-                    count: Some(2),
-                    ..Default::default()
-                }]),
-                ..Default::default()
-            }),
-        },
-        status: Some(v1beta1::ResourceClaimStatus {
-            allocation: Some(allocation().to_v1beta1()),
-            ..Default::default()
-        }),
-    };
-    objects.push(serde_json::to_value(&claim).unwrap());
-    validate_k8s(&objects, "1.32.0").unwrap();
-    // And 1.33, which serves v1beta1 too.
-    validate_k8s(&objects, "1.33.0").unwrap();
-}
-
-#[test]
-fn v1_slices_and_allocations_validate_against_kubernetes_1_34() {
-    let mut objects = rendered(ApiVersion::V1);
-    let claim = v1::ResourceClaim {
+fn claim() -> v1::ResourceClaim {
+    v1::ResourceClaim {
         metadata: meta(),
         spec: v1::ResourceClaimSpec {
             devices: Some(v1::DeviceClaim {
@@ -162,11 +121,25 @@ fn v1_slices_and_allocations_validate_against_kubernetes_1_34() {
             }),
         },
         status: Some(v1::ResourceClaimStatus {
-            allocation: Some(allocation().to_v1()),
+            allocation: Some(allocation().to_result()),
             ..Default::default()
         }),
-    };
-    objects.push(serde_json::to_value(&claim).unwrap());
+    }
+}
+
+#[test]
+fn v1beta1_slices_and_allocations_validate_against_kubernetes_1_32() {
+    let mut objects = rendered(ApiVersion::V1beta1);
+    objects.push(wire(&claim(), ApiVersion::V1beta1));
+    validate_k8s(&objects, "1.32.0").unwrap();
+    // And 1.33, which serves v1beta1 too.
+    validate_k8s(&objects, "1.33.0").unwrap();
+}
+
+#[test]
+fn v1_slices_and_allocations_validate_against_kubernetes_1_34() {
+    let mut objects = rendered(ApiVersion::V1);
+    objects.push(wire(&claim(), ApiVersion::V1));
     validate_k8s(&objects, "1.34.0").unwrap();
 }
 
@@ -190,12 +163,12 @@ fn native_sharing_slices_and_allocations_validate_against_kubernetes_1_34() {
     for d in &mut devices {
         d.allow_multiple_allocations = true;
     }
-    let opts = PoolOptions::new("vgpu.hami.io", ApiVersion::V1);
-    let mut objects: Vec<serde_json::Value> = render_pool(&node(), &devices, &opts)
-        .unwrap()
-        .into_iter()
+    let opts = PoolOptions::new("vgpu.hami.io");
+    let slices = render_pool(&node(), &devices, &opts).unwrap();
+    let mut objects: Vec<serde_json::Value> = slices
+        .iter()
         .enumerate()
-        .map(|(i, s)| name_it(s.to_json(), i))
+        .map(|(i, s)| name_it(wire(s, ApiVersion::V1), i))
         .collect();
     assert_eq!(
         objects[0]["spec"]["devices"][0]["allowMultipleAllocations"],
@@ -246,11 +219,11 @@ fn native_sharing_slices_and_allocations_validate_against_kubernetes_1_34() {
             }),
         },
         status: Some(v1::ResourceClaimStatus {
-            allocation: Some(a.to_v1()),
+            allocation: Some(a.to_result()),
             ..Default::default()
         }),
     };
-    let claim = serde_json::to_value(&claim).unwrap();
+    let claim = wire(&claim, ApiVersion::V1);
     assert_eq!(
         claim["status"]["allocation"]["devices"]["results"][0]["consumedCapacity"]["memory"],
         "4Gi"
@@ -259,13 +232,7 @@ fn native_sharing_slices_and_allocations_validate_against_kubernetes_1_34() {
     validate_k8s(&objects, "1.34.0").unwrap();
     // 1.33 has no consumable capacity: its v1beta1 rejects the fields that 1.34's accepts, so
     // the plugin must only publish them where the API has them.
-    let beta = render_pool(
-        &node(),
-        &devices,
-        &PoolOptions::new("vgpu.hami.io", ApiVersion::V1beta1),
-    )
-    .unwrap();
-    let beta = name_it(beta[0].to_json(), 0);
+    let beta = name_it(wire(&slices[0], ApiVersion::V1beta1), 0);
     validate_k8s(std::slice::from_ref(&beta), "1.34.0").unwrap();
     let report = validate_k8s(&[beta], "1.33.0").unwrap_err();
     assert!(

@@ -1,5 +1,5 @@
-//! Test support shared by the workspace's crates: validation of objects against the official
-//! Kubernetes JSON schemas, as the PyPI package `kubernetes-validate` carries them.
+//! Strict validation of objects against the official Kubernetes JSON schemas, as the PyPI
+//! package `kubernetes-validate` carries them.
 //!
 //! Install it with `python3 -m pip install -r hack/requirements-test.txt`; without it the
 //! validation fails loudly rather than passing.

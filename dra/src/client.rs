@@ -1,0 +1,212 @@
+//! The converting client: typed v1 objects in, typed v1 objects out, whichever version the
+//! API server serves. On v1 it is kube's typed `Api`; on v1beta1 every object crosses
+//! [`crate::convert`] on its way in and out, and nothing else in the workspace knows.
+
+use crate::convert::{self, ConvertError, DraObject};
+use crate::version::{ApiVersion, GROUP};
+use futures::{Stream, StreamExt, TryStreamExt};
+use k8s_openapi::NamespaceResourceScope;
+use kube::Client;
+use kube::api::PostParams;
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams};
+use kube::runtime::watcher;
+
+/// Why a request failed: the API server said no, or its answer could not be converted.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(transparent)]
+    Kube(#[from] kube::Error),
+    #[error("converting the API server's answer: {0}")]
+    Convert(#[from] ConvertError),
+}
+
+impl ClientError {
+    /// The HTTP status of an API error (404, 409, …).
+    pub fn code(&self) -> Option<u16> {
+        match self {
+            ClientError::Kube(kube::Error::Api(s)) => Some(s.code),
+            _ => None,
+        }
+    }
+
+    pub fn is_not_found(&self) -> bool {
+        self.code() == Some(404)
+    }
+
+    pub fn is_conflict(&self) -> bool {
+        self.code() == Some(409)
+    }
+}
+
+/// One resource.k8s.io resource, as v1, over the served version.
+#[derive(Clone)]
+pub struct DraApi<K> {
+    version: ApiVersion,
+    typed: Api<K>,
+    /// Used when the wire speaks v1beta1.
+    wire: Api<DynamicObject>,
+}
+
+fn api_resource<K: DraObject>(version: ApiVersion) -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk(GROUP, version.version(), K::KIND),
+        K::URL_PATH_SEGMENT,
+    )
+}
+
+impl<K: DraObject> DraApi<K> {
+    /// Every object of the resource (cluster-scoped ones, or all namespaces).
+    pub fn all(client: Client, version: ApiVersion) -> Self {
+        DraApi {
+            version,
+            wire: Api::all_with(client.clone(), &api_resource::<K>(version)),
+            typed: Api::all(client),
+        }
+    }
+
+    /// The objects of one namespace.
+    pub fn namespaced(client: Client, namespace: &str, version: ApiVersion) -> Self
+    where
+        K: kube::Resource<Scope = NamespaceResourceScope>,
+    {
+        DraApi {
+            version,
+            wire: Api::namespaced_with(client.clone(), namespace, &api_resource::<K>(version)),
+            typed: Api::namespaced(client, namespace),
+        }
+    }
+
+    /// The version on the wire.
+    pub fn version(&self) -> ApiVersion {
+        self.version
+    }
+
+    fn is_v1(&self) -> bool {
+        self.version == ApiVersion::V1
+    }
+
+    fn inbound(object: DynamicObject) -> Result<K, ConvertError> {
+        let value = serde_json::to_value(object).expect("dynamic objects always serialize");
+        convert::from_wire(value)
+    }
+
+    fn outbound(&self, object: &K) -> DynamicObject {
+        serde_json::from_value(convert::to_wire(object, self.version))
+            .expect("a converted object is a valid dynamic object")
+    }
+
+    pub async fn get(&self, name: &str) -> Result<K, ClientError> {
+        if self.is_v1() {
+            return Ok(self.typed.get(name).await?);
+        }
+        Ok(Self::inbound(self.wire.get(name).await?)?)
+    }
+
+    pub async fn get_opt(&self, name: &str) -> Result<Option<K>, ClientError> {
+        if self.is_v1() {
+            return Ok(self.typed.get_opt(name).await?);
+        }
+        Ok(match self.wire.get_opt(name).await? {
+            Some(o) => Some(Self::inbound(o)?),
+            None => None,
+        })
+    }
+
+    pub async fn list(&self, params: &ListParams) -> Result<Vec<K>, ClientError> {
+        if self.is_v1() {
+            return Ok(self.typed.list(params).await?.items);
+        }
+        self.wire
+            .list(params)
+            .await?
+            .items
+            .into_iter()
+            .map(|o| Self::inbound(o).map_err(ClientError::from))
+            .collect()
+    }
+
+    pub async fn create(&self, params: &PostParams, object: &K) -> Result<K, ClientError> {
+        if self.is_v1() {
+            return Ok(self.typed.create(params, object).await?);
+        }
+        Ok(Self::inbound(
+            self.wire.create(params, &self.outbound(object)).await?,
+        )?)
+    }
+
+    pub async fn replace(
+        &self,
+        name: &str,
+        params: &PostParams,
+        object: &K,
+    ) -> Result<K, ClientError> {
+        if self.is_v1() {
+            return Ok(self.typed.replace(name, params, object).await?);
+        }
+        Ok(Self::inbound(
+            self.wire
+                .replace(name, params, &self.outbound(object))
+                .await?,
+        )?)
+    }
+
+    pub async fn replace_status(
+        &self,
+        name: &str,
+        params: &PostParams,
+        object: &K,
+    ) -> Result<K, ClientError> {
+        if self.is_v1() {
+            return Ok(self.typed.replace_status(name, params, object).await?);
+        }
+        Ok(Self::inbound(
+            self.wire
+                .replace_status(name, params, &self.outbound(object))
+                .await?,
+        )?)
+    }
+
+    /// Delete; a 404 is an error for the caller to judge.
+    pub async fn delete(&self, name: &str, params: &DeleteParams) -> Result<(), ClientError> {
+        if self.is_v1() {
+            self.typed.delete(name, params).await?;
+        } else {
+            self.wire.delete(name, params).await?;
+        }
+        Ok(())
+    }
+
+    /// A watch of the resource as kube-runtime's `watcher` gives it, in v1. An object that
+    /// cannot be converted (the API server validated it, so only a bug here can cause that) is
+    /// logged and left out rather than ending the watch.
+    pub fn watch(
+        &self,
+        config: watcher::Config,
+    ) -> impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static {
+        if self.is_v1() {
+            return watcher::watcher(self.typed.clone(), config).boxed();
+        }
+        watcher::watcher(self.wire.clone(), config)
+            .map_ok(convert_event::<K>)
+            .try_filter_map(|e| futures::future::ready(Ok(e)))
+            .boxed()
+    }
+}
+
+fn convert_event<K: DraObject>(event: watcher::Event<DynamicObject>) -> Option<watcher::Event<K>> {
+    let convert = |o: DynamicObject| match DraApi::<K>::inbound(o) {
+        Ok(k) => Some(k),
+        Err(e) => {
+            tracing::warn!(error = %e, "left out of the watch: cannot convert");
+            None
+        }
+    };
+    use watcher::Event;
+    Some(match event {
+        Event::Apply(o) => Event::Apply(convert(o)?),
+        Event::Delete(o) => Event::Delete(convert(o)?),
+        Event::InitApply(o) => Event::InitApply(convert(o)?),
+        Event::Init => Event::Init,
+        Event::InitDone => Event::InitDone,
+    })
+}

@@ -1,0 +1,235 @@
+//! The kubelet side of a DRA driver, as `k8s.io/dynamic-resource-allocation/kubeletplugin` is
+//! for Go drivers: it registers with the kubelet, serves both DRA gRPC versions on one socket,
+//! reads each claim the kubelet names from the API server and checks it (the UID the kubelet
+//! holds, allocated, allocated for this node), and hands the driver only what is left to do:
+//! [`Driver::prepare`] a checked claim, [`Driver::unprepare`] a reference.
+//!
+//! Every claim gets its own answer: one claim that cannot be read does not fail the others.
+//!
+//! The DRA socket also serves the standard `grpc.health.v1` service (`SERVING` while the
+//! helper runs) and the kubelet's `v1alpha1.DRAResourceHealth` (device health, for kubelets
+//! with the ResourceHealthStatus gate) from [`Driver::device_health`].
+
+mod claims;
+mod registration;
+mod service;
+
+pub use claims::{ClaimError, ClaimRef};
+pub use registration::Registrar;
+
+use crate::client::DraApi;
+use crate::version::ApiVersion;
+use k8s_openapi::api::resource::v1::ResourceClaim;
+use serde::{Deserialize, Serialize};
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use vgpu_proto::uds;
+
+/// Default kubelet plugin data directory root (`<root>/<driver>`).
+pub const KUBELET_PLUGINS_DIR: &str = "/var/lib/kubelet/plugins";
+/// Default kubelet plugin registry directory.
+pub const KUBELET_REGISTRY_DIR: &str = "/var/lib/kubelet/plugins_registry";
+
+/// A device in the kubelet's answer (`NodePrepareResourceResponse.devices[]`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Device {
+    /// Main request names (`/subrequest` stripped, as the kubelet wants them).
+    pub request_names: Vec<String>,
+    pub pool_name: String,
+    pub device_name: String,
+    pub cdi_device_ids: Vec<String>,
+    /// The allocation result's share id (consumable capacity); only v1 kubelets receive it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub share_id: Option<String>,
+}
+
+/// One device's health as the kubelet's resource health service reports it (KEP-4680: it
+/// shows in the pod's `status.containerStatuses[].allocatedResourcesStatus`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceHealth {
+    pub pool_name: String,
+    pub device_name: String,
+    /// `None`: unknown.
+    pub healthy: Option<bool>,
+    /// When this was last checked, seconds since the Unix epoch.
+    pub last_updated: i64,
+}
+
+/// Which kubelet call an outcome belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Call {
+    Prepare,
+    Unprepare,
+}
+
+/// What a driver does on the node. The helper calls it one claim at a time (the kubelet may
+/// call concurrently; a driver serializes what must not overlap).
+pub trait Driver: Send + Sync + 'static {
+    type Error: std::fmt::Display + Send;
+
+    /// A claim prepared before (a repeated call, a kubelet or plugin restart): its devices,
+    /// answered without reading the API server, which may be unreachable or already have
+    /// forgotten the claim. `None` makes the helper read and check the claim, then call
+    /// [`Driver::prepare`].
+    fn prepared(
+        &self,
+        claim: &ClaimRef,
+    ) -> impl Future<Output = Result<Option<Vec<Device>>, Self::Error>> + Send;
+
+    /// Prepare a claim that is allocated, for this node, with the UID the kubelet holds.
+    fn prepare(
+        &self,
+        claim: ResourceClaim,
+    ) -> impl Future<Output = Result<Vec<Device>, Self::Error>> + Send;
+
+    /// Undo a preparation; the claim may be gone from the API server already.
+    fn unprepare(&self, claim: &ClaimRef) -> impl Future<Output = Result<(), Self::Error>> + Send;
+
+    /// The health of every device, now and on each change; `None` when the driver does not
+    /// track health (the kubelet is told the service is unimplemented).
+    fn device_health(&self) -> Option<futures::stream::BoxStream<'static, Vec<DeviceHealth>>> {
+        None
+    }
+
+    /// One kubelet call finished: each claim's outcome and the call's duration (for metrics).
+    fn observe(&self, call: Call, outcomes: &[(ClaimRef, bool)], took: Duration) {
+        let _ = (call, outcomes, took);
+    }
+}
+
+/// Where the helper serves and how it registers.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub driver_name: String,
+    pub node_name: String,
+    /// The plugin data directory (the DRA socket goes here), as this process sees it.
+    pub plugin_dir: PathBuf,
+    /// The same directory as the kubelet sees it, for the registered endpoint.
+    pub kubelet_plugin_dir: PathBuf,
+    /// The kubelet's plugin registry directory.
+    pub registrar_dir: PathBuf,
+    /// Set to a value unique to this instance (the pod UID) to let two instances run side by
+    /// side during a rolling update (kubelet 1.33+): each gets its own socket names.
+    pub rolling_update_uid: Option<String>,
+}
+
+impl Options {
+    fn uid_part(&self) -> String {
+        self.rolling_update_uid
+            .as_deref()
+            .map(|u| format!("-{u}"))
+            .unwrap_or_default()
+    }
+
+    /// `<plugin-dir>/dra[-<uid>].sock`.
+    pub fn dra_socket(&self) -> PathBuf {
+        self.plugin_dir.join(format!("dra{}.sock", self.uid_part()))
+    }
+
+    /// `<registrar-dir>/<driver>[-<uid>]-reg.sock`.
+    pub fn registration_socket(&self) -> PathBuf {
+        self.registrar_dir
+            .join(format!("{}{}-reg.sock", self.driver_name, self.uid_part()))
+    }
+
+    /// The DRA socket's path as the kubelet sees it.
+    pub fn kubelet_endpoint(&self) -> PathBuf {
+        self.kubelet_plugin_dir
+            .join(self.dra_socket().file_name().expect("a socket file name"))
+    }
+}
+
+/// The claims the helper reads: the converting client, so drivers see v1 only.
+pub(crate) struct ClaimReader {
+    client: kube::Client,
+    version: ApiVersion,
+    node: String,
+}
+
+impl ClaimReader {
+    fn api(&self, namespace: &str) -> DraApi<ResourceClaim> {
+        DraApi::namespaced(self.client.clone(), namespace, self.version)
+    }
+}
+
+/// Why the helper could not serve.
+#[derive(Debug, thiserror::Error)]
+pub enum HelperError {
+    #[error(transparent)]
+    Socket(#[from] uds::UdsError),
+    #[error("the gRPC server stopped before it was ready")]
+    NotReady,
+    #[error("the gRPC server task failed: {0}")]
+    Task(String),
+}
+
+/// A serving helper; [`Helper::shutdown`] removes its sockets.
+pub struct Helper {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), uds::UdsError>>,
+    dra_socket: PathBuf,
+    registration_socket: PathBuf,
+}
+
+impl Helper {
+    /// Serve `driver` for the kubelet: the DRA socket first, then (once it accepts
+    /// connections) the registration socket. Returns once both are served.
+    pub async fn start<D: Driver>(
+        driver: Arc<D>,
+        client: kube::Client,
+        version: ApiVersion,
+        options: Options,
+    ) -> Result<Helper, HelperError> {
+        let (stop, stop_rx) = watch::channel(false);
+        let reader = ClaimReader {
+            client,
+            version,
+            node: options.node_name.clone(),
+        };
+        let service = service::DraService::new(driver, reader);
+        let registrar = Registrar::new(&options.driver_name, &options.kubelet_endpoint());
+        let (dra_socket, registration_socket) =
+            (options.dra_socket(), options.registration_socket());
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let task = {
+            let (dra, reg) = (dra_socket.clone(), registration_socket.clone());
+            tokio::spawn(async move {
+                service::serve(&dra, &reg, service, registrar, ready_tx, stop_rx).await
+            })
+        };
+        if ready_rx.await.is_err() {
+            return match task.await {
+                Ok(Err(e)) => Err(e.into()),
+                _ => Err(HelperError::NotReady),
+            };
+        }
+        Ok(Helper {
+            stop,
+            task,
+            dra_socket,
+            registration_socket,
+        })
+    }
+
+    pub fn dra_socket(&self) -> &Path {
+        &self.dra_socket
+    }
+
+    pub fn registration_socket(&self) -> &Path {
+        &self.registration_socket
+    }
+
+    /// Stop serving; the registration socket goes first, so the kubelet deregisters before
+    /// the DRA socket disappears.
+    pub async fn shutdown(self) -> Result<(), HelperError> {
+        let _ = self.stop.send(true);
+        match self.task.await {
+            Ok(r) => Ok(r?),
+            Err(e) => Err(HelperError::Task(e.to_string())),
+        }
+    }
+}

@@ -1,0 +1,304 @@
+//! The DRA gRPC service in both versions the kubelet speaks (v1beta1 for 1.32+, v1 for
+//! 1.34+) on one socket, over one [`Driver`], and the serving of both sockets.
+
+use super::{Call, ClaimReader, ClaimRef, Device, DeviceHealth, Driver, Registrar};
+use futures::StreamExt;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tonic::{Request, Response, Status};
+use vgpu_proto::dra::{v1, v1beta1};
+use vgpu_proto::health::v1alpha1 as health;
+use vgpu_proto::pluginregistration as reg;
+use vgpu_proto::uds;
+
+/// Both service versions over one driver.
+pub(crate) struct DraService<D> {
+    driver: Arc<D>,
+    claims: Arc<ClaimReader>,
+}
+
+impl<D> Clone for DraService<D> {
+    fn clone(&self) -> Self {
+        DraService {
+            driver: self.driver.clone(),
+            claims: self.claims.clone(),
+        }
+    }
+}
+
+impl<D: Driver> DraService<D> {
+    pub(crate) fn new(driver: Arc<D>, claims: ClaimReader) -> Self {
+        DraService {
+            driver,
+            claims: Arc::new(claims),
+        }
+    }
+
+    async fn prepare_one(&self, claim: &ClaimRef) -> Result<Vec<Device>, String> {
+        claim.validate().map_err(|e| e.to_string())?;
+        if let Some(devices) = self
+            .driver
+            .prepared(claim)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            return Ok(devices);
+        }
+        let object = self.claims.read(claim).await.map_err(|e| e.to_string())?;
+        self.driver.prepare(object).await.map_err(|e| e.to_string())
+    }
+
+    /// Every claim gets an answer (devices or an error), keyed by its UID.
+    async fn prepare(
+        &self,
+        claims: Vec<ClaimRef>,
+    ) -> BTreeMap<String, Result<Vec<Device>, String>> {
+        let started = Instant::now();
+        let mut out = BTreeMap::new();
+        let mut outcomes = Vec::with_capacity(claims.len());
+        for claim in claims {
+            let result = self.prepare_one(&claim).await;
+            match &result {
+                Ok(devices) => {
+                    tracing::info!(claim = %claim.key(), uid = %claim.uid, devices = devices.len(), "prepared")
+                }
+                Err(e) => {
+                    tracing::warn!(claim = %claim.key(), uid = %claim.uid, error = %e, "prepare failed")
+                }
+            }
+            outcomes.push((claim.clone(), result.is_ok()));
+            out.insert(claim.uid, result);
+        }
+        self.driver
+            .observe(Call::Prepare, &outcomes, started.elapsed());
+        out
+    }
+
+    /// Unprepare needs no API access: it works after the claim was deleted.
+    async fn unprepare(&self, claims: Vec<ClaimRef>) -> BTreeMap<String, Result<(), String>> {
+        let started = Instant::now();
+        let mut out = BTreeMap::new();
+        let mut outcomes = Vec::with_capacity(claims.len());
+        for claim in claims {
+            let result = self
+                .driver
+                .unprepare(&claim)
+                .await
+                .map_err(|e| e.to_string());
+            match &result {
+                Ok(()) => tracing::info!(uid = %claim.uid, "unprepared"),
+                Err(e) => tracing::warn!(uid = %claim.uid, error = %e, "unprepare failed"),
+            }
+            outcomes.push((claim.clone(), result.is_ok()));
+            out.insert(claim.uid, result);
+        }
+        self.driver
+            .observe(Call::Unprepare, &outcomes, started.elapsed());
+        out
+    }
+}
+
+fn device_v1(d: Device) -> v1::Device {
+    v1::Device {
+        request_names: d.request_names,
+        pool_name: d.pool_name,
+        device_name: d.device_name,
+        cdi_device_ids: d.cdi_device_ids,
+        share_id: d.share_id,
+    }
+}
+
+fn device_v1beta1(d: Device) -> v1beta1::Device {
+    // v1beta1 kubelets have no share ids (consumable capacity is 1.34+).
+    v1beta1::Device {
+        request_names: d.request_names,
+        pool_name: d.pool_name,
+        device_name: d.device_name,
+        cdi_device_ids: d.cdi_device_ids,
+    }
+}
+
+// The two versions' messages are distinct generated types with the same fields: one macro
+// writes the glue for each, the logic above is written once.
+macro_rules! dra_version {
+    ($m:ident, $device:ident) => {
+        #[tonic::async_trait]
+        impl<D: Driver> $m::dra_plugin_server::DraPlugin for DraService<D> {
+            async fn node_prepare_resources(
+                &self,
+                request: Request<$m::NodePrepareResourcesRequest>,
+            ) -> Result<Response<$m::NodePrepareResourcesResponse>, Status> {
+                let claims = request
+                    .into_inner()
+                    .claims
+                    .into_iter()
+                    .map(|c| ClaimRef {
+                        namespace: c.namespace,
+                        uid: c.uid,
+                        name: c.name,
+                    })
+                    .collect();
+                let claims = self
+                    .prepare(claims)
+                    .await
+                    .into_iter()
+                    .map(|(uid, result)| {
+                        let answer = match result {
+                            Ok(devices) => $m::NodePrepareResourceResponse {
+                                devices: devices.into_iter().map($device).collect(),
+                                error: String::new(),
+                            },
+                            Err(error) => $m::NodePrepareResourceResponse {
+                                devices: vec![],
+                                error,
+                            },
+                        };
+                        (uid, answer)
+                    })
+                    .collect();
+                Ok(Response::new($m::NodePrepareResourcesResponse { claims }))
+            }
+
+            async fn node_unprepare_resources(
+                &self,
+                request: Request<$m::NodeUnprepareResourcesRequest>,
+            ) -> Result<Response<$m::NodeUnprepareResourcesResponse>, Status> {
+                let claims = request
+                    .into_inner()
+                    .claims
+                    .into_iter()
+                    .map(|c| ClaimRef {
+                        namespace: c.namespace,
+                        uid: c.uid,
+                        name: c.name,
+                    })
+                    .collect();
+                let claims = self
+                    .unprepare(claims)
+                    .await
+                    .into_iter()
+                    .map(|(uid, r)| {
+                        (
+                            uid,
+                            $m::NodeUnprepareResourceResponse {
+                                error: r.err().unwrap_or_default(),
+                            },
+                        )
+                    })
+                    .collect();
+                Ok(Response::new($m::NodeUnprepareResourcesResponse { claims }))
+            }
+        }
+    };
+}
+
+dra_version!(v1, device_v1);
+dra_version!(v1beta1, device_v1beta1);
+
+fn health_message(devices: Vec<DeviceHealth>) -> health::NodeWatchResourcesResponse {
+    health::NodeWatchResourcesResponse {
+        devices: devices
+            .into_iter()
+            .map(|d| health::DeviceHealth {
+                device: Some(health::DeviceIdentifier {
+                    pool_name: d.pool_name,
+                    device_name: d.device_name,
+                }),
+                health: match d.healthy {
+                    Some(true) => health::HealthStatus::Healthy,
+                    Some(false) => health::HealthStatus::Unhealthy,
+                    None => health::HealthStatus::Unknown,
+                } as i32,
+                last_updated_time: d.last_updated,
+                // 0: the kubelet's default timeout.
+                health_check_timeout_seconds: 0,
+            })
+            .collect(),
+    }
+}
+
+#[tonic::async_trait]
+impl<D: Driver> health::dra_resource_health_server::DraResourceHealth for DraService<D> {
+    type NodeWatchResourcesStream =
+        futures::stream::BoxStream<'static, Result<health::NodeWatchResourcesResponse, Status>>;
+
+    async fn node_watch_resources(
+        &self,
+        _request: Request<health::NodeWatchResourcesRequest>,
+    ) -> Result<Response<Self::NodeWatchResourcesStream>, Status> {
+        let Some(updates) = self.driver.device_health() else {
+            return Err(Status::unimplemented(
+                "this driver does not report device health",
+            ));
+        };
+        Ok(Response::new(
+            updates.map(|devices| Ok(health_message(devices))).boxed(),
+        ))
+    }
+}
+
+async fn stopped(mut rx: tokio::sync::watch::Receiver<bool>) {
+    while !*rx.borrow() {
+        if rx.changed().await.is_err() {
+            break;
+        }
+    }
+}
+
+/// Serve the DRA socket, then (only once it accepts connections) the registration socket,
+/// until `stop` fires; both socket files are removed on the way out (registration first, so
+/// the kubelet deregisters before the DRA socket goes). `ready` fires once both are up.
+pub(crate) async fn serve<D: Driver>(
+    dra_path: &Path,
+    registration_path: &Path,
+    dra: DraService<D>,
+    registrar: Registrar,
+    ready: tokio::sync::oneshot::Sender<()>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), uds::UdsError> {
+    let (dra_incoming, dra_guard) = uds::bind(dra_path)?;
+    let (reporter, grpc_health) = tonic_health::server::health_reporter();
+    reporter
+        .set_serving::<v1::dra_plugin_server::DraPluginServer<DraService<D>>>()
+        .await;
+    reporter
+        .set_serving::<v1beta1::dra_plugin_server::DraPluginServer<DraService<D>>>()
+        .await;
+    let router = tonic::transport::Server::builder()
+        .add_service(grpc_health)
+        .add_service(health::dra_resource_health_server::DraResourceHealthServer::new(dra.clone()))
+        .add_service(v1beta1::dra_plugin_server::DraPluginServer::new(
+            dra.clone(),
+        ))
+        .add_service(v1::dra_plugin_server::DraPluginServer::new(dra));
+    let dra_task =
+        tokio::spawn(router.serve_with_incoming_shutdown(dra_incoming, stopped(stop.clone())));
+    let (reg_incoming, reg_guard) = uds::bind(registration_path)?;
+    let reg_router = tonic::transport::Server::builder()
+        .add_service(reg::registration_server::RegistrationServer::new(registrar));
+    let reg_task =
+        tokio::spawn(reg_router.serve_with_incoming_shutdown(reg_incoming, stopped(stop.clone())));
+    tracing::info!(dra = %dra_path.display(), registration = %registration_path.display(), "serving the kubelet");
+    let _ = ready.send(());
+    stopped(stop).await;
+    drop(reg_guard);
+    drop(dra_guard);
+    // Connections the kubelet keeps open must not hold the shutdown forever.
+    for (task, path) in [(reg_task, registration_path), (dra_task, dra_path)] {
+        match tokio::time::timeout(Duration::from_secs(5), task).await {
+            Ok(Ok(Err(source))) => {
+                return Err(uds::UdsError::Transport {
+                    path: path.to_path_buf(),
+                    source,
+                });
+            }
+            Ok(_) => {}
+            Err(_) => {
+                tracing::warn!(socket = %path.display(), "gRPC server did not stop within 5 s")
+            }
+        }
+    }
+    Ok(())
+}

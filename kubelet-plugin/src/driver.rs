@@ -1,0 +1,153 @@
+//! The vGPU driver's answer to the kubelet, behind [`dra::kubeletplugin::Driver`]: the helper
+//! has already checked each claim (the UID the kubelet holds, allocated, for this node); this
+//! reads its allocation and hands it to the [`Preparer`] off the async threads (prepare writes
+//! and fsyncs files).
+
+use crate::discovery::{GpuState, Snapshot};
+use crate::metrics::Metrics;
+use crate::prepare::{PrepareError, Preparer};
+use dra::kubeletplugin::{Call, ClaimRef, Device, DeviceHealth, Driver};
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use k8s_openapi::api::resource::v1::ResourceClaim;
+use std::sync::Arc;
+use std::time::Duration;
+use vgpu_driver::ClaimAllocation;
+
+/// Why the driver could not answer for a claim.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    #[error(transparent)]
+    Allocation(#[from] vgpu_driver::AllocationError),
+    #[error(transparent)]
+    Prepare(#[from] PrepareError),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// The plugin's [`Driver`].
+pub struct VgpuDriver {
+    preparer: Arc<Preparer>,
+    metrics: Metrics,
+    gpus: GpuState,
+    /// Pool name of the devices (the node).
+    pool: String,
+}
+
+/// Every GPU's health in `snapshot`, as the kubelet's health service carries it.
+pub fn device_health(snapshot: &Snapshot, pool: &str, now: i64) -> Vec<DeviceHealth> {
+    snapshot
+        .gpus
+        .iter()
+        .map(|gpu| DeviceHealth {
+            pool_name: pool.to_string(),
+            device_name: gpu.device_name(),
+            healthy: Some(snapshot.unhealthy_reason(&gpu.uuid).is_none()),
+            last_updated: now,
+        })
+        .collect()
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+impl VgpuDriver {
+    pub fn new(preparer: Arc<Preparer>, metrics: Metrics, gpus: GpuState, pool: &str) -> Self {
+        VgpuDriver {
+            preparer,
+            metrics,
+            gpus,
+            pool: pool.to_string(),
+        }
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Preparer) -> Result<T, PrepareError> + Send + 'static,
+    ) -> Result<T, DriverError> {
+        let preparer = self.preparer.clone();
+        tokio::task::spawn_blocking(move || f(&preparer))
+            .await
+            .map_err(|e| DriverError::Internal(e.to_string()))?
+            .map_err(DriverError::from)
+    }
+}
+
+impl Driver for VgpuDriver {
+    type Error = DriverError;
+
+    async fn prepared(&self, claim: &ClaimRef) -> Result<Option<Vec<Device>>, DriverError> {
+        let uid = claim.uid.clone();
+        let known = self.blocking(move |p| p.prepared_claim(&uid)).await?;
+        Ok(known.map(|prepared| prepared.devices))
+    }
+
+    async fn prepare(&self, claim: ResourceClaim) -> Result<Vec<Device>, DriverError> {
+        let allocation = ClaimAllocation::of(&claim)?;
+        let prepared = self.blocking(move |p| p.prepare(&allocation)).await?;
+        Ok(prepared.devices)
+    }
+
+    async fn unprepare(&self, claim: &ClaimRef) -> Result<(), DriverError> {
+        let uid = claim.uid.clone();
+        self.blocking(move |p| p.unprepare(&uid).map(|_| ())).await
+    }
+
+    fn device_health(&self) -> Option<BoxStream<'static, Vec<DeviceHealth>>> {
+        let pool = self.pool.clone();
+        // The current health first, then every change.
+        let updates = tokio_stream::wrappers::WatchStream::new(self.gpus.subscribe())
+            .map(move |snapshot| device_health(&snapshot, &pool, unix_now()));
+        Some(updates.boxed())
+    }
+
+    fn observe(&self, call: Call, outcomes: &[(ClaimRef, bool)], took: Duration) {
+        for (_, ok) in outcomes {
+            match call {
+                Call::Prepare => self.metrics.prepared(*ok),
+                Call::Unprepare => self.metrics.unprepared(*ok),
+            }
+        }
+        match call {
+            Call::Prepare => self.metrics.observe_prepare(took),
+            Call::Unprepare => self.metrics.observe_unprepare(took),
+        }
+        self.metrics
+            .set_prepared_claims(self.preparer.prepared().len());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::discovery::tests::gpu;
+
+    #[test]
+    fn health_is_reported_per_published_device() {
+        let snapshot = Snapshot {
+            gpus: vec![gpu(0), gpu(1)],
+            unhealthy: [(gpu(1).uuid, "Xid 79".to_string())].into(),
+        };
+        let health = device_health(&snapshot, "node-a", 42);
+        assert_eq!(
+            health,
+            vec![
+                DeviceHealth {
+                    pool_name: "node-a".into(),
+                    device_name: "gpu-0".into(),
+                    healthy: Some(true),
+                    last_updated: 42,
+                },
+                DeviceHealth {
+                    pool_name: "node-a".into(),
+                    device_name: "gpu-1".into(),
+                    healthy: Some(false),
+                    last_updated: 42,
+                },
+            ]
+        );
+    }
+}
