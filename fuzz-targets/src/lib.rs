@@ -30,6 +30,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("checkpoint", checkpoint),
     ("inventory", inventory),
     ("enforcement_env", enforcement_env),
+    ("dra_convert", dra_convert),
 ];
 
 /// The opaque configuration decoder: any JSON (and any bytes) from a DeviceClass or claim.
@@ -161,4 +162,31 @@ pub fn enforcement_env(data: &[u8]) {
     for problem in &parsed.problems {
         let _ = problem.to_string();
     }
+}
+
+/// The wire conversion: any JSON as a resource.k8s.io object of either version. What converts
+/// to v1 converts to v1beta1 and back to the same object.
+pub fn dra_convert(data: &[u8]) {
+    use dra::{ApiVersion, convert};
+    use k8s_openapi::api::resource::v1;
+    fn round_trip<K: dra::DraObject + PartialEq>(value: &serde_json::Value) {
+        let Ok(object) = convert::from_wire::<K>(value.clone()) else {
+            return;
+        };
+        for version in [ApiVersion::V1, ApiVersion::V1beta1] {
+            let wire = convert::to_wire(&object, version);
+            let back = convert::from_wire::<K>(wire)
+                .unwrap_or_else(|e| panic!("{version} does not convert back: {e}"));
+            assert!(back == object, "{version} round trip changed the object");
+        }
+    }
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(data) else {
+        return;
+    };
+    let _ = convert::convert_value(value.clone(), ApiVersion::V1);
+    let _ = convert::convert_value(value.clone(), ApiVersion::V1beta1);
+    round_trip::<v1::ResourceClaim>(&value);
+    round_trip::<v1::ResourceClaimTemplate>(&value);
+    round_trip::<v1::ResourceSlice>(&value);
+    round_trip::<v1::DeviceClass>(&value);
 }
