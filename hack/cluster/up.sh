@@ -111,7 +111,9 @@ export KUBECONFIG=$state/admin.kubeconfig
 # --- feature gates per release ------------------------------------------------------------------
 case $K8S_RELEASE in
   1.32) gates=DynamicResourceAllocation=true runtime_config=resource.k8s.io/v1beta1=true ;;
-  1.34) gates=DRAConsumableCapacity=true runtime_config= ;;
+  # 1.34 serves v1beta1 too, off by default: on here, so the suite can hold our wire
+  # conversion against the API server's own.
+  1.34) gates=DRAConsumableCapacity=true runtime_config=resource.k8s.io/v1beta1=true ;;
 esac
 
 # start NAME COMMAND...: writes launch/NAME (COMMAND, logging to logs/NAME.log, its pid in

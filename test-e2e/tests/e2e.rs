@@ -909,3 +909,102 @@ fn a9_an_oversized_claim_stays_pending_with_an_event() {
         Some("Pending")
     );
 }
+
+/// Our wire conversion against the reference: the real API server keeps one object and serves
+/// it in every enabled version (1.34 here serves resource.k8s.io v1 and v1beta1). For a claim
+/// with every request shape, a DeviceClass and the slices our plugin published, what the
+/// server gives in v1beta1 is what `dra::convert` makes of its v1, field for field, and both
+/// read back as the same v1 object.
+#[test]
+fn a10_the_wire_conversion_is_the_api_servers_own() {
+    use dra::ApiVersion;
+    use dra::convert::{convert_value, from_wire};
+    use k8s_openapi::api::resource::v1;
+
+    let install = Installation::ensure(SharingMode::Controller);
+    let cluster = &install.cluster;
+    let served = cluster.run(&["api-versions"]).unwrap();
+    let serves = |v: &str| served.lines().any(|l| l == v);
+    if !v1(cluster) {
+        // 1.32 serves v1beta1 alone: no second version to hold the conversion against there
+        // (every other test runs the converting client on it).
+        assert!(serves("resource.k8s.io/v1beta1") && !serves("resource.k8s.io/v1"));
+        return;
+    }
+    assert!(
+        serves("resource.k8s.io/v1beta1") && serves("resource.k8s.io/v1"),
+        "{served}"
+    );
+    let ns = cluster.namespace("e2e-convert");
+    let class = format!("e2e-convert-{}", std::process::id());
+    cluster.apply(
+        &ns.name,
+        &format!(
+            "apiVersion: resource.k8s.io/v1\nkind: DeviceClass\nmetadata:\n  name: {class}\nspec:\n  selectors:\n  - cel:\n      expression: device.driver == '{DRIVER}'\n  config:\n  - opaque:\n      driver: {DRIVER}\n      parameters: {{apiVersion: vgpu.hami.io/v1alpha1, kind: GpuSliceConfig, memory: 1Gi}}\n"
+        ),
+    );
+    cluster.apply(
+        &ns.name,
+        &format!(
+            "apiVersion: resource.k8s.io/v1\nkind: ResourceClaim\nmetadata:\n  name: every-shape\nspec:\n  devices:\n    requests:\n    - name: exact\n      exactly:\n        deviceClassName: {class}\n        allocationMode: ExactCount\n        count: 2\n        selectors:\n        - cel:\n            expression: device.attributes['{DRIVER}'].index >= 0\n    - name: any\n      firstAvailable:\n      - name: big\n        deviceClassName: {class}\n        count: 2\n      - name: small\n        deviceClassName: {class}\n    - name: all\n      exactly:\n        deviceClassName: {class}\n        allocationMode: All\n        adminAccess: false\n    constraints:\n    - requests: [exact]\n      matchAttribute: {DRIVER}/productName\n    config:\n    - requests: [exact]\n      opaque:\n        driver: {DRIVER}\n        parameters: {{apiVersion: vgpu.hami.io/v1alpha1, kind: GpuSliceConfig, memory: 2Gi, cores: 20}}\n"
+        ),
+    );
+    let both = |resource: &str, name: &str, namespaced: bool| -> (Value, Value) {
+        let get = |version: &str| {
+            let mut args = vec![
+                format!("{resource}.{version}.resource.k8s.io"),
+                name.to_string(),
+            ];
+            if namespaced {
+                args.extend(["-n".to_string(), ns.name.clone()]);
+            }
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            cluster.get_json(&args).unwrap()
+        };
+        (get("v1"), get("v1beta1"))
+    };
+    fn same<K: dra::DraObject + PartialEq>(what: &str, v1: &Value, beta: &Value) {
+        // What we send for a v1 object is what the server holds for it in v1beta1.
+        let ours = convert_value(v1.clone(), ApiVersion::V1beta1).unwrap();
+        for part in ["spec", "status"] {
+            assert_eq!(
+                ours[part], beta[part],
+                "{what}: {part} differs from the server's v1beta1"
+            );
+        }
+        // And what we read in v1beta1 is the server's v1.
+        assert_eq!(
+            from_wire::<K>(beta.clone()).unwrap(),
+            from_wire::<K>(v1.clone()).unwrap(),
+            "{what}: v1beta1 read as v1"
+        );
+    }
+    let (v1_claim, beta_claim) = both("resourceclaims", "every-shape", true);
+    assert!(beta_claim["spec"]["devices"]["requests"][0]["deviceClassName"].is_string());
+    same::<v1::ResourceClaim>("ResourceClaim", &v1_claim, &beta_claim);
+    let (v1_class, beta_class) = both("deviceclasses", &class, false);
+    same::<v1::DeviceClass>("DeviceClass", &v1_class, &beta_class);
+    // An allocated, reserved claim: its status too (written by our controller through the
+    // converting client, read back by the kubelet plugin).
+    cluster.apply(&ns.name, &slice_template(cluster, "slice", "1Gi", 10, ""));
+    cluster.apply(&ns.name, &pod("converted", "slice"));
+    wait_running(cluster, &ns.name, "converted");
+    let claim = claim_of(cluster, &ns.name, "converted");
+    let name = claim["metadata"]["name"].as_str().unwrap();
+    let (v1_claim, beta_claim) = both("resourceclaims", name, true);
+    assert!(!allocated_devices(&beta_claim).is_empty(), "{beta_claim}");
+    assert!(
+        beta_claim["status"]["reservedFor"].is_array(),
+        "{beta_claim}"
+    );
+    same::<v1::ResourceClaim>("allocated ResourceClaim", &v1_claim, &beta_claim);
+    let slices = install.slices();
+    assert!(!slices.is_empty());
+    for slice in &slices {
+        let name = slice["metadata"]["name"].as_str().unwrap();
+        let (v1_slice, beta_slice) = both("resourceslices", name, false);
+        assert!(beta_slice["spec"]["devices"][0]["basic"].is_object());
+        same::<v1::ResourceSlice>(name, &v1_slice, &beta_slice);
+    }
+    let _ = cluster.run(&["delete", "deviceclass", &class]);
+}
