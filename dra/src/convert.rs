@@ -150,18 +150,30 @@ fn item_to_v1(item: &mut Map<String, Value>, shape: Shape, _: ApiVersion) -> Res
         },
         Shape::Request => {
             let mut exactly = Map::new();
+            let mut set = false;
             for k in EXACT_REQUEST_FIELDS {
                 if let Some(v) = item.remove(k) {
+                    set |= is_set(k, &v);
                     exactly.insert(k.to_string(), v);
                 }
             }
-            // A request with neither is invalid in both versions; it stays without either
-            // rather than gaining an `exactly` that no v1 object can have (no class name).
-            if !exactly.is_empty() {
+            // As Kubernetes does: an `exactly` only where one of its fields is set (v1beta1
+            // writes `deviceClassName: ""` on every request without one).
+            if set {
                 item.insert("exactly".into(), Value::Object(exactly));
             }
             Ok(())
         }
+    }
+}
+
+/// Whether a v1beta1 request field counts as set (Go's zero values do not).
+fn is_set(field: &str, value: &Value) -> bool {
+    match (field, value) {
+        (_, Value::Null) => false,
+        ("deviceClassName" | "allocationMode", Value::String(s)) => !s.is_empty(),
+        ("count", Value::Number(n)) => n.as_i64() != Some(0),
+        _ => true,
     }
 }
 
@@ -180,16 +192,22 @@ fn item_to_v1beta1(
             item.insert("basic".into(), Value::Object(basic));
             Ok(())
         }
-        Shape::Request => match item.remove("exactly") {
-            None | Some(Value::Null) => Ok(()),
-            Some(Value::Object(exactly)) => {
-                for (k, v) in exactly {
-                    item.insert(k, v);
+        Shape::Request => {
+            match item.remove("exactly") {
+                None | Some(Value::Null) => {}
+                Some(Value::Object(exactly)) => {
+                    for (k, v) in exactly {
+                        item.insert(k, v);
+                    }
                 }
-                Ok(())
+                Some(_) => return Err("exactly: not an object".into()),
             }
-            Some(_) => Err("exactly: not an object".into()),
-        },
+            // v1beta1's deviceClassName is a required string: the API server writes "" on a
+            // request without one (firstAvailable only), and so do we.
+            item.entry("deviceClassName")
+                .or_insert_with(|| Value::String(String::new()));
+            Ok(())
+        }
     }
 }
 
@@ -318,7 +336,25 @@ mod tests {
         assert!(requests[0].get("deviceClassName").is_none());
         assert!(requests[1].get("exactly").is_none());
         assert_eq!(requests[1]["firstAvailable"][0]["name"], "big");
-        assert_eq!(convert_value(v1, ApiVersion::V1beta1).unwrap(), beta);
+        // Back in v1beta1 the request without a class has `deviceClassName: ""`, as the API
+        // server writes it (a 1.34 server showed it); that converts to no `exactly` again.
+        let back = convert_value(v1.clone(), ApiVersion::V1beta1).unwrap();
+        let mut expected = beta.clone();
+        expected["spec"]["devices"]["requests"][1]["deviceClassName"] = json!("");
+        assert_eq!(back, expected);
+        assert_eq!(convert_value(back, ApiVersion::V1).unwrap(), v1);
+        // Go's zero values are not "set": no `exactly` for them either.
+        let zero = json!({
+            "apiVersion": "resource.k8s.io/v1beta1", "kind": "ResourceClaim",
+            "metadata": {"name": "z"},
+            "spec": {"devices": {"requests": [{"name": "alt", "deviceClassName": "", "count": 0,
+                "allocationMode": "", "firstAvailable": [{"name": "a", "deviceClassName": "c"}]}]}}
+        });
+        let z = convert_value(zero, ApiVersion::V1).unwrap();
+        assert!(
+            z["spec"]["devices"]["requests"][0].get("exactly").is_none(),
+            "{z}"
+        );
         let template = json!({
             "apiVersion": "resource.k8s.io/v1beta1", "kind": "ResourceClaimTemplate",
             "metadata": {"name": "t", "namespace": "ml"},
