@@ -11,6 +11,9 @@ pub type CUcontext = *mut c_void;
 pub type CUstream = *mut c_void;
 pub type CUfunction = *mut c_void;
 pub type CUarray = *mut c_void;
+pub type CUmipmappedArray = *mut c_void;
+/// The 32-bit device pointer of the legacy (CUDA 2.x) entry points.
+pub type CUdeviceptr_v1 = c_uint;
 pub type CUmemoryPool = *mut c_void;
 pub type CUgraphExec = *mut c_void;
 pub type CUmemGenericAllocationHandle = u64;
@@ -44,6 +47,26 @@ pub struct CUDA_ARRAY3D_DESCRIPTOR {
     pub width: usize,
     pub height: usize,
     pub depth: usize,
+    pub format: c_uint,
+    pub num_channels: c_uint,
+    pub flags: c_uint,
+}
+
+/// `CUDA_ARRAY_DESCRIPTOR_v1`: the legacy cuArrayCreate's 32-bit descriptor.
+#[repr(C)]
+pub struct CUDA_ARRAY_DESCRIPTOR_v1 {
+    pub width: c_uint,
+    pub height: c_uint,
+    pub format: c_uint,
+    pub num_channels: c_uint,
+}
+
+/// `CUDA_ARRAY3D_DESCRIPTOR_v1`.
+#[repr(C)]
+pub struct CUDA_ARRAY3D_DESCRIPTOR_v1 {
+    pub width: c_uint,
+    pub height: c_uint,
+    pub depth: c_uint,
     pub format: c_uint,
     pub num_channels: c_uint,
     pub flags: c_uint,

@@ -13,6 +13,8 @@ pub enum Kind {
     Physical,
     /// cuArrayCreate, cuArray3DCreate: a CUarray.
     Array,
+    /// cuMipmappedArrayCreate: a CUmipmappedArray.
+    Mipmapped,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -100,6 +100,15 @@ table! {
         cuArray3DCreate_v2: fn(*mut CUarray, *const CUDA_ARRAY3D_DESCRIPTOR) -> CUresult;
         cuArrayDestroy: fn(CUarray) -> CUresult;
         cuMemGetInfo_v2: fn(*mut usize, *mut usize) -> CUresult;
+        cuMemAlloc: fn(*mut CUdeviceptr_v1, c_uint) -> CUresult;
+        cuMemAllocPitch: fn(*mut CUdeviceptr_v1, *mut c_uint, c_uint, c_uint, c_uint) -> CUresult;
+        cuMemFree: fn(CUdeviceptr_v1) -> CUresult;
+        cuArrayCreate: fn(*mut CUarray, *const CUDA_ARRAY_DESCRIPTOR_v1) -> CUresult;
+        cuArray3DCreate: fn(*mut CUarray, *const CUDA_ARRAY3D_DESCRIPTOR_v1) -> CUresult;
+        cuMemGetInfo: fn(*mut c_uint, *mut c_uint) -> CUresult;
+        cuDeviceTotalMem: fn(*mut c_uint, CUdevice) -> CUresult;
+        cuMipmappedArrayCreate: fn(*mut CUmipmappedArray, *const CUDA_ARRAY3D_DESCRIPTOR, c_uint) -> CUresult;
+        cuMipmappedArrayDestroy: fn(CUmipmappedArray) -> CUresult;
         cuDeviceTotalMem_v2: fn(*mut usize, CUdevice) -> CUresult;
         cuLaunchKernel: fn(CUfunction, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, CUstream, Params, Params) -> CUresult;
         cuLaunchKernel_ptsz: fn(CUfunction, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, CUstream, Params, Params) -> CUresult;

@@ -63,7 +63,7 @@ fn frees_give_the_memory_back() {
 #[test]
 fn every_allocation_api_is_charged_and_refunded() {
     let apis = [
-        "pitch", "managed", "async", "pool", "vmm", "array", "array3d",
+        "pitch", "managed", "async", "pool", "vmm", "array", "array3d", "mipmap",
     ];
     for path in PATHS {
         let fits = Probe::new(path, &["apis", "1024"])
@@ -84,6 +84,45 @@ fn every_allocation_api_is_charged_and_refunded() {
         for api in apis {
             assert_eq!(too_big.int(api), CUDA_ERROR_OUT_OF_MEMORY, "{path} {api}");
         }
+    }
+}
+
+#[test]
+fn the_legacy_entry_points_are_charged_on_every_path() {
+    // cuMemAlloc, cuMemAllocPitch, cuArrayCreate, cuArray3DCreate, cuMemGetInfo and
+    // cuDeviceTotalMem of CUDA 2.x (32-bit), which the driver still exports: linked, by dlsym of
+    // the base name, and by cuGetProcAddress with version 2000.
+    let control = Probe::bare("procaddr", &["legacy", "512"])
+        .env("CUDA_DEVICE_MEMORY_LIMIT_0", "2000m")
+        .output();
+    assert_eq!(
+        control.int("allocated"),
+        8,
+        "the driver alone: {}",
+        control.stdout
+    );
+    for path in PATHS {
+        let r = Probe::new(path, &["legacy", "512"])
+            .env("CUDA_DEVICE_MEMORY_LIMIT_0", "2000m")
+            .output();
+        assert_eq!(r.int("allocated"), 3, "{path}: {}", r.stdout);
+        assert_eq!(r.int("error"), CUDA_ERROR_OUT_OF_MEMORY, "{path}");
+        assert_eq!(r.int("v1_total_mib"), 2000, "{path}: cuMemGetInfo (v1)");
+        assert_eq!(r.int("v1_free_mib"), 2000 - 3 * 512, "{path}");
+        assert_eq!(
+            r.int("v1_device_total_mib"),
+            2000,
+            "{path}: cuDeviceTotalMem (v1)"
+        );
+        for api in ["pitch", "array", "array3d"] {
+            assert_eq!(r.int(api), 0, "{path} {api}");
+            assert_eq!(
+                r.int(&format!("{api}_free_mib")),
+                2000 - 512,
+                "{path} {api} (v1) is charged"
+            );
+        }
+        assert_eq!(r.int("end_free_mib"), 2000, "{path}: every free refunded");
     }
 }
 

@@ -15,6 +15,7 @@ use crate::ledger::{Charge, Kind};
 use crate::state;
 
 pub mod launch;
+pub mod legacy;
 pub mod memory;
 pub mod nvml;
 pub mod procaddr;
@@ -40,6 +41,15 @@ pub const HOOKED: &[&CStr] = &[
     c"cuArrayDestroy",
     c"cuMemGetInfo_v2",
     c"cuDeviceTotalMem_v2",
+    c"cuMemAlloc",
+    c"cuMemAllocPitch",
+    c"cuMemFree",
+    c"cuArrayCreate",
+    c"cuArray3DCreate",
+    c"cuMemGetInfo",
+    c"cuDeviceTotalMem",
+    c"cuMipmappedArrayCreate",
+    c"cuMipmappedArrayDestroy",
     c"cuLaunchKernel",
     c"cuLaunchKernel_ptsz",
     c"cuLaunchKernelEx",
@@ -85,6 +95,15 @@ pub fn hook_for(name: &[u8]) -> Option<*mut c_void> {
         memory::cuArrayDestroy,
         memory::cuMemGetInfo_v2,
         memory::cuDeviceTotalMem_v2,
+        legacy::cuMemAlloc,
+        legacy::cuMemAllocPitch,
+        legacy::cuMemFree,
+        legacy::cuArrayCreate,
+        legacy::cuArray3DCreate,
+        legacy::cuMemGetInfo,
+        legacy::cuDeviceTotalMem,
+        memory::cuMipmappedArrayCreate,
+        memory::cuMipmappedArrayDestroy,
         launch::cuLaunchKernel,
         launch::cuLaunchKernel_ptsz,
         launch::cuLaunchKernelEx,
@@ -184,7 +203,7 @@ mod tests {
         for name in HOOKED {
             assert!(hook_for(name.to_bytes()).is_some(), "{name:?}");
         }
-        assert!(hook_for(b"cuMemAlloc").is_none());
+        assert!(hook_for(b"cuMemAlloc_v3").is_none());
         assert!(hook_for(b"cuInit").is_none());
         assert!(hook_for(b"").is_none());
     }

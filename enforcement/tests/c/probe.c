@@ -9,6 +9,9 @@
  *   try MIB                one allocation
  *   hold MIB               allocate, print held=1, then sleep until killed
  *   apis MIB               each allocation API once (and its free)
+ *   legacy MIB             the CUDA 2.x entry points (cuMemAlloc, ... resolved by base name, or
+ *                          by cuGetProcAddress with version 2000): fill with MIB chunks, then
+ *                          each other allocation API once (and its free)
  *   meminfo                cuMemGetInfo and cuDeviceTotalMem
  *   nvml                   NVML's memory info for device 0 (v1 and v2)
  *   launch SECONDS GRID    launch GRID-block kernels in a loop; report the busy share
@@ -52,6 +55,17 @@ extern CUresult cuArrayDestroy(void *);
 extern CUresult cuLaunchKernel(void *, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, void *, void **, void **);
 extern CUresult cuLaunchKernelEx(const LaunchConfig *, void *, void **, void **);
 extern CUresult cuCtxSynchronize(void);
+extern CUresult cuMipmappedArrayCreate(void **, const Array3DDesc *, unsigned);
+extern CUresult cuMipmappedArrayDestroy(void *);
+typedef struct { unsigned w, h, fmt, ch; } ArrayDescV1;
+typedef struct { unsigned w, h, d, fmt, ch, flags; } Array3DDescV1;
+extern CUresult cuMemAlloc(unsigned *, unsigned);
+extern CUresult cuMemAllocPitch(unsigned *, unsigned *, unsigned, unsigned, unsigned);
+extern CUresult cuMemFree(unsigned);
+extern CUresult cuArrayCreate(void **, const ArrayDescV1 *);
+extern CUresult cuArray3DCreate(void **, const Array3DDescV1 *);
+extern CUresult cuMemGetInfo(unsigned *, unsigned *);
+extern CUresult cuDeviceTotalMem(unsigned *, int);
 extern unsigned long long stub_now_ns(void);
 extern unsigned long long stub_busy_ns(int, unsigned long long, unsigned long long);
 
@@ -75,7 +89,20 @@ static struct {
   CUresult (*launch)(void *, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, void *, void **, void **);
   CUresult (*launch_ex)(const LaunchConfig *, void *, void **, void **);
   CUresult (*sync)(void);
+  CUresult (*mipmap)(void **, const Array3DDesc *, unsigned);
+  CUresult (*mipmap_destroy)(void *);
 } cu;
+
+/* The legacy entry points, resolved only by the legacy command. */
+static struct {
+  CUresult (*alloc)(unsigned *, unsigned);
+  CUresult (*pitch)(unsigned *, unsigned *, unsigned, unsigned, unsigned);
+  CUresult (*free)(unsigned);
+  CUresult (*array)(void **, const ArrayDescV1 *);
+  CUresult (*array3d)(void **, const Array3DDescV1 *);
+  CUresult (*meminfo)(unsigned *, unsigned *);
+  CUresult (*totalmem)(unsigned *, int);
+} v1;
 
 static void *resolve(const char *path, void *lib, CUresult (*gpa)(const char *, void **, int, unsigned long long, int *),
                      const char *versioned, const char *base) {
@@ -83,7 +110,8 @@ static void *resolve(const char *path, void *lib, CUresult (*gpa)(const char *, 
   if (strcmp(path, "dlsym") == 0) fn = dlsym(lib, versioned);
   if (strcmp(path, "procaddr") == 0) {
     int status = -1;
-    if (gpa(base, &fn, 12040, 0, &status) != 0) fn = NULL;
+    int version = strcmp(versioned, base) == 0 && getenv("PROBE_CUDA_VERSION") ? atoi(getenv("PROBE_CUDA_VERSION")) : 12040;
+    if (gpa(base, &fn, version, 0, &status) != 0) fn = NULL;
   }
   if (!fn) { fprintf(stderr, "probe: cannot resolve %s\n", versioned); exit(3); }
   return fn;
@@ -97,6 +125,9 @@ static void load(const char *path) {
     cu.alloc_pool = cuMemAllocFromPoolAsync; cu.create = cuMemCreate; cu.release = cuMemRelease;
     cu.array = cuArrayCreate_v2; cu.array3d = cuArray3DCreate_v2; cu.array_destroy = cuArrayDestroy;
     cu.launch = cuLaunchKernel; cu.launch_ex = cuLaunchKernelEx; cu.sync = cuCtxSynchronize;
+    cu.mipmap = cuMipmappedArrayCreate; cu.mipmap_destroy = cuMipmappedArrayDestroy;
+    v1.alloc = cuMemAlloc; v1.pitch = cuMemAllocPitch; v1.free = cuMemFree; v1.array = cuArrayCreate;
+    v1.array3d = cuArray3DCreate; v1.meminfo = cuMemGetInfo; v1.totalmem = cuDeviceTotalMem;
     return;
   }
   void *lib = dlopen("libcuda.so.1", RTLD_NOW);
@@ -114,7 +145,15 @@ static void load(const char *path) {
   R(array3d, "cuArray3DCreate_v2", "cuArray3DCreate"); R(array_destroy, "cuArrayDestroy", "cuArrayDestroy");
   R(launch, "cuLaunchKernel", "cuLaunchKernel"); R(launch_ex, "cuLaunchKernelEx", "cuLaunchKernelEx");
   R(sync, "cuCtxSynchronize", "cuCtxSynchronize");
+  R(mipmap, "cuMipmappedArrayCreate", "cuMipmappedArrayCreate");
+  R(mipmap_destroy, "cuMipmappedArrayDestroy", "cuMipmappedArrayDestroy");
 #undef R
+  /* The base names with an old version: what a CUDA 2.x-era caller gets. */
+  setenv("PROBE_CUDA_VERSION", "2000", 0);
+#define V(field, name) v1.field = resolve(path, lib, gpa, name, name)
+  V(alloc, "cuMemAlloc"); V(pitch, "cuMemAllocPitch"); V(free, "cuMemFree"); V(array, "cuArrayCreate");
+  V(array3d, "cuArray3DCreate"); V(meminfo, "cuMemGetInfo"); V(totalmem, "cuDeviceTotalMem");
+#undef V
 }
 
 static void meminfo(void) {
@@ -234,7 +273,34 @@ int main(int argc, char **argv) {
     REPORT("array", cu.array(&arr, &ad), cu.array_destroy(arr));
     Array3DDesc a3 = {1024, 1024, bytes / (4096 * 1024), 0x20, 1, 0};
     REPORT("array3d", cu.array3d(&arr, &a3), cu.array_destroy(arr));
+    Array3DDesc mip = {1024, bytes / 4096, 0, 0x20, 1, 0};
+    REPORT("mipmap", cu.mipmap(&arr, &mip, 1), cu.mipmap_destroy(arr));
+#undef REPORT
     meminfo();
+    return 0;
+  }
+  if (strcmp(cmd, "legacy") == 0) {
+    size_t mib = (size_t)atol(argv[3]);
+    unsigned held[8], p, pitch, f, t, devtotal = 0;
+    void *arr;
+    int n = 0;
+    CUresult rc = 0;
+    /* At most 8: 32-bit pointers run out past 4 GiB. */
+    while (n < 8 && (rc = v1.alloc(&held[n], (unsigned)(mib << 20))) == 0) n++;
+    printf("allocated=%d\nerror=%d\n", n, rc);
+    v1.meminfo(&f, &t);
+    v1.totalmem(&devtotal, device);
+    printf("v1_free_mib=%u\nv1_total_mib=%u\nv1_device_total_mib=%u\n", f >> 20, t >> 20, devtotal >> 20);
+    for (int i = 0; i < n; i++) v1.free(held[i]);
+#define REPORT(name, expr, undo) rc = (expr); v1.meminfo(&f, &t); printf(name "=%d\n" name "_free_mib=%u\n", rc, f >> 20); if (rc == 0) { undo; }
+    REPORT("pitch", v1.pitch(&p, &pitch, 1000, (unsigned)((mib << 20) / 1024), 4), v1.free(p));
+    ArrayDescV1 ad = {1024, (unsigned)((mib << 20) / 4096), 0x20, 1};
+    REPORT("array", v1.array(&arr, &ad), cu.array_destroy(arr));
+    Array3DDescV1 a3 = {1024, 1024, (unsigned)((mib << 20) / (4096 * 1024)), 0x20, 1, 0};
+    REPORT("array3d", v1.array3d(&arr, &a3), cu.array_destroy(arr));
+#undef REPORT
+    v1.meminfo(&f, &t);
+    printf("end_free_mib=%u\n", f >> 20);
     return 0;
   }
   if (strcmp(cmd, "launch") == 0) {

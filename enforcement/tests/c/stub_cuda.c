@@ -44,6 +44,8 @@ static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static size_t used_bytes[MAX_DEV];
 static int has_context[MAX_DEV];
 static unsigned long long next_address = 0x7f0000000000ull;
+/* The legacy entry points hand out 32-bit pointers. */
+static unsigned long long next_low = 0x10000000ull;
 static struct { unsigned long long key; int dev; size_t size; int live; } allocs[MAX_ALLOCS];
 static __thread int current = -1;
 static unsigned long long busy_until[MAX_DEV];
@@ -103,7 +105,7 @@ CUresult cuCtxGetDevice(CUdevice *d) {
   return CUDA_SUCCESS;
 }
 
-static CUresult stub_alloc(int dev, size_t size, unsigned long long *key) {
+static CUresult stub_alloc_at(int dev, size_t size, unsigned long long *key, unsigned long long *next) {
   if (dev < 0) return CUDA_ERROR_INVALID_CONTEXT;
   if (size == 0) return CUDA_ERROR_INVALID_VALUE;
   pthread_mutex_lock(&mu);
@@ -111,11 +113,11 @@ static CUresult stub_alloc(int dev, size_t size, unsigned long long *key) {
   for (int i = 0; i < MAX_ALLOCS; i++) {
     if (!allocs[i].live) {
       allocs[i].live = 1;
-      allocs[i].key = next_address;
+      allocs[i].key = *next;
       allocs[i].dev = dev;
       allocs[i].size = size;
-      *key = next_address;
-      next_address += (size + 0xfffff) & ~0xfffffull;
+      *key = *next;
+      *next += (size + 0xfffff) & ~0xfffffull;
       used_bytes[dev] += size;
       pthread_mutex_unlock(&mu);
       return CUDA_SUCCESS;
@@ -123,6 +125,9 @@ static CUresult stub_alloc(int dev, size_t size, unsigned long long *key) {
   }
   pthread_mutex_unlock(&mu);
   return CUDA_ERROR_OUT_OF_MEMORY;
+}
+static CUresult stub_alloc(int dev, size_t size, unsigned long long *key) {
+  return stub_alloc_at(dev, size, key, &next_address);
 }
 static CUresult stub_free(unsigned long long key) {
   pthread_mutex_lock(&mu);
@@ -173,6 +178,62 @@ CUresult cuArray3DCreate_v2(CUarray *a, const Array3DDesc *d) {
   return rc;
 }
 CUresult cuArrayDestroy(CUarray a) { return stub_free((unsigned long long)(uintptr_t)a); }
+/* A mipmapped array holds every level, each half the previous one. */
+CUresult cuMipmappedArrayCreate(void **a, const Array3DDesc *d, unsigned levels) {
+  size_t bytes = 0;
+  for (unsigned l = 0; l < (levels ? levels : 1); l++) {
+    size_t w = d->w >> l, h = (d->h ? d->h : 1) >> l, z = (d->d ? d->d : 1) >> l;
+    bytes += (w ? w : 1) * (h ? h : 1) * (z ? z : 1) * d->ch * fmt_bytes(d->fmt);
+  }
+  unsigned long long key;
+  CUresult rc = stub_alloc(current, bytes, &key);
+  if (rc == CUDA_SUCCESS) *a = (void *)(uintptr_t)key;
+  return rc;
+}
+CUresult cuMipmappedArrayDestroy(void *a) { return stub_free((unsigned long long)(uintptr_t)a); }
+
+/* The CUDA 2.x entry points, 32-bit, still exported by the driver under the base names. */
+typedef unsigned int CUdeviceptr_v1;
+typedef struct { unsigned w, h, fmt, ch; } ArrayDescV1;
+typedef struct { unsigned w, h, d, fmt, ch, flags; } Array3DDescV1;
+static CUresult stub_alloc_v1(size_t n, CUdeviceptr_v1 *p) {
+  unsigned long long key;
+  CUresult rc = stub_alloc_at(current, n, &key, &next_low);
+  if (rc == CUDA_SUCCESS) *p = (CUdeviceptr_v1)key;
+  return rc;
+}
+CUresult cuMemAlloc(CUdeviceptr_v1 *p, unsigned n) { return stub_alloc_v1(n, p); }
+CUresult cuMemAllocPitch(CUdeviceptr_v1 *p, unsigned *pitch, unsigned w, unsigned h, unsigned e) {
+  (void)e;
+  *pitch = (w + 511) & ~511u;
+  return stub_alloc_v1((size_t)*pitch * h, p);
+}
+CUresult cuMemFree(CUdeviceptr_v1 p) { return stub_free(p); }
+CUresult cuArrayCreate(CUarray *a, const ArrayDescV1 *d) {
+  unsigned long long key;
+  CUresult rc = stub_alloc(current, (size_t)d->w * (d->h ? d->h : 1) * d->ch * fmt_bytes(d->fmt), &key);
+  if (rc == CUDA_SUCCESS) *a = (CUarray)(uintptr_t)key;
+  return rc;
+}
+CUresult cuArray3DCreate(CUarray *a, const Array3DDescV1 *d) {
+  unsigned long long key;
+  CUresult rc = stub_alloc(current, (size_t)d->w * (d->h ? d->h : 1) * (d->d ? d->d : 1) * d->ch * fmt_bytes(d->fmt), &key);
+  if (rc == CUDA_SUCCESS) *a = (CUarray)(uintptr_t)key;
+  return rc;
+}
+CUresult cuMemGetInfo(unsigned *free_bytes, unsigned *total) {
+  if (current < 0) return CUDA_ERROR_INVALID_CONTEXT;
+  size_t f = capacity() - used_bytes[current];
+  *total = capacity() > 0xffffffffu ? 0xffffffffu : (unsigned)capacity();
+  *free_bytes = f > 0xffffffffu ? 0xffffffffu : (unsigned)f;
+  return CUDA_SUCCESS;
+}
+CUresult cuDeviceTotalMem(unsigned *bytes, CUdevice d) {
+  if (d < 0 || d >= devices()) return CUDA_ERROR_INVALID_DEVICE;
+  *bytes = capacity() > 0xffffffffu ? 0xffffffffu : (unsigned)capacity();
+  return CUDA_SUCCESS;
+}
+
 CUresult cuMemGetInfo_v2(size_t *free_bytes, size_t *total) {
   if (current < 0) return CUDA_ERROR_INVALID_CONTEXT;
   *total = capacity();
@@ -262,7 +323,9 @@ static const struct { const char *name; void *fn; } table[] = {
   ENTRY(cuMemRelease), ENTRY(cuArrayCreate_v2), ENTRY(cuArray3DCreate_v2), ENTRY(cuArrayDestroy),
   ENTRY(cuMemGetInfo_v2), ENTRY(cuLaunchKernel), ENTRY(cuLaunchKernel_ptsz), ENTRY(cuLaunchKernelEx),
   ENTRY(cuLaunchCooperativeKernel), ENTRY(cuGraphLaunch), ENTRY(cuCtxSynchronize),
-  ENTRY(cuGetProcAddress), ENTRY(cuGetProcAddress_v2),
+  ENTRY(cuGetProcAddress), ENTRY(cuGetProcAddress_v2), ENTRY(cuMipmappedArrayCreate),
+  ENTRY(cuMipmappedArrayDestroy), ENTRY(cuMemAlloc), ENTRY(cuMemAllocPitch), ENTRY(cuMemFree),
+  ENTRY(cuArrayCreate), ENTRY(cuArray3DCreate), ENTRY(cuMemGetInfo), ENTRY(cuDeviceTotalMem),
 };
 
 static void *find(const char *name) {
@@ -271,14 +334,15 @@ static void *find(const char *name) {
   return NULL;
 }
 
-/* Like the driver: the base name resolves to the newest version, and per-thread-default-stream
- * callers get the _ptsz variant where there is one. */
+/* Like the driver: the base name resolves to the newest version the caller's CUDA version knows
+ * (the _v2 memory functions came with CUDA 3.2, 3020: an older version gets the base, 32-bit
+ * entry point), and per-thread-default-stream callers get the _ptsz variant where there is one. */
 CUresult cuGetProcAddress_v2(const char *symbol, void **pfn, int version, unsigned long long flags, int *status) {
   char name[128];
   void *fn = NULL;
-  (void)version;
   if (!symbol || !pfn) return CUDA_ERROR_INVALID_VALUE;
-  if (flags & 2) { snprintf(name, sizeof name, "%s_ptsz", symbol); fn = find(name); }
+  if (version < 3020) fn = find(symbol);
+  if (!fn && (flags & 2)) { snprintf(name, sizeof name, "%s_ptsz", symbol); fn = find(name); }
   if (!fn) { snprintf(name, sizeof name, "%s_v2", symbol); fn = find(name); }
   if (!fn) fn = find(symbol);
   *pfn = fn;
