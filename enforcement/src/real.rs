@@ -96,6 +96,9 @@ table! {
         cuMemFreeAsync_ptsz: fn(CUdeviceptr, CUstream) -> CUresult;
         cuMemCreate: fn(*mut CUmemGenericAllocationHandle, usize, *const CUmemAllocationPropHead, u64) -> CUresult;
         cuMemRelease: fn(CUmemGenericAllocationHandle) -> CUresult;
+        cuMemMap: fn(CUdeviceptr, usize, usize, CUmemGenericAllocationHandle, u64) -> CUresult;
+        cuMemUnmap: fn(CUdeviceptr, usize) -> CUresult;
+        cuMemRetainAllocationHandle: fn(*mut CUmemGenericAllocationHandle, *mut c_void) -> CUresult;
         cuArrayCreate_v2: fn(*mut CUarray, *const CUDA_ARRAY_DESCRIPTOR) -> CUresult;
         cuArray3DCreate_v2: fn(*mut CUarray, *const CUDA_ARRAY3D_DESCRIPTOR) -> CUresult;
         cuArrayDestroy: fn(CUarray) -> CUresult;

@@ -127,6 +127,43 @@ fn the_legacy_entry_points_are_charged_on_every_path() {
 }
 
 #[test]
+fn vmm_memory_is_charged_until_its_last_mapping_and_reference_go() {
+    // cuMemRelease of a mapped handle frees nothing until cuMemUnmap (and a retained
+    // reference until its own release): the charge follows the memory, not the handle.
+    for path in PATHS {
+        let r = Probe::new(path, &["vmm", "1536"])
+            .env("CUDA_DEVICE_MEMORY_LIMIT_0", "2048m")
+            .output();
+        for step in ["create", "map", "release", "unmap", "retain"] {
+            assert_eq!(r.int(step), 0, "{path} {step}: {}", r.stdout);
+        }
+        assert_eq!(
+            r.int("mapped_device_used_mib"),
+            1536,
+            "{path}: the driver still holds it"
+        );
+        assert_eq!(r.int("mapped_free_mib"), 512, "{path}: so does the claim");
+        assert_eq!(
+            r.int("alloc_while_mapped"),
+            CUDA_ERROR_OUT_OF_MEMORY,
+            "{path}"
+        );
+        assert_eq!(r.int("unmapped_device_used_mib"), 0, "{path}");
+        assert_eq!(r.int("unmapped_free_mib"), 2048, "{path}");
+        assert_eq!(r.int("alloc_after_unmap"), 0, "{path}");
+        assert_eq!(r.int("retained_device_used_mib"), 1536, "{path}");
+        assert_eq!(r.int("retained_free_mib"), 512, "{path}");
+        assert_eq!(
+            r.int("alloc_while_retained"),
+            CUDA_ERROR_OUT_OF_MEMORY,
+            "{path}"
+        );
+        assert_eq!(r.int("released_free_mib"), 2048, "{path}");
+        assert_eq!(r.int("alloc_after_release"), 0, "{path}");
+    }
+}
+
+#[test]
 fn limits_are_per_device() {
     let limited = Probe::new("procaddr", &["fill", "512"])
         .env("CUDA_DEVICE_MEMORY_LIMIT_1", "1g")

@@ -4,7 +4,7 @@
 
 use std::ffi::c_uint;
 
-use super::{charged, real_or_fail, refunded};
+use super::{charged, ledger, real_or_fail, refunded, unmapped};
 use crate::ffi::*;
 use crate::ledger::Kind;
 use crate::state;
@@ -176,10 +176,54 @@ pub unsafe extern "C" fn cuMemCreate(
     )
 }
 
+/// The memory lives on while the handle is mapped or retained: the charge goes with the last
+/// reference (here, or in cuMemUnmap).
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn cuMemRelease(handle: CUmemGenericAllocationHandle) -> CUresult {
     let real = real_or_fail!(cuMemRelease);
     refunded(Kind::Physical, handle, || unsafe { real(handle) })
+}
+
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn cuMemMap(
+    ptr: CUdeviceptr,
+    size: usize,
+    offset: usize,
+    handle: CUmemGenericAllocationHandle,
+    flags: u64,
+) -> CUresult {
+    let real = real_or_fail!(cuMemMap);
+    let rc = unsafe { real(ptr, size, offset, handle, flags) };
+    if rc == CUDA_SUCCESS
+        && let Some(ledger) = ledger()
+    {
+        ledger.map(ptr, size as u64, handle);
+    }
+    rc
+}
+
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn cuMemUnmap(ptr: CUdeviceptr, size: usize) -> CUresult {
+    let real = real_or_fail!(cuMemUnmap);
+    unmapped(ptr, size as u64, || unsafe { real(ptr, size) })
+}
+
+/// Hands out one more reference to the handle mapped at `addr`, which needs its own release.
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn cuMemRetainAllocationHandle(
+    handle: *mut CUmemGenericAllocationHandle,
+    addr: *mut std::ffi::c_void,
+) -> CUresult {
+    let real = real_or_fail!(cuMemRetainAllocationHandle);
+    let rc = unsafe { real(handle, addr) };
+    if rc == CUDA_SUCCESS
+        && !handle.is_null()
+        && let Some(ledger) = ledger()
+    {
+        // SAFETY: checked non-null and just written by the driver.
+        ledger.retain(unsafe { *handle });
+    }
+    rc
 }
 
 #[cfg_attr(not(test), unsafe(no_mangle))]

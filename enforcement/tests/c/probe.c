@@ -12,6 +12,9 @@
  *   legacy MIB             the CUDA 2.x entry points (cuMemAlloc, ... resolved by base name, or
  *                          by cuGetProcAddress with version 2000): fill with MIB chunks, then
  *                          each other allocation API once (and its free)
+ *   vmm MIB                cuMemCreate MIB, map it, release the handle while mapped, try a
+ *                          cuMemAlloc of MIB, unmap, try again; then the same with a retained
+ *                          reference (cuMemRetainAllocationHandle)
  *   meminfo                cuMemGetInfo and cuDeviceTotalMem
  *   nvml                   NVML's memory info for device 0 (v1 and v2)
  *   launch SECONDS GRID    launch GRID-block kernels in a loop; report the busy share
@@ -66,6 +69,11 @@ extern CUresult cuArrayCreate(void **, const ArrayDescV1 *);
 extern CUresult cuArray3DCreate(void **, const Array3DDescV1 *);
 extern CUresult cuMemGetInfo(unsigned *, unsigned *);
 extern CUresult cuDeviceTotalMem(unsigned *, int);
+extern CUresult cuMemAddressReserve(CUdeviceptr *, size_t, size_t, CUdeviceptr, unsigned long long);
+extern CUresult cuMemMap(CUdeviceptr, size_t, size_t, unsigned long long, unsigned long long);
+extern CUresult cuMemUnmap(CUdeviceptr, size_t);
+extern CUresult cuMemRetainAllocationHandle(unsigned long long *, void *);
+extern size_t stub_used_bytes(int);
 extern unsigned long long stub_now_ns(void);
 extern unsigned long long stub_busy_ns(int, unsigned long long, unsigned long long);
 
@@ -91,6 +99,10 @@ static struct {
   CUresult (*sync)(void);
   CUresult (*mipmap)(void **, const Array3DDesc *, unsigned);
   CUresult (*mipmap_destroy)(void *);
+  CUresult (*reserve)(CUdeviceptr *, size_t, size_t, CUdeviceptr, unsigned long long);
+  CUresult (*map)(CUdeviceptr, size_t, size_t, unsigned long long, unsigned long long);
+  CUresult (*unmap)(CUdeviceptr, size_t);
+  CUresult (*retain)(unsigned long long *, void *);
 } cu;
 
 /* The legacy entry points, resolved only by the legacy command. */
@@ -126,6 +138,8 @@ static void load(const char *path) {
     cu.array = cuArrayCreate_v2; cu.array3d = cuArray3DCreate_v2; cu.array_destroy = cuArrayDestroy;
     cu.launch = cuLaunchKernel; cu.launch_ex = cuLaunchKernelEx; cu.sync = cuCtxSynchronize;
     cu.mipmap = cuMipmappedArrayCreate; cu.mipmap_destroy = cuMipmappedArrayDestroy;
+    cu.reserve = cuMemAddressReserve; cu.map = cuMemMap; cu.unmap = cuMemUnmap;
+    cu.retain = cuMemRetainAllocationHandle;
     v1.alloc = cuMemAlloc; v1.pitch = cuMemAllocPitch; v1.free = cuMemFree; v1.array = cuArrayCreate;
     v1.array3d = cuArray3DCreate; v1.meminfo = cuMemGetInfo; v1.totalmem = cuDeviceTotalMem;
     return;
@@ -147,6 +161,8 @@ static void load(const char *path) {
   R(sync, "cuCtxSynchronize", "cuCtxSynchronize");
   R(mipmap, "cuMipmappedArrayCreate", "cuMipmappedArrayCreate");
   R(mipmap_destroy, "cuMipmappedArrayDestroy", "cuMipmappedArrayDestroy");
+  R(reserve, "cuMemAddressReserve", "cuMemAddressReserve"); R(map, "cuMemMap", "cuMemMap");
+  R(unmap, "cuMemUnmap", "cuMemUnmap"); R(retain, "cuMemRetainAllocationHandle", "cuMemRetainAllocationHandle");
 #undef R
   /* The base names with an old version: what a CUDA 2.x-era caller gets. */
   setenv("PROBE_CUDA_VERSION", "2000", 0);
@@ -277,6 +293,34 @@ int main(int argc, char **argv) {
     REPORT("mipmap", cu.mipmap(&arr, &mip, 1), cu.mipmap_destroy(arr));
 #undef REPORT
     meminfo();
+    return 0;
+  }
+  if (strcmp(cmd, "vmm") == 0) {
+    size_t bytes = (size_t)atol(argv[3]) << 20, f, t;
+    Prop prop = {1, 0, 1, device, NULL, 0};
+    unsigned long long h, again;
+    CUdeviceptr va, p;
+    CUresult rc;
+#define STEP(name) cu.meminfo(&f, &t); printf(name "_free_mib=%zu\n" name "_device_used_mib=%zu\n", f >> 20, stub_used_bytes(device) >> 20)
+#define TRY(name) rc = cu.alloc(&p, bytes); printf(name "=%d\n", rc); if (rc == 0) cu.free(p)
+    cu.reserve(&va, bytes, 0, 0, 0);
+    printf("create=%d\n", cu.create(&h, bytes, &prop, 0));
+    printf("map=%d\n", cu.map(va, bytes, 0, h, 0));
+    printf("release=%d\n", cu.release(h));
+    STEP("mapped"); TRY("alloc_while_mapped");
+    printf("unmap=%d\n", cu.unmap(va, bytes));
+    STEP("unmapped"); TRY("alloc_after_unmap");
+    /* A retained reference keeps the memory after the unmap, until its own release. */
+    cu.create(&h, bytes, &prop, 0);
+    cu.map(va, bytes, 0, h, 0);
+    printf("retain=%d\n", cu.retain(&again, (void *)(uintptr_t)va));
+    cu.release(h);
+    cu.unmap(va, bytes);
+    STEP("retained"); TRY("alloc_while_retained");
+    cu.release(again);
+    STEP("released"); TRY("alloc_after_release");
+#undef STEP
+#undef TRY
     return 0;
   }
   if (strcmp(cmd, "legacy") == 0) {

@@ -46,7 +46,7 @@ static int has_context[MAX_DEV];
 static unsigned long long next_address = 0x7f0000000000ull;
 /* The legacy entry points hand out 32-bit pointers. */
 static unsigned long long next_low = 0x10000000ull;
-static struct { unsigned long long key; int dev; size_t size; int live; } allocs[MAX_ALLOCS];
+static struct { unsigned long long key; int dev; size_t size; int live; int refs; } allocs[MAX_ALLOCS];
 static __thread int current = -1;
 static unsigned long long busy_until[MAX_DEV];
 static struct { unsigned long long start, end; } busy_log[MAX_DEV][LOG_SIZE];
@@ -116,6 +116,7 @@ static CUresult stub_alloc_at(int dev, size_t size, unsigned long long *key, uns
       allocs[i].key = *next;
       allocs[i].dev = dev;
       allocs[i].size = size;
+      allocs[i].refs = 1;
       *key = *next;
       *next += (size + 0xfffff) & ~0xfffffull;
       used_bytes[dev] += size;
@@ -163,7 +164,74 @@ CUresult cuMemCreate(CUmemGenericAllocationHandle *h, size_t n, const PropHead *
   if (!prop || prop->loc_type != 1) return CUDA_ERROR_INVALID_VALUE;
   return stub_alloc(prop->loc_id, n, h);
 }
-CUresult cuMemRelease(CUmemGenericAllocationHandle h) { return stub_free(h); }
+/* VMM, with the driver's lifetime: the memory of a handle lives until the handle is released
+ * and every mapping of it is unmapped (and every retained reference released). */
+static struct { unsigned long long ptr, size, key; int live; } maps[1024];
+static unsigned long long next_va = 0x600000000000ull;
+static CUresult stub_unref(unsigned long long key) {
+  pthread_mutex_lock(&mu);
+  for (int i = 0; i < MAX_ALLOCS; i++) {
+    if (allocs[i].live && allocs[i].key == key) {
+      if (--allocs[i].refs == 0) {
+        allocs[i].live = 0;
+        used_bytes[allocs[i].dev] -= allocs[i].size;
+      }
+      pthread_mutex_unlock(&mu);
+      return CUDA_SUCCESS;
+    }
+  }
+  pthread_mutex_unlock(&mu);
+  return CUDA_ERROR_INVALID_VALUE;
+}
+CUresult cuMemRelease(CUmemGenericAllocationHandle h) { return stub_unref(h); }
+CUresult cuMemAddressReserve(CUdeviceptr *p, size_t size, size_t align, CUdeviceptr addr, unsigned long long f) {
+  (void)align; (void)addr; (void)f;
+  pthread_mutex_lock(&mu);
+  *p = next_va;
+  next_va += (size + 0x1fffff) & ~0x1fffffull;
+  pthread_mutex_unlock(&mu);
+  return CUDA_SUCCESS;
+}
+CUresult cuMemAddressFree(CUdeviceptr p, size_t size) { (void)p; (void)size; return CUDA_SUCCESS; }
+CUresult cuMemMap(CUdeviceptr p, size_t size, size_t offset, CUmemGenericAllocationHandle h, unsigned long long f) {
+  (void)offset; (void)f;
+  pthread_mutex_lock(&mu);
+  for (int i = 0; i < MAX_ALLOCS; i++) {
+    if (allocs[i].live && allocs[i].key == h) {
+      for (int m = 0; m < 1024; m++) {
+        if (!maps[m].live) {
+          maps[m].live = 1; maps[m].ptr = p; maps[m].size = size; maps[m].key = h;
+          allocs[i].refs++;
+          pthread_mutex_unlock(&mu);
+          return CUDA_SUCCESS;
+        }
+      }
+    }
+  }
+  pthread_mutex_unlock(&mu);
+  return CUDA_ERROR_INVALID_VALUE;
+}
+CUresult cuMemUnmap(CUdeviceptr p, size_t size) {
+  unsigned long long keys[1024];
+  int n = 0;
+  pthread_mutex_lock(&mu);
+  for (int m = 0; m < 1024; m++)
+    if (maps[m].live && maps[m].ptr >= p && maps[m].ptr < p + size) { maps[m].live = 0; keys[n++] = maps[m].key; }
+  pthread_mutex_unlock(&mu);
+  if (n == 0) return CUDA_ERROR_INVALID_VALUE;
+  for (int i = 0; i < n; i++) stub_unref(keys[i]);
+  return CUDA_SUCCESS;
+}
+CUresult cuMemRetainAllocationHandle(CUmemGenericAllocationHandle *h, void *addr) {
+  unsigned long long a = (unsigned long long)(uintptr_t)addr, key = 0;
+  pthread_mutex_lock(&mu);
+  for (int m = 0; m < 1024; m++)
+    if (maps[m].live && a >= maps[m].ptr && a < maps[m].ptr + maps[m].size) key = maps[m].key;
+  for (int i = 0; key && i < MAX_ALLOCS; i++)
+    if (allocs[i].live && allocs[i].key == key) { allocs[i].refs++; *h = key; pthread_mutex_unlock(&mu); return CUDA_SUCCESS; }
+  pthread_mutex_unlock(&mu);
+  return CUDA_ERROR_INVALID_VALUE;
+}
 static unsigned fmt_bytes(unsigned f) { return f == 1 || f == 8 ? 1 : f == 2 || f == 9 || f == 16 ? 2 : 4; }
 CUresult cuArrayCreate_v2(CUarray *a, const ArrayDesc *d) {
   unsigned long long key;
@@ -326,6 +394,8 @@ static const struct { const char *name; void *fn; } table[] = {
   ENTRY(cuGetProcAddress), ENTRY(cuGetProcAddress_v2), ENTRY(cuMipmappedArrayCreate),
   ENTRY(cuMipmappedArrayDestroy), ENTRY(cuMemAlloc), ENTRY(cuMemAllocPitch), ENTRY(cuMemFree),
   ENTRY(cuArrayCreate), ENTRY(cuArray3DCreate), ENTRY(cuMemGetInfo), ENTRY(cuDeviceTotalMem),
+  ENTRY(cuMemAddressReserve), ENTRY(cuMemAddressFree), ENTRY(cuMemMap), ENTRY(cuMemUnmap),
+  ENTRY(cuMemRetainAllocationHandle),
 };
 
 static void *find(const char *name) {
