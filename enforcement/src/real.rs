@@ -31,6 +31,20 @@ pub fn dlsym_fn() -> Option<DlsymFn> {
     unsafe { std::mem::transmute::<*mut c_void, Option<DlsymFn>>(ptr) }
 }
 
+/// The real `dlopen`; the x86-64 entry in `dlopen.rs` jumps through it.
+pub static REAL_DLOPEN: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
+
+pub fn resolve_dlopen() {
+    for version in [c"GLIBC_2.34", c"GLIBC_2.2.5", c"GLIBC_2.17", c"GLIBC_2.1"] {
+        // SAFETY: plain C strings; RTLD_NEXT from this object reaches libc.
+        let ptr = unsafe { libc::dlvsym(libc::RTLD_NEXT, c"dlopen".as_ptr(), version.as_ptr()) };
+        if !ptr.is_null() {
+            REAL_DLOPEN.store(ptr, Ordering::Release);
+            return;
+        }
+    }
+}
+
 /// Looks `name` up in `handle` with the real dlsym.
 pub fn symbol(handle: *mut c_void, name: &CStr) -> *mut c_void {
     match dlsym_fn() {

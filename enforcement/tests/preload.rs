@@ -164,6 +164,23 @@ fn vmm_memory_is_charged_until_its_last_mapping_and_reference_go() {
 }
 
 #[test]
+fn a_library_opened_with_deepbind_is_held_to_the_limit() {
+    for how in ["linked", "dlsym"] {
+        let control = Probe::bare("direct", &["deepbind", "1024", how]).output();
+        assert_eq!(control.int("allocated"), 79, "{how}: the driver alone");
+        let r = Probe::new("direct", &["deepbind", "1024", how])
+            .env("CUDA_DEVICE_MEMORY_LIMIT", "4g")
+            .output();
+        assert_eq!(r.int("allocated"), 4, "{how}: {}", r.stderr);
+        assert!(
+            r.stderr.contains("RTLD_DEEPBIND"),
+            "{how}: said once: {}",
+            r.stderr
+        );
+    }
+}
+
+#[test]
 fn limits_are_per_device() {
     let limited = Probe::new("procaddr", &["fill", "512"])
         .env("CUDA_DEVICE_MEMORY_LIMIT_1", "1g")

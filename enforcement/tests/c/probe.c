@@ -15,6 +15,9 @@
  *   vmm MIB                cuMemCreate MIB, map it, release the handle while mapped, try a
  *                          cuMemAlloc of MIB, unmap, try again; then the same with a retained
  *                          reference (cuMemRetainAllocationHandle)
+ *   deepbind MIB HOW       dlopen libdeepbound.so with RTLD_DEEPBIND and let it fill the device
+ *                          with MIB chunks, reaching the driver by linking (HOW = linked) or by
+ *                          dlsym (HOW = dlsym); report how many it got
  *   meminfo                cuMemGetInfo and cuDeviceTotalMem
  *   nvml                   NVML's memory info for device 0 (v1 and v2)
  *   launch SECONDS GRID    launch GRID-block kernels in a loop; report the busy share
@@ -321,6 +324,14 @@ int main(int argc, char **argv) {
     STEP("released"); TRY("alloc_after_release");
 #undef STEP
 #undef TRY
+    return 0;
+  }
+  if (strcmp(cmd, "deepbind") == 0) {
+    void *deep = dlopen("libdeepbound.so", RTLD_NOW | RTLD_DEEPBIND);
+    if (!deep) { fprintf(stderr, "probe: %s\n", dlerror()); return 3; }
+    int (*deep_fill)(size_t, int) = (int (*)(size_t, int))dlsym(deep, "deep_fill");
+    if (!deep_fill) { fprintf(stderr, "probe: no deep_fill\n"); return 3; }
+    printf("allocated=%d\n", deep_fill((size_t)atol(argv[3]), strcmp(argv[4], "dlsym") == 0));
     return 0;
   }
   if (strcmp(cmd, "legacy") == 0) {

@@ -77,6 +77,16 @@ pub fn toolchain() -> &'static Toolchain {
             "-l:libcuda.so.1",
         ]));
         build(with(&[
+            "-shared",
+            "-Wl,-soname,libdeepbound.so",
+            "-o",
+            "libdeepbound.so",
+            &s("deepbound.c"),
+            "-L.",
+            "-l:libcuda.so.1",
+            "-ldl",
+        ]));
+        build(with(&[
             "-o",
             "probe",
             &s("probe.c"),
