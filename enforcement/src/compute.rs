@@ -20,7 +20,8 @@ use crate::state;
 use crate::throttle::{Bucket, Controller, TICK};
 
 pub struct Compute {
-    target: u32,
+    /// Percent per device; 0: not throttled.
+    targets: [u32; MAX_DEVICES],
     buckets: [Bucket; MAX_DEVICES],
     active: [AtomicBool; MAX_DEVICES],
     /// Cleared when the watcher cannot run: then nothing refills, so nothing may wait.
@@ -32,9 +33,10 @@ pub struct Compute {
 }
 
 impl Compute {
-    pub fn new(target: u32) -> Self {
+    /// `target(device)`: the device's share in percent, `None` when it is not throttled.
+    pub fn new(target: impl Fn(usize) -> Option<u32>) -> Self {
         Compute {
-            target,
+            targets: std::array::from_fn(|d| target(d).unwrap_or(0)),
             buckets: std::array::from_fn(|_| Bucket::new()),
             active: std::array::from_fn(|_| AtomicBool::new(false)),
             throttling: AtomicBool::new(true),
@@ -46,7 +48,10 @@ impl Compute {
 
     /// Waits until a launch of `cost` blocks on `device` fits the claim's share.
     pub fn admit(&'static self, device: usize, cost: u64) {
-        if device >= MAX_DEVICES || !self.throttling.load(Ordering::Relaxed) {
+        if device >= MAX_DEVICES
+            || self.targets[device] == 0
+            || !self.throttling.load(Ordering::Relaxed)
+        {
             return;
         }
         self.active[device].store(true, Ordering::Relaxed);
@@ -91,7 +96,7 @@ impl Compute {
 
     fn watch(&'static self) {
         let mut controllers: Vec<Controller> = (0..MAX_DEVICES)
-            .map(|_| Controller::new(self.target))
+            .map(|d| Controller::new(self.targets[d]))
             .collect();
         let mut meters: Vec<Meter> = (0..MAX_DEVICES).map(Meter::new).collect();
         loop {

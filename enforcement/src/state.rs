@@ -53,20 +53,22 @@ fn build() -> Option<Enforcer> {
     if config.disabled {
         return None;
     }
-    let accounting = config.limits_memory().then(|| match &config.shared_cache {
-        Some(path) => match SharedRegion::open(path) {
-            Ok(region) => Accounting::Shared(region),
-            Err(err) => {
-                report::say(&format!(
-                    "{err}; counting this process's memory alone, so the claim's processes \
+    let accounting =
+        config
+            .limits_memory()
+            .then(|| match SharedRegion::open(&config.shared_cache) {
+                Ok(region) => Accounting::Shared(region),
+                Err(err) => {
+                    report::say(&format!(
+                        "{err}; counting this process's memory alone, so the claim's processes \
                      together may pass the limit"
-                ));
-                Accounting::Local(LocalCounters::default())
-            }
-        },
-        None => Accounting::Local(LocalCounters::default()),
-    });
-    let compute = config.sm_limit.map(Compute::new);
+                    ));
+                    Accounting::Local(LocalCounters::default())
+                }
+            });
+    let compute = config
+        .throttles()
+        .then(|| Compute::new(|device| config.sm_limit(device)));
     if accounting.is_none() && compute.is_none() {
         return None;
     }

@@ -234,6 +234,24 @@ fn two_processes_share_one_limit_and_nvml_agrees() {
 }
 
 #[test]
+fn without_a_named_file_the_processes_of_a_container_share_one_limit_as_in_hami_core() {
+    // No CUDA_DEVICE_MEMORY_SHARED_CACHE: HAMi-core's default file (under $TMPDIR here).
+    let dir = tempfile::tempdir().unwrap();
+    let limited = |probe: Probe| {
+        probe
+            .env("CUDA_DEVICE_MEMORY_LIMIT_0", "4096m")
+            .env("TMPDIR", dir.path())
+    };
+    let mut holder = limited(Probe::new("direct", &["hold", "3072"])).spawn();
+    wait_for_line(&mut holder, "held=1");
+    let second = limited(Probe::new("procaddr", &["fill", "512"])).output();
+    assert_eq!(second.int("allocated"), 2, "only the 1 GiB the first left");
+    assert!(dir.path().join("cudevshr.cache").is_file());
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+}
+
+#[test]
 fn a_killed_processs_memory_is_reclaimed() {
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("claim.cache");
@@ -268,21 +286,31 @@ fn throttling_brings_a_launch_loop_to_the_target_share() {
     let tolerance = 0.07;
     let free = Probe::new("procaddr", &["launch", "3", "64"]).output();
     assert!(free.num("busy") > 0.9, "unthrottled: {}", free.stdout);
-    for (target, path, pid_offset) in [
-        (30, "procaddr", "0"),
-        (60, "direct", "0"),
+    // HAMi-core's switch, in either of the cases it accepts.
+    for policy in ["disable", "DISABLE"] {
+        let off = Probe::new("procaddr", &["launch", "3", "64"])
+            .env("CUDA_DEVICE_SM_LIMIT", "30")
+            .env("GPU_CORE_UTILIZATION_POLICY", policy)
+            .output();
+        assert!(off.num("busy") > 0.9, "{policy}: {}", off.stdout);
+    }
+    for (variable, target, path, pid_offset) in [
+        ("CUDA_DEVICE_SM_LIMIT", 30, "procaddr", "0"),
+        ("CUDA_DEVICE_SM_LIMIT", 60, "direct", "0"),
+        // HAMi-core's per-device variable (the probe runs on device 0).
+        ("CUDA_DEVICE_SM_LIMIT_0", 30, "direct", "0"),
         // NVML reporting host PIDs the process cannot see, as in a container.
-        (30, "dlsym", "100000"),
+        ("CUDA_DEVICE_SM_LIMIT", 30, "dlsym", "100000"),
     ] {
         let r = Probe::new(path, &["launch", "4", "64"])
-            .env("CUDA_DEVICE_SM_LIMIT", target.to_string())
+            .env(variable, target.to_string())
             .env("STUB_NVML_PID_OFFSET", pid_offset)
             .output();
         let busy = r.num("busy");
         let want = f64::from(target) / 100.0;
         assert!(
             (busy - want).abs() <= tolerance,
-            "target {target}% via {path} (pid offset {pid_offset}): busy {busy:.3}\n{}",
+            "{variable}={target} via {path} (pid offset {pid_offset}): busy {busy:.3}\n{}",
             r.stderr
         );
     }
