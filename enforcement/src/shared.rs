@@ -291,6 +291,18 @@ impl SharedRegion {
         }
     }
 
+    /// In a forked child: lets go of the parent's mapping and open file description (the
+    /// parent keeps its own), so that the parent's locks are the parent's alone and die with
+    /// it. The region must not be used afterwards. Async-signal-safe: munmap and close.
+    pub fn let_go_in_child(&self) {
+        // SAFETY: the mapping made in attach and the descriptor of `file`; the caller never
+        // touches this region again and never drops it, so neither is used or closed twice.
+        unsafe {
+            libc::munmap(self.base.cast(), FILE_SIZE);
+            libc::close(self.file.as_raw_fd());
+        }
+    }
+
     fn slot_is_held(&self, index: usize) -> bool {
         // F_OFD_GETLK never reports our own description's locks, so ask about our own slot
         // directly.

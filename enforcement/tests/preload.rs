@@ -252,6 +252,24 @@ fn without_a_named_file_the_processes_of_a_container_share_one_limit_as_in_hami_
 }
 
 #[test]
+fn a_forked_child_counts_in_a_slot_of_its_own_and_its_charges_go_when_it_dies() {
+    // The parent uses the library before fork; the child allocates 3 GiB of the 4 GiB and dies
+    // without freeing, by _exit or SIGKILL, while the parent lives on.
+    for how in ["exit", "kill"] {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("claim.cache");
+        let r = shared_env(Probe::new("procaddr", &["forkdie", "3072", how]), &cache).output();
+        assert_eq!(r.int("child_alloc"), 0, "{how}: {}", r.stdout);
+        assert_eq!(
+            r.int("parent_free_mib"),
+            4096,
+            "{how}: the child's charge is gone"
+        );
+        assert_eq!(r.int("parent_alloc"), 0, "{how}: {}", r.stderr);
+    }
+}
+
+#[test]
 fn a_killed_processs_memory_is_reclaimed() {
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("claim.cache");

@@ -18,6 +18,9 @@
  *   deepbind MIB HOW       dlopen libdeepbound.so with RTLD_DEEPBIND and let it fill the device
  *                          with MIB chunks, reaching the driver by linking (HOW = linked) or by
  *                          dlsym (HOW = dlsym); report how many it got
+ *   forkdie MIB HOW        after a cuMemGetInfo (the library is in use), fork a child that
+ *                          allocates MIB and dies without freeing (HOW = exit: _exit; kill:
+ *                          SIGKILL); then the parent reports what is free and allocates MIB
  *   meminfo                cuMemGetInfo and cuDeviceTotalMem
  *   nvml                   NVML's memory info for device 0 (v1 and v2)
  *   launch SECONDS GRID    launch GRID-block kernels in a loop; report the busy share
@@ -34,6 +37,8 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+#include <signal.h>
+#include <sys/wait.h>
 
 typedef int CUresult;
 typedef unsigned long long CUdeviceptr;
@@ -332,6 +337,24 @@ int main(int argc, char **argv) {
     int (*deep_fill)(size_t, int) = (int (*)(size_t, int))dlsym(deep, "deep_fill");
     if (!deep_fill) { fprintf(stderr, "probe: no deep_fill\n"); return 3; }
     printf("allocated=%d\n", deep_fill((size_t)atol(argv[3]), strcmp(argv[4], "dlsym") == 0));
+    return 0;
+  }
+  if (strcmp(cmd, "forkdie") == 0) {
+    size_t bytes = (size_t)atol(argv[3]) << 20, f, t;
+    CUdeviceptr p;
+    cu.meminfo(&f, &t);
+    pid_t child = fork();
+    if (child < 0) { perror("fork"); return 3; }
+    if (child == 0) {
+      printf("child_alloc=%d\n", cu.alloc(&p, bytes));
+      if (strcmp(argv[4], "kill") == 0) raise(SIGKILL);
+      _exit(0);
+    }
+    int status;
+    waitpid(child, &status, 0);
+    cu.meminfo(&f, &t);
+    printf("parent_free_mib=%zu\n", f >> 20);
+    printf("parent_alloc=%d\n", cu.alloc(&p, bytes));
     return 0;
   }
   if (strcmp(cmd, "legacy") == 0) {
