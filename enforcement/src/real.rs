@@ -138,6 +138,11 @@ table! {
         cuDevicePrimaryCtxRetain: fn(*mut CUcontext, CUdevice) -> CUresult;
         cuCtxCreate_v2: fn(*mut CUcontext, c_uint, CUdevice) -> CUresult;
         cuCtxGetDevice: fn(*mut CUdevice) -> CUresult;
+        cuEventCreate: fn(*mut CUevent, c_uint) -> CUresult;
+        cuEventRecord: fn(CUevent, CUstream) -> CUresult;
+        cuEventQuery: fn(CUevent) -> CUresult;
+        cuEventElapsedTime: fn(*mut f32, CUevent, CUevent) -> CUresult;
+        cuStreamIsCapturing: fn(CUstream, *mut c_int) -> CUresult;
         cuDeviceGetUuid: fn(*mut [u8; 16], CUdevice) -> CUresult;
     }
 }

@@ -31,6 +31,8 @@ pub const SLOTS: usize = 128;
 const SLOTS_OFFSET: usize = 4096;
 const SLOT_SIZE: usize = std::mem::size_of::<Slot>();
 pub const FILE_SIZE: usize = SLOTS_OFFSET + SLOTS * SLOT_SIZE;
+/// The slot's process throttles open loop: NVML could not report the claim's utilization.
+pub const FLAG_THROTTLE_OPEN_LOOP: u32 = 1;
 
 #[repr(C)]
 struct Header {
@@ -46,7 +48,8 @@ struct Slot {
     pid: AtomicU32,
     /// The PID NVML reports for the process (the host's), 0 until known.
     host_pid: AtomicU32,
-    _reserved: AtomicU32,
+    /// `FLAG_*`: conditions a watcher of the file may want to export.
+    flags: AtomicU32,
     used: [AtomicU64; MAX_DEVICES],
 }
 
@@ -171,6 +174,7 @@ impl SharedRegion {
             }
             slot.pid.store(std::process::id(), Ordering::Relaxed);
             slot.host_pid.store(0, Ordering::Relaxed);
+            slot.flags.store(0, Ordering::Relaxed);
             if set_lock(
                 &self.file,
                 libc::F_RDLCK,
@@ -248,6 +252,12 @@ impl SharedRegion {
             .used
             .get(device)
             .map_or(0, |u| u.load(Ordering::Acquire))
+    }
+
+    pub fn set_flags(&self, flags: u32) {
+        self.slot_at(self.slot)
+            .flags
+            .fetch_or(flags, Ordering::AcqRel);
     }
 
     pub fn set_host_pid(&self, pid: u32) {

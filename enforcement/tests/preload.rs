@@ -298,9 +298,62 @@ fn a_foreign_accounting_file_falls_back_to_counting_alone() {
     );
 }
 
+/// Tests that measure the simulated timeline run one at a time: its clock is the wall clock,
+/// and two of them at once on 2 cores would measure each other.
+static TIMELINE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn timeline() -> std::sync::MutexGuard<'static, ()> {
+    TIMELINE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[test]
+fn a_long_graph_pays_for_its_whole_run() {
+    let _timeline = timeline();
+    // Graphs of 20 and 80 ms against a 30 % share: one launch used to cost one token.
+    for graph_ms in [20, 80] {
+        let r = Probe::new("procaddr", &["graphs", "5"])
+            .env("CUDA_DEVICE_SM_LIMIT", "30")
+            .env("STUB_GRAPH_NS", (graph_ms * 1_000_000).to_string())
+            .output();
+        let busy = r.num("busy");
+        assert!(
+            (busy - 0.30).abs() <= 0.07,
+            "{graph_ms} ms graphs: busy {busy:.3}\n{}\n{}",
+            r.stdout,
+            r.stderr
+        );
+    }
+}
+
+#[test]
+fn without_per_process_utilization_the_throttle_runs_open_loop_and_says_so() {
+    let _timeline = timeline();
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("claim.cache");
+    let r = Probe::new("procaddr", &["launch", "4", "64"])
+        .env("CUDA_DEVICE_SM_LIMIT", "30")
+        .env("STUB_NVML_NO_PROCESS_UTIL", "1")
+        .env("CUDA_DEVICE_MEMORY_LIMIT", "80g")
+        .env("CUDA_DEVICE_MEMORY_SHARED_CACHE", &cache)
+        .output();
+    let busy = r.num("busy");
+    assert!((busy - 0.30).abs() <= 0.07, "busy {busy:.3}\n{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("WARNING: device 0: NVML cannot report the claim's utilization"),
+        "{}",
+        r.stderr
+    );
+    // The metric: the flag in the process's slot of the accounting file (the first slot: the
+    // slots start at 4096, the flags are the slot's fourth u32).
+    let file = std::fs::read(&cache).unwrap();
+    let flags = u32::from_le_bytes(file[4096 + 12..4096 + 16].try_into().unwrap());
+    assert_eq!(flags & 1, 1, "open-loop flag set");
+}
+
 #[test]
 fn throttling_brings_a_launch_loop_to_the_target_share() {
-    // One test, run in turn: the simulated device's clock is the wall clock.
+    let _timeline = timeline();
     let tolerance = 0.07;
     let free = Probe::new("procaddr", &["launch", "3", "64"]).output();
     assert!(free.num("busy") > 0.9, "unthrottled: {}", free.stdout);

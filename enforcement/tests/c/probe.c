@@ -24,6 +24,8 @@
  *   meminfo                cuMemGetInfo and cuDeviceTotalMem
  *   nvml                   NVML's memory info for device 0 (v1 and v2)
  *   launch SECONDS GRID    launch GRID-block kernels in a loop; report the busy share
+ *   graphs SECONDS         launch a graph (STUB_GRAPH_NS of work) in a loop; report the busy
+ *                          share
  *   threads N MIB          8 threads each hold MIB until all tried once, then N
  *                          alloc+free pairs of MIB each; then meminfo
  *   bench N                ns per alloc+free pair and per launch
@@ -66,6 +68,7 @@ extern CUresult cuArrayDestroy(void *);
 extern CUresult cuLaunchKernel(void *, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, void *, void **, void **);
 extern CUresult cuLaunchKernelEx(const LaunchConfig *, void *, void **, void **);
 extern CUresult cuCtxSynchronize(void);
+extern CUresult cuGraphLaunch(void *, void *);
 extern CUresult cuMipmappedArrayCreate(void **, const Array3DDesc *, unsigned);
 extern CUresult cuMipmappedArrayDestroy(void *);
 typedef struct { unsigned w, h, fmt, ch; } ArrayDescV1;
@@ -105,6 +108,7 @@ static struct {
   CUresult (*launch)(void *, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, void *, void **, void **);
   CUresult (*launch_ex)(const LaunchConfig *, void *, void **, void **);
   CUresult (*sync)(void);
+  CUresult (*graph)(void *, void *);
   CUresult (*mipmap)(void **, const Array3DDesc *, unsigned);
   CUresult (*mipmap_destroy)(void *);
   CUresult (*reserve)(CUdeviceptr *, size_t, size_t, CUdeviceptr, unsigned long long);
@@ -145,6 +149,7 @@ static void load(const char *path) {
     cu.alloc_pool = cuMemAllocFromPoolAsync; cu.create = cuMemCreate; cu.release = cuMemRelease;
     cu.array = cuArrayCreate_v2; cu.array3d = cuArray3DCreate_v2; cu.array_destroy = cuArrayDestroy;
     cu.launch = cuLaunchKernel; cu.launch_ex = cuLaunchKernelEx; cu.sync = cuCtxSynchronize;
+    cu.graph = cuGraphLaunch;
     cu.mipmap = cuMipmappedArrayCreate; cu.mipmap_destroy = cuMipmappedArrayDestroy;
     cu.reserve = cuMemAddressReserve; cu.map = cuMemMap; cu.unmap = cuMemUnmap;
     cu.retain = cuMemRetainAllocationHandle;
@@ -166,7 +171,7 @@ static void load(const char *path) {
   R(release, "cuMemRelease", "cuMemRelease"); R(array, "cuArrayCreate_v2", "cuArrayCreate");
   R(array3d, "cuArray3DCreate_v2", "cuArray3DCreate"); R(array_destroy, "cuArrayDestroy", "cuArrayDestroy");
   R(launch, "cuLaunchKernel", "cuLaunchKernel"); R(launch_ex, "cuLaunchKernelEx", "cuLaunchKernelEx");
-  R(sync, "cuCtxSynchronize", "cuCtxSynchronize");
+  R(sync, "cuCtxSynchronize", "cuCtxSynchronize"); R(graph, "cuGraphLaunch", "cuGraphLaunch");
   R(mipmap, "cuMipmappedArrayCreate", "cuMipmappedArrayCreate");
   R(mipmap_destroy, "cuMipmappedArrayDestroy", "cuMipmappedArrayDestroy");
   R(reserve, "cuMemAddressReserve", "cuMemAddressReserve"); R(map, "cuMemMap", "cuMemMap");
@@ -391,6 +396,18 @@ int main(int argc, char **argv) {
     while (stub_now_ns() < end) {
       CUresult rc = (launches & 1) ? cu.launch_ex(&lc, NULL, NULL, NULL)
                                    : cu.launch(NULL, grid, 1, 1, 128, 1, 1, 0, NULL, NULL, NULL);
+      if (rc != 0) { printf("launch_error=%d\n", rc); return 1; }
+      launches++;
+    }
+    unsigned long long stop = stub_now_ns();
+    printf("launches=%llu\nbusy=%.3f\n", launches, (double)stub_busy_ns(device, warm, stop) / (double)(stop - warm));
+    return 0;
+  }
+  if (strcmp(cmd, "graphs") == 0) {
+    unsigned long long start = stub_now_ns(), warm = start + 1000000000ull;
+    unsigned long long end = start + (unsigned long long)(atof(argv[3]) * 1e9), launches = 0;
+    while (stub_now_ns() < end) {
+      CUresult rc = cu.graph((void *)0x1234, NULL);
       if (rc != 0) { printf("launch_error=%d\n", rc); return 1; }
       launches++;
     }

@@ -310,11 +310,9 @@ CUresult cuMemGetInfo_v2(size_t *free_bytes, size_t *total) {
 }
 
 /* The simulated timeline. */
-static CUresult run_kernel(unsigned gx, unsigned gy, unsigned gz) {
+static CUresult run_for(unsigned long long duration) {
   int d = current;
   if (d < 0) return CUDA_ERROR_INVALID_CONTEXT;
-  unsigned long long blocks = (unsigned long long)(gx ? gx : 1) * (gy ? gy : 1) * (gz ? gz : 1);
-  unsigned long long duration = blocks * (unsigned long long)env_long("STUB_NS_PER_BLOCK", 1000);
   for (;;) {
     unsigned long long now = stub_now_ns();
     pthread_mutex_lock(&mu);
@@ -333,6 +331,42 @@ static CUresult run_kernel(unsigned gx, unsigned gy, unsigned gz) {
     nanosleep(&ts, NULL);
   }
 }
+static CUresult run_kernel(unsigned gx, unsigned gy, unsigned gz) {
+  unsigned long long blocks = (unsigned long long)(gx ? gx : 1) * (gy ? gy : 1) * (gz ? gz : 1);
+  return run_for(blocks * (unsigned long long)env_long("STUB_NS_PER_BLOCK", 1000));
+}
+/* Events on the timeline: one completes when the work queued before it is done. */
+#define CUDA_ERROR_NOT_READY 600
+typedef struct { unsigned long long t; } StubEvent;
+CUresult cuEventCreate(void **e, unsigned flags) {
+  (void)flags;
+  StubEvent *ev = calloc(1, sizeof *ev);
+  if (!ev) return CUDA_ERROR_OUT_OF_MEMORY;
+  *e = ev;
+  return CUDA_SUCCESS;
+}
+CUresult cuEventRecord(void *e, CUstream s) {
+  (void)s;
+  int d = current;
+  if (d < 0 || !e) return CUDA_ERROR_INVALID_CONTEXT;
+  unsigned long long now = stub_now_ns();
+  pthread_mutex_lock(&mu);
+  ((StubEvent *)e)->t = busy_until[d] > now ? busy_until[d] : now;
+  pthread_mutex_unlock(&mu);
+  return CUDA_SUCCESS;
+}
+CUresult cuEventQuery(void *e) {
+  if (!e) return CUDA_ERROR_INVALID_VALUE;
+  return stub_now_ns() >= ((StubEvent *)e)->t ? CUDA_SUCCESS : CUDA_ERROR_NOT_READY;
+}
+CUresult cuEventElapsedTime(float *ms, void *a, void *b) {
+  if (cuEventQuery(a) != CUDA_SUCCESS || cuEventQuery(b) != CUDA_SUCCESS) return CUDA_ERROR_NOT_READY;
+  *ms = (float)((double)(((StubEvent *)b)->t - ((StubEvent *)a)->t) / 1e6);
+  return CUDA_SUCCESS;
+}
+CUresult cuEventDestroy_v2(void *e) { free(e); return CUDA_SUCCESS; }
+CUresult cuStreamIsCapturing(CUstream s, int *status) { (void)s; *status = 0; return CUDA_SUCCESS; }
+
 /* Busy nanoseconds of device d within [from, to]. */
 unsigned long long stub_busy_ns(int d, unsigned long long from, unsigned long long to) {
   unsigned long long busy = 0;
@@ -365,7 +399,11 @@ CUresult cuLaunchCooperativeKernel(CUfunction f, unsigned gx, unsigned gy, unsig
                                    unsigned by, unsigned bz, unsigned sh, CUstream s, void **p) {
   return cuLaunchKernel(f, gx, gy, gz, bx, by, bz, sh, s, p, NULL);
 }
-CUresult cuGraphLaunch(void *g, CUstream s) { (void)g; (void)s; return run_kernel(1, 1, 1); }
+/* A graph runs STUB_GRAPH_NS (default 1000) of work. */
+CUresult cuGraphLaunch(void *g, CUstream s) {
+  (void)g; (void)s;
+  return run_for((unsigned long long)env_long("STUB_GRAPH_NS", 1000));
+}
 CUresult cuCtxSynchronize(void) {
   int d = current;
   if (d < 0) return CUDA_ERROR_INVALID_CONTEXT;
@@ -395,7 +433,8 @@ static const struct { const char *name; void *fn; } table[] = {
   ENTRY(cuMipmappedArrayDestroy), ENTRY(cuMemAlloc), ENTRY(cuMemAllocPitch), ENTRY(cuMemFree),
   ENTRY(cuArrayCreate), ENTRY(cuArray3DCreate), ENTRY(cuMemGetInfo), ENTRY(cuDeviceTotalMem),
   ENTRY(cuMemAddressReserve), ENTRY(cuMemAddressFree), ENTRY(cuMemMap), ENTRY(cuMemUnmap),
-  ENTRY(cuMemRetainAllocationHandle),
+  ENTRY(cuMemRetainAllocationHandle), ENTRY(cuEventCreate), ENTRY(cuEventRecord), ENTRY(cuEventQuery),
+  ENTRY(cuEventElapsedTime), ENTRY(cuEventDestroy_v2), ENTRY(cuStreamIsCapturing),
 };
 
 static void *find(const char *name) {
