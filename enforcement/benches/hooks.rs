@@ -35,7 +35,9 @@ fn main() {
             Probe::new(path, &["bench", ITERATIONS]),
         );
         run(
-            "library, memory limit, this process alone",
+            "library, memory limit, default file",
+            // No CUDA_DEVICE_MEMORY_SHARED_CACHE: HAMi-core's default file, in the probe's own
+            // $TMPDIR.
             Probe::new(path, &["bench", ITERATIONS]).env("CUDA_DEVICE_MEMORY_LIMIT", "80g"),
         );
         run(
@@ -47,7 +49,7 @@ fn main() {
         run(
             "library, CUDA_DEVICE_SM_LIMIT=50, tokens left",
             // Kernels take no time on the simulated device, so the bucket never runs dry: this
-            // is the throttle's bookkeeping alone.
+            // is the throttle's bookkeeping alone, timing events on one launch in 16 included.
             Probe::new(path, &["bench", ITERATIONS]).env("CUDA_DEVICE_SM_LIMIT", "50"),
         );
         run(

@@ -5,9 +5,10 @@
 //! | `CUDA_DEVICE_MEMORY_LIMIT` | memory limit of every device (`4g`, `2000m`, `512k`, bytes); `0` = none |
 //! | `CUDA_DEVICE_MEMORY_LIMIT_<i>` | limit of CUDA device `i`, over the one above |
 //! | `CUDA_DEVICE_SM_LIMIT` | share of the device's compute in percent; `0`, `100` or unset = no throttling |
-//! | `CUDA_DEVICE_MEMORY_SHARED_CACHE` | the file shared by the processes of one claim |
+//! | `CUDA_DEVICE_SM_LIMIT_<i>` | share of CUDA device `i`, over the one above (`0` = use the one above) |
+//! | `CUDA_DEVICE_MEMORY_SHARED_CACHE` | the file shared by the processes of one claim (default `/tmp/cudevshr.cache`) |
 //! | `CUDA_DISABLE_CONTROL` | `true` turns enforcement off (debugging) |
-//! | `GPU_CORE_UTILIZATION_POLICY` | `disable` turns only the compute throttle off |
+//! | `GPU_CORE_UTILIZATION_POLICY` | `disable` (any case) turns only the compute throttle off |
 //!
 //! A malformed value is reported and ignored: the library never refuses to start a process.
 
@@ -25,6 +26,8 @@ pub const ENV_SHARED_CACHE: &str = "CUDA_DEVICE_MEMORY_SHARED_CACHE";
 pub const ENV_DISABLE: &str = "CUDA_DISABLE_CONTROL";
 pub const ENV_UTILIZATION_POLICY: &str = "GPU_CORE_UTILIZATION_POLICY";
 pub const ENV_VISIBLE_DEVICES: &str = "CUDA_VISIBLE_DEVICES";
+/// HAMi-core's accounting file when `CUDA_DEVICE_MEMORY_SHARED_CACHE` is unset: /tmp/cudevshr.cache.
+pub const DEFAULT_SHARED_CACHE_NAME: &str = "cudevshr.cache";
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum ConfigError {
@@ -50,9 +53,15 @@ pub struct Config {
     pub disabled: bool,
     default_memory: Option<u64>,
     device_memory: [Option<u64>; MAX_DEVICES],
-    /// Percent of the device, `None` when there is nothing to throttle.
-    pub sm_limit: Option<u32>,
-    pub shared_cache: Option<PathBuf>,
+    /// `CUDA_DEVICE_SM_LIMIT`, percent; `None` unset (or 0).
+    default_sm: Option<u32>,
+    /// `CUDA_DEVICE_SM_LIMIT_<i>`, percent; `None` unset (or 0, which HAMi-core reads as unset).
+    device_sm: [Option<u32>; MAX_DEVICES],
+    /// `GPU_CORE_UTILIZATION_POLICY=disable`.
+    throttle_disabled: bool,
+    /// The accounting file: the variable, or HAMi-core's default beside the process's
+    /// temporary files.
+    pub shared_cache: PathBuf,
     /// `CUDA_VISIBLE_DEVICES` as listed: UUIDs or indices, in CUDA ordinal order.
     pub visible: Vec<String>,
     /// What was malformed; the caller reports it once.
@@ -97,30 +106,50 @@ impl Config {
         }
         if let Some(value) = lookup(ENV_SM_LIMIT) {
             match parse_percent(&value) {
-                Ok(limit) => config.sm_limit = limit,
+                Ok(limit) => config.default_sm = limit,
                 Err(reason) => config.problems.push(invalid(ENV_SM_LIMIT, &value, reason)),
             }
         }
+        for (index, slot) in config.device_sm.iter_mut().enumerate() {
+            let var = format!("{ENV_SM_LIMIT}_{index}");
+            if let Some(value) = lookup(&var) {
+                match parse_percent(&value) {
+                    Ok(limit) => *slot = limit,
+                    Err(reason) => config.problems.push(invalid(&var, &value, reason)),
+                }
+            }
+        }
         if let Some(value) = lookup(ENV_UTILIZATION_POLICY) {
-            match value.to_str() {
-                Some("disable") => config.sm_limit = None,
+            // HAMi-core compares with "disable"/"DISABLE" and "force"/"FORCE" and takes anything
+            // else for the default; any case is accepted here, and anything else is said.
+            match value.to_str().map(str::to_ascii_lowercase).as_deref() {
+                Some("disable") => config.throttle_disabled = true,
                 Some("default" | "force") => {}
                 _ => config.problems.push(invalid(
                     ENV_UTILIZATION_POLICY,
                     &value,
-                    "expected default, force or disable",
+                    "expected default, force or disable (any case); the throttle stays on",
                 )),
             }
         }
-        if let Some(value) = lookup(ENV_SHARED_CACHE) {
-            if value.is_empty() {
-                config
-                    .problems
-                    .push(invalid(ENV_SHARED_CACHE, &value, "empty path"));
-            } else {
-                config.shared_cache = Some(PathBuf::from(value));
+        config.shared_cache = match lookup(ENV_SHARED_CACHE) {
+            Some(value) if !value.is_empty() => PathBuf::from(value),
+            other => {
+                if other.is_some() {
+                    config.problems.push(invalid(
+                        ENV_SHARED_CACHE,
+                        OsStr::new(""),
+                        "empty path; the default is used",
+                    ));
+                }
+                // HAMi-core's default, so that the processes of a container share one limit
+                // even when nothing names a file; under $TMPDIR when it is set.
+                lookup("TMPDIR")
+                    .filter(|d| !d.is_empty())
+                    .map_or_else(|| PathBuf::from("/tmp"), PathBuf::from)
+                    .join(DEFAULT_SHARED_CACHE_NAME)
             }
-        }
+        };
         if let Some(value) = lookup(ENV_VISIBLE_DEVICES) {
             config.visible = value
                 .to_string_lossy()
@@ -139,6 +168,26 @@ impl Config {
             .copied()
             .flatten()
             .or(self.default_memory)
+    }
+
+    /// The compute share of CUDA device `ordinal` in percent, `None` when it is not throttled:
+    /// its own variable when set and not 0, else `CUDA_DEVICE_SM_LIMIT`; 100 means no throttle.
+    pub fn sm_limit(&self, ordinal: usize) -> Option<u32> {
+        if self.throttle_disabled {
+            return None;
+        }
+        let percent = self
+            .device_sm
+            .get(ordinal)
+            .copied()
+            .flatten()
+            .or(self.default_sm)?;
+        (percent < 100).then_some(percent)
+    }
+
+    /// Whether any device is throttled.
+    pub fn throttles(&self) -> bool {
+        (0..MAX_DEVICES).any(|d| self.sm_limit(d).is_some())
     }
 
     /// Whether any device has a memory limit.
@@ -186,15 +235,16 @@ pub fn parse_memory(value: &OsStr) -> Result<Option<u64>, &'static str> {
     Ok((bytes > 0).then_some(bytes))
 }
 
-/// A percentage; `0` and `100` mean no throttling, as in HAMi-core.
+/// A percentage; `0` means unset (`None`), as in HAMi-core; `100` (no throttling) is kept so
+/// that a device's own 100 overrides a lower default.
 pub fn parse_percent(value: &OsStr) -> Result<Option<u32>, &'static str> {
     let text = value.to_str().ok_or("not UTF-8")?.trim();
     let percent: u32 = text
         .parse()
         .map_err(|_| "expected an integer from 0 to 100")?;
     match percent {
-        0 | 100 => Ok(None),
-        1..=99 => Ok(Some(percent)),
+        0 => Ok(None),
+        1..=100 => Ok(Some(percent)),
         _ => Err("expected an integer from 0 to 100"),
     }
 }
@@ -250,14 +300,81 @@ mod tests {
 
     #[test]
     fn sm_limit_zero_and_hundred_mean_no_throttling() {
-        assert_eq!(config(&[("CUDA_DEVICE_SM_LIMIT", "30")]).sm_limit, Some(30));
-        assert_eq!(config(&[("CUDA_DEVICE_SM_LIMIT", "100")]).sm_limit, None);
-        assert_eq!(config(&[("CUDA_DEVICE_SM_LIMIT", "0")]).sm_limit, None);
-        let disabled = config(&[
+        assert_eq!(
+            config(&[("CUDA_DEVICE_SM_LIMIT", "30")]).sm_limit(0),
+            Some(30)
+        );
+        assert_eq!(config(&[("CUDA_DEVICE_SM_LIMIT", "100")]).sm_limit(0), None);
+        assert_eq!(config(&[("CUDA_DEVICE_SM_LIMIT", "0")]).sm_limit(0), None);
+        assert!(!config(&[("CUDA_DEVICE_SM_LIMIT", "0")]).throttles());
+        for policy in ["disable", "DISABLE", "Disable"] {
+            let disabled = config(&[
+                ("CUDA_DEVICE_SM_LIMIT", "30"),
+                ("CUDA_DEVICE_SM_LIMIT_1", "20"),
+                ("GPU_CORE_UTILIZATION_POLICY", policy),
+            ]);
+            assert_eq!(disabled.sm_limit(0), None, "{policy}");
+            assert_eq!(disabled.sm_limit(1), None, "{policy}");
+            assert!(!disabled.throttles(), "{policy}");
+            assert!(disabled.problems.is_empty(), "{policy}");
+        }
+        for policy in ["FORCE", "force", "Default"] {
+            let on = config(&[
+                ("CUDA_DEVICE_SM_LIMIT", "30"),
+                ("GPU_CORE_UTILIZATION_POLICY", policy),
+            ]);
+            assert_eq!(on.sm_limit(0), Some(30), "{policy}");
+            assert!(on.problems.is_empty(), "{policy}");
+        }
+        let unknown = config(&[
             ("CUDA_DEVICE_SM_LIMIT", "30"),
-            ("GPU_CORE_UTILIZATION_POLICY", "disable"),
+            ("GPU_CORE_UTILIZATION_POLICY", "off"),
         ]);
-        assert_eq!(disabled.sm_limit, None);
+        assert_eq!(unknown.sm_limit(0), Some(30), "HAMi-core's default: on");
+        assert_eq!(unknown.problems.len(), 1, "and said");
+    }
+
+    #[test]
+    fn per_device_sm_limits_override_the_default_as_in_hami_core() {
+        let c = config(&[
+            ("CUDA_DEVICE_SM_LIMIT", "30"),
+            ("CUDA_DEVICE_SM_LIMIT_1", "60"),
+            ("CUDA_DEVICE_SM_LIMIT_2", "0"),
+            ("CUDA_DEVICE_SM_LIMIT_3", "100"),
+        ]);
+        assert_eq!(c.sm_limit(0), Some(30));
+        assert_eq!(c.sm_limit(1), Some(60));
+        assert_eq!(c.sm_limit(2), Some(30), "0 is unset: the default applies");
+        assert_eq!(c.sm_limit(3), None, "100: this device is not throttled");
+        assert_eq!(c.sm_limit(99), Some(30));
+        let only_one = config(&[("CUDA_DEVICE_SM_LIMIT_1", "25")]);
+        assert_eq!(only_one.sm_limit(0), None);
+        assert_eq!(only_one.sm_limit(1), Some(25));
+        assert!(only_one.throttles());
+        let bad = config(&[("CUDA_DEVICE_SM_LIMIT_0", "250")]);
+        assert_eq!(bad.sm_limit(0), None);
+        assert!(
+            bad.problems[0]
+                .to_string()
+                .starts_with("CUDA_DEVICE_SM_LIMIT_0=\"250\"")
+        );
+    }
+
+    #[test]
+    fn the_accounting_file_defaults_to_hami_cores() {
+        assert_eq!(
+            config(&[]).shared_cache,
+            PathBuf::from("/tmp/cudevshr.cache")
+        );
+        assert_eq!(
+            config(&[("TMPDIR", "/scratch")]).shared_cache,
+            PathBuf::from("/scratch/cudevshr.cache")
+        );
+        let named = config(&[("CUDA_DEVICE_MEMORY_SHARED_CACHE", "/claim/a.cache")]);
+        assert_eq!(named.shared_cache, PathBuf::from("/claim/a.cache"));
+        let empty = config(&[("CUDA_DEVICE_MEMORY_SHARED_CACHE", "")]);
+        assert_eq!(empty.shared_cache, PathBuf::from("/tmp/cudevshr.cache"));
+        assert_eq!(empty.problems.len(), 1);
     }
 
     #[test]
@@ -268,7 +385,7 @@ mod tests {
             ("CUDA_DISABLE_CONTROL", "maybe"),
         ]);
         assert_eq!(c.memory_limit(0), None);
-        assert_eq!(c.sm_limit, None);
+        assert_eq!(c.sm_limit(0), None);
         assert!(!c.disabled);
         let text: Vec<String> = c.problems.iter().map(ToString::to_string).collect();
         assert_eq!(text.len(), 3, "{text:?}");

@@ -11,13 +11,20 @@ pub type CUcontext = *mut c_void;
 pub type CUstream = *mut c_void;
 pub type CUfunction = *mut c_void;
 pub type CUarray = *mut c_void;
+pub type CUmipmappedArray = *mut c_void;
+/// The 32-bit device pointer of the legacy (CUDA 2.x) entry points.
+pub type CUdeviceptr_v1 = c_uint;
 pub type CUmemoryPool = *mut c_void;
 pub type CUgraphExec = *mut c_void;
+pub type CUevent = *mut c_void;
+/// `CU_STREAM_PER_THREAD`: the per-thread default stream, as a handle.
+pub const CU_STREAM_PER_THREAD: CUstream = 2 as CUstream;
 pub type CUmemGenericAllocationHandle = u64;
 
 pub const CUDA_SUCCESS: CUresult = 0;
 pub const CUDA_ERROR_OUT_OF_MEMORY: CUresult = 2;
 pub const CUDA_ERROR_NOT_INITIALIZED: CUresult = 3;
+pub const CUDA_ERROR_NOT_READY: CUresult = 600;
 
 /// `CU_MEM_LOCATION_TYPE_DEVICE`.
 pub const CU_MEM_LOCATION_TYPE_DEVICE: c_uint = 1;
@@ -49,6 +56,26 @@ pub struct CUDA_ARRAY3D_DESCRIPTOR {
     pub flags: c_uint,
 }
 
+/// `CUDA_ARRAY_DESCRIPTOR_v1`: the legacy cuArrayCreate's 32-bit descriptor.
+#[repr(C)]
+pub struct CUDA_ARRAY_DESCRIPTOR_v1 {
+    pub width: c_uint,
+    pub height: c_uint,
+    pub format: c_uint,
+    pub num_channels: c_uint,
+}
+
+/// `CUDA_ARRAY3D_DESCRIPTOR_v1`.
+#[repr(C)]
+pub struct CUDA_ARRAY3D_DESCRIPTOR_v1 {
+    pub width: c_uint,
+    pub height: c_uint,
+    pub depth: c_uint,
+    pub format: c_uint,
+    pub num_channels: c_uint,
+    pub flags: c_uint,
+}
+
 /// The head of `CUlaunchConfig`.
 #[repr(C)]
 pub struct CUlaunchConfigHead {
@@ -71,6 +98,8 @@ pub fn array_format_bytes(format: c_uint) -> u64 {
 pub type nvmlReturn_t = c_int;
 pub type nvmlDevice_t = *mut c_void;
 pub const NVML_SUCCESS: nvmlReturn_t = 0;
+pub const NVML_ERROR_NOT_SUPPORTED: nvmlReturn_t = 3;
+pub const NVML_ERROR_NO_PERMISSION: nvmlReturn_t = 4;
 
 #[repr(C)]
 pub struct nvmlMemory_t {

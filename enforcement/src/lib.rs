@@ -6,6 +6,7 @@
 
 mod compute;
 mod config;
+mod dlopen;
 mod dlsym;
 mod ffi;
 mod hooks;

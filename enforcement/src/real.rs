@@ -31,6 +31,20 @@ pub fn dlsym_fn() -> Option<DlsymFn> {
     unsafe { std::mem::transmute::<*mut c_void, Option<DlsymFn>>(ptr) }
 }
 
+/// The real `dlopen`; the x86-64 entry in `dlopen.rs` jumps through it.
+pub static REAL_DLOPEN: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
+
+pub fn resolve_dlopen() {
+    for version in [c"GLIBC_2.34", c"GLIBC_2.2.5", c"GLIBC_2.17", c"GLIBC_2.1"] {
+        // SAFETY: plain C strings; RTLD_NEXT from this object reaches libc.
+        let ptr = unsafe { libc::dlvsym(libc::RTLD_NEXT, c"dlopen".as_ptr(), version.as_ptr()) };
+        if !ptr.is_null() {
+            REAL_DLOPEN.store(ptr, Ordering::Release);
+            return;
+        }
+    }
+}
+
 /// Looks `name` up in `handle` with the real dlsym.
 pub fn symbol(handle: *mut c_void, name: &CStr) -> *mut c_void {
     match dlsym_fn() {
@@ -96,10 +110,22 @@ table! {
         cuMemFreeAsync_ptsz: fn(CUdeviceptr, CUstream) -> CUresult;
         cuMemCreate: fn(*mut CUmemGenericAllocationHandle, usize, *const CUmemAllocationPropHead, u64) -> CUresult;
         cuMemRelease: fn(CUmemGenericAllocationHandle) -> CUresult;
+        cuMemMap: fn(CUdeviceptr, usize, usize, CUmemGenericAllocationHandle, u64) -> CUresult;
+        cuMemUnmap: fn(CUdeviceptr, usize) -> CUresult;
+        cuMemRetainAllocationHandle: fn(*mut CUmemGenericAllocationHandle, *mut c_void) -> CUresult;
         cuArrayCreate_v2: fn(*mut CUarray, *const CUDA_ARRAY_DESCRIPTOR) -> CUresult;
         cuArray3DCreate_v2: fn(*mut CUarray, *const CUDA_ARRAY3D_DESCRIPTOR) -> CUresult;
         cuArrayDestroy: fn(CUarray) -> CUresult;
         cuMemGetInfo_v2: fn(*mut usize, *mut usize) -> CUresult;
+        cuMemAlloc: fn(*mut CUdeviceptr_v1, c_uint) -> CUresult;
+        cuMemAllocPitch: fn(*mut CUdeviceptr_v1, *mut c_uint, c_uint, c_uint, c_uint) -> CUresult;
+        cuMemFree: fn(CUdeviceptr_v1) -> CUresult;
+        cuArrayCreate: fn(*mut CUarray, *const CUDA_ARRAY_DESCRIPTOR_v1) -> CUresult;
+        cuArray3DCreate: fn(*mut CUarray, *const CUDA_ARRAY3D_DESCRIPTOR_v1) -> CUresult;
+        cuMemGetInfo: fn(*mut c_uint, *mut c_uint) -> CUresult;
+        cuDeviceTotalMem: fn(*mut c_uint, CUdevice) -> CUresult;
+        cuMipmappedArrayCreate: fn(*mut CUmipmappedArray, *const CUDA_ARRAY3D_DESCRIPTOR, c_uint) -> CUresult;
+        cuMipmappedArrayDestroy: fn(CUmipmappedArray) -> CUresult;
         cuDeviceTotalMem_v2: fn(*mut usize, CUdevice) -> CUresult;
         cuLaunchKernel: fn(CUfunction, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, CUstream, Params, Params) -> CUresult;
         cuLaunchKernel_ptsz: fn(CUfunction, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, CUstream, Params, Params) -> CUresult;
@@ -112,6 +138,11 @@ table! {
         cuDevicePrimaryCtxRetain: fn(*mut CUcontext, CUdevice) -> CUresult;
         cuCtxCreate_v2: fn(*mut CUcontext, c_uint, CUdevice) -> CUresult;
         cuCtxGetDevice: fn(*mut CUdevice) -> CUresult;
+        cuEventCreate: fn(*mut CUevent, c_uint) -> CUresult;
+        cuEventRecord: fn(CUevent, CUstream) -> CUresult;
+        cuEventQuery: fn(CUevent) -> CUresult;
+        cuEventElapsedTime: fn(*mut f32, CUevent, CUevent) -> CUresult;
+        cuStreamIsCapturing: fn(CUstream, *mut c_int) -> CUresult;
         cuDeviceGetUuid: fn(*mut [u8; 16], CUdevice) -> CUresult;
     }
 }

@@ -25,12 +25,16 @@ use thiserror::Error;
 use crate::config::MAX_DEVICES;
 
 const MAGIC: u64 = u64::from_le_bytes(*b"VGPUSHR1");
-const VERSION: u32 = 1;
+/// 2: reservations announce then check without the lock (`reserve`); a process of version 1
+/// sums then adds under the lock, and the two would not exclude each other.
+const VERSION: u32 = 2;
 /// Processes of one claim that can use a GPU at once.
 pub const SLOTS: usize = 128;
 const SLOTS_OFFSET: usize = 4096;
 const SLOT_SIZE: usize = std::mem::size_of::<Slot>();
 pub const FILE_SIZE: usize = SLOTS_OFFSET + SLOTS * SLOT_SIZE;
+/// The slot's process throttles open loop: NVML could not report the claim's utilization.
+pub const FLAG_THROTTLE_OPEN_LOOP: u32 = 1;
 
 #[repr(C)]
 struct Header {
@@ -46,7 +50,8 @@ struct Slot {
     pid: AtomicU32,
     /// The PID NVML reports for the process (the host's), 0 until known.
     host_pid: AtomicU32,
-    _reserved: AtomicU32,
+    /// `FLAG_*`: conditions a watcher of the file may want to export.
+    flags: AtomicU32,
     used: [AtomicU64; MAX_DEVICES],
 }
 
@@ -171,6 +176,7 @@ impl SharedRegion {
             }
             slot.pid.store(std::process::id(), Ordering::Relaxed);
             slot.host_pid.store(0, Ordering::Relaxed);
+            slot.flags.store(0, Ordering::Relaxed);
             if set_lock(
                 &self.file,
                 libc::F_RDLCK,
@@ -190,31 +196,45 @@ impl SharedRegion {
     }
 
     /// Adds `bytes` to this process's use of `device` unless the claim would pass `limit`.
+    ///
+    /// The fast path takes no lock: it announces the bytes in its own slot, then sums every
+    /// slot, and takes them back if the sum passes the limit. Both steps are sequentially
+    /// consistent, so of two reservations racing, each sees at least the other's announcement:
+    /// both may fail, never both pass. A process that dies between the steps leaves its bytes
+    /// in its own slot, reclaimed with it. Only past the limit does it take the global lock,
+    /// reclaim dead processes' slots and try once more.
     pub fn reserve(&self, device: usize, bytes: u64, limit: u64) -> Result<(), OverLimit> {
         let Some(device) = (device < MAX_DEVICES).then_some(device) else {
             return Ok(());
         };
+        if self.announce_and_check(device, bytes, limit).is_ok() {
+            return Ok(());
+        }
         let _serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
         let locked = set_lock(&self.file, libc::F_WRLCK, 0, 1, true).is_ok();
-        let mut used = self.sum(device);
-        if used.saturating_add(bytes) > limit {
-            self.reap_dead();
-            used = self.sum(device);
-        }
-        let result = if used.saturating_add(bytes) > limit {
-            Err(OverLimit {
-                requested: bytes,
-                used,
-                limit,
-            })
-        } else {
-            self.slot_at(self.slot).used[device].fetch_add(bytes, Ordering::AcqRel);
-            Ok(())
-        };
+        self.reap_dead();
+        let result = self.announce_and_check(device, bytes, limit);
         if locked {
             self.unlock_global();
         }
         result
+    }
+
+    fn announce_and_check(&self, device: usize, bytes: u64, limit: u64) -> Result<(), OverLimit> {
+        let own = &self.slot_at(self.slot).used[device];
+        own.fetch_add(bytes, Ordering::SeqCst);
+        let used = self.sum(device);
+        if used <= limit {
+            return Ok(());
+        }
+        let _ = own.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| {
+            Some(v.saturating_sub(bytes))
+        });
+        Err(OverLimit {
+            requested: bytes,
+            used: used.saturating_sub(bytes),
+            limit,
+        })
     }
 
     /// Gives back what `reserve` took.
@@ -250,6 +270,12 @@ impl SharedRegion {
             .map_or(0, |u| u.load(Ordering::Acquire))
     }
 
+    pub fn set_flags(&self, flags: u32) {
+        self.slot_at(self.slot)
+            .flags
+            .fetch_or(flags, Ordering::AcqRel);
+    }
+
     pub fn set_host_pid(&self, pid: u32) {
         self.slot_at(self.slot)
             .host_pid
@@ -271,7 +297,7 @@ impl SharedRegion {
             .map(|i| self.slot_at(i))
             .filter(|s| s.in_use.load(Ordering::Acquire) == 1)
             .fold(0u64, |acc, s| {
-                acc.saturating_add(s.used[device].load(Ordering::Acquire))
+                acc.saturating_add(s.used[device].load(Ordering::SeqCst))
             })
     }
 
@@ -288,6 +314,18 @@ impl SharedRegion {
                     used.store(0, Ordering::Relaxed);
                 }
             }
+        }
+    }
+
+    /// In a forked child: lets go of the parent's mapping and open file description (the
+    /// parent keeps its own), so that the parent's locks are the parent's alone and die with
+    /// it. The region must not be used afterwards. Async-signal-safe: munmap and close.
+    pub fn let_go_in_child(&self) {
+        // SAFETY: the mapping made in attach and the descriptor of `file`; the caller never
+        // touches this region again and never drops it, so neither is used or closed twice.
+        unsafe {
+            libc::munmap(self.base.cast(), FILE_SIZE);
+            libc::close(self.file.as_raw_fd());
         }
     }
 
@@ -468,6 +506,50 @@ mod tests {
         a.release(0, GIB);
         b.reserve(0, GIB, 4 * GIB).unwrap();
         assert_eq!(b.own_use(0), 2 * GIB);
+    }
+
+    #[test]
+    fn racing_reservations_never_pass_the_limit_together() {
+        use std::sync::Arc;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("claim.cache");
+        // Two descriptions (two processes, to the locks), two threads on each.
+        let regions = [
+            Arc::new(SharedRegion::open(&path).unwrap()),
+            Arc::new(SharedRegion::open(&path).unwrap()),
+        ];
+        let held = Arc::new(AtomicU64::new(0));
+        let max = Arc::new(AtomicU64::new(0));
+        let chunk = 3 * GIB / 2;
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let region = Arc::clone(&regions[t % 2]);
+                let (held, max) = (Arc::clone(&held), Arc::clone(&max));
+                std::thread::spawn(move || {
+                    let mut granted = 0;
+                    for _ in 0..20_000 {
+                        if region.reserve(0, chunk, 4 * GIB).is_ok() {
+                            granted += 1;
+                            let now = held.fetch_add(chunk, Ordering::SeqCst) + chunk;
+                            max.fetch_max(now, Ordering::SeqCst);
+                            held.fetch_sub(chunk, Ordering::SeqCst);
+                            region.release(0, chunk);
+                        }
+                    }
+                    granted
+                })
+            })
+            .collect();
+        let granted: u64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
+        assert!(
+            max.load(Ordering::SeqCst) <= 4 * GIB,
+            "never 3 chunks at once"
+        );
+        assert!(
+            granted > 20_000,
+            "contention costs some refusals, not most: {granted}"
+        );
+        assert_eq!(regions[0].used(0), 0, "nothing left behind");
     }
 
     #[test]

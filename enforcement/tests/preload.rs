@@ -63,7 +63,7 @@ fn frees_give_the_memory_back() {
 #[test]
 fn every_allocation_api_is_charged_and_refunded() {
     let apis = [
-        "pitch", "managed", "async", "pool", "vmm", "array", "array3d",
+        "pitch", "managed", "async", "pool", "vmm", "array", "array3d", "mipmap",
     ];
     for path in PATHS {
         let fits = Probe::new(path, &["apis", "1024"])
@@ -84,6 +84,99 @@ fn every_allocation_api_is_charged_and_refunded() {
         for api in apis {
             assert_eq!(too_big.int(api), CUDA_ERROR_OUT_OF_MEMORY, "{path} {api}");
         }
+    }
+}
+
+#[test]
+fn the_legacy_entry_points_are_charged_on_every_path() {
+    // cuMemAlloc, cuMemAllocPitch, cuArrayCreate, cuArray3DCreate, cuMemGetInfo and
+    // cuDeviceTotalMem of CUDA 2.x (32-bit), which the driver still exports: linked, by dlsym of
+    // the base name, and by cuGetProcAddress with version 2000.
+    let control = Probe::bare("procaddr", &["legacy", "512"])
+        .env("CUDA_DEVICE_MEMORY_LIMIT_0", "2000m")
+        .output();
+    assert_eq!(
+        control.int("allocated"),
+        8,
+        "the driver alone: {}",
+        control.stdout
+    );
+    for path in PATHS {
+        let r = Probe::new(path, &["legacy", "512"])
+            .env("CUDA_DEVICE_MEMORY_LIMIT_0", "2000m")
+            .output();
+        assert_eq!(r.int("allocated"), 3, "{path}: {}", r.stdout);
+        assert_eq!(r.int("error"), CUDA_ERROR_OUT_OF_MEMORY, "{path}");
+        assert_eq!(r.int("v1_total_mib"), 2000, "{path}: cuMemGetInfo (v1)");
+        assert_eq!(r.int("v1_free_mib"), 2000 - 3 * 512, "{path}");
+        assert_eq!(
+            r.int("v1_device_total_mib"),
+            2000,
+            "{path}: cuDeviceTotalMem (v1)"
+        );
+        for api in ["pitch", "array", "array3d"] {
+            assert_eq!(r.int(api), 0, "{path} {api}");
+            assert_eq!(
+                r.int(&format!("{api}_free_mib")),
+                2000 - 512,
+                "{path} {api} (v1) is charged"
+            );
+        }
+        assert_eq!(r.int("end_free_mib"), 2000, "{path}: every free refunded");
+    }
+}
+
+#[test]
+fn vmm_memory_is_charged_until_its_last_mapping_and_reference_go() {
+    // cuMemRelease of a mapped handle frees nothing until cuMemUnmap (and a retained
+    // reference until its own release): the charge follows the memory, not the handle.
+    for path in PATHS {
+        let r = Probe::new(path, &["vmm", "1536"])
+            .env("CUDA_DEVICE_MEMORY_LIMIT_0", "2048m")
+            .output();
+        for step in ["create", "map", "release", "unmap", "retain"] {
+            assert_eq!(r.int(step), 0, "{path} {step}: {}", r.stdout);
+        }
+        assert_eq!(
+            r.int("mapped_device_used_mib"),
+            1536,
+            "{path}: the driver still holds it"
+        );
+        assert_eq!(r.int("mapped_free_mib"), 512, "{path}: so does the claim");
+        assert_eq!(
+            r.int("alloc_while_mapped"),
+            CUDA_ERROR_OUT_OF_MEMORY,
+            "{path}"
+        );
+        assert_eq!(r.int("unmapped_device_used_mib"), 0, "{path}");
+        assert_eq!(r.int("unmapped_free_mib"), 2048, "{path}");
+        assert_eq!(r.int("alloc_after_unmap"), 0, "{path}");
+        assert_eq!(r.int("retained_device_used_mib"), 1536, "{path}");
+        assert_eq!(r.int("retained_free_mib"), 512, "{path}");
+        assert_eq!(
+            r.int("alloc_while_retained"),
+            CUDA_ERROR_OUT_OF_MEMORY,
+            "{path}"
+        );
+        assert_eq!(r.int("released_free_mib"), 2048, "{path}");
+        assert_eq!(r.int("alloc_after_release"), 0, "{path}");
+    }
+}
+
+#[test]
+fn a_library_opened_with_deepbind_is_held_to_the_limit() {
+    for how in ["linked", "dlsym"] {
+        let control = Probe::bare("direct", &["deepbind", "1024", how]).output();
+        assert_eq!(control.int("allocated"), 79, "{how}: the driver alone");
+        let r = Probe::new("direct", &["deepbind", "1024", how])
+            .env("CUDA_DEVICE_MEMORY_LIMIT", "4g")
+            .output();
+        assert_eq!(r.int("allocated"), 4, "{how}: {}", r.stderr);
+        assert!(
+            r.stderr.contains("RTLD_DEEPBIND"),
+            "{how}: said once: {}",
+            r.stderr
+        );
     }
 }
 
@@ -141,6 +234,42 @@ fn two_processes_share_one_limit_and_nvml_agrees() {
 }
 
 #[test]
+fn without_a_named_file_the_processes_of_a_container_share_one_limit_as_in_hami_core() {
+    // No CUDA_DEVICE_MEMORY_SHARED_CACHE: HAMi-core's default file (under $TMPDIR here).
+    let dir = tempfile::tempdir().unwrap();
+    let limited = |probe: Probe| {
+        probe
+            .env("CUDA_DEVICE_MEMORY_LIMIT_0", "4096m")
+            .env("TMPDIR", dir.path())
+    };
+    let mut holder = limited(Probe::new("direct", &["hold", "3072"])).spawn();
+    wait_for_line(&mut holder, "held=1");
+    let second = limited(Probe::new("procaddr", &["fill", "512"])).output();
+    assert_eq!(second.int("allocated"), 2, "only the 1 GiB the first left");
+    assert!(dir.path().join("cudevshr.cache").is_file());
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+}
+
+#[test]
+fn a_forked_child_counts_in_a_slot_of_its_own_and_its_charges_go_when_it_dies() {
+    // The parent uses the library before fork; the child allocates 3 GiB of the 4 GiB and dies
+    // without freeing, by _exit or SIGKILL, while the parent lives on.
+    for how in ["exit", "kill"] {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("claim.cache");
+        let r = shared_env(Probe::new("procaddr", &["forkdie", "3072", how]), &cache).output();
+        assert_eq!(r.int("child_alloc"), 0, "{how}: {}", r.stdout);
+        assert_eq!(
+            r.int("parent_free_mib"),
+            4096,
+            "{how}: the child's charge is gone"
+        );
+        assert_eq!(r.int("parent_alloc"), 0, "{how}: {}", r.stderr);
+    }
+}
+
+#[test]
 fn a_killed_processs_memory_is_reclaimed() {
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("claim.cache");
@@ -169,27 +298,90 @@ fn a_foreign_accounting_file_falls_back_to_counting_alone() {
     );
 }
 
+/// Tests that measure the simulated timeline run one at a time: its clock is the wall clock,
+/// and two of them at once on 2 cores would measure each other.
+static TIMELINE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn timeline() -> std::sync::MutexGuard<'static, ()> {
+    TIMELINE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[test]
+fn a_long_graph_pays_for_its_whole_run() {
+    let _timeline = timeline();
+    // Graphs of 20 and 80 ms against a 30 % share: one launch used to cost one token.
+    for graph_ms in [20, 80] {
+        let r = Probe::new("procaddr", &["graphs", "5"])
+            .env("CUDA_DEVICE_SM_LIMIT", "30")
+            .env("STUB_GRAPH_NS", (graph_ms * 1_000_000).to_string())
+            .output();
+        let busy = r.num("busy");
+        assert!(
+            (busy - 0.30).abs() <= 0.07,
+            "{graph_ms} ms graphs: busy {busy:.3}\n{}\n{}",
+            r.stdout,
+            r.stderr
+        );
+    }
+}
+
+#[test]
+fn without_per_process_utilization_the_throttle_runs_open_loop_and_says_so() {
+    let _timeline = timeline();
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("claim.cache");
+    let r = Probe::new("procaddr", &["launch", "4", "64"])
+        .env("CUDA_DEVICE_SM_LIMIT", "30")
+        .env("STUB_NVML_NO_PROCESS_UTIL", "1")
+        .env("CUDA_DEVICE_MEMORY_LIMIT", "80g")
+        .env("CUDA_DEVICE_MEMORY_SHARED_CACHE", &cache)
+        .output();
+    let busy = r.num("busy");
+    assert!((busy - 0.30).abs() <= 0.07, "busy {busy:.3}\n{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("WARNING: device 0: NVML cannot report the claim's utilization"),
+        "{}",
+        r.stderr
+    );
+    // The metric: the flag in the process's slot of the accounting file (the first slot: the
+    // slots start at 4096, the flags are the slot's fourth u32).
+    let file = std::fs::read(&cache).unwrap();
+    let flags = u32::from_le_bytes(file[4096 + 12..4096 + 16].try_into().unwrap());
+    assert_eq!(flags & 1, 1, "open-loop flag set");
+}
+
 #[test]
 fn throttling_brings_a_launch_loop_to_the_target_share() {
-    // One test, run in turn: the simulated device's clock is the wall clock.
+    let _timeline = timeline();
     let tolerance = 0.07;
     let free = Probe::new("procaddr", &["launch", "3", "64"]).output();
     assert!(free.num("busy") > 0.9, "unthrottled: {}", free.stdout);
-    for (target, path, pid_offset) in [
-        (30, "procaddr", "0"),
-        (60, "direct", "0"),
+    // HAMi-core's switch, in either of the cases it accepts.
+    for policy in ["disable", "DISABLE"] {
+        let off = Probe::new("procaddr", &["launch", "3", "64"])
+            .env("CUDA_DEVICE_SM_LIMIT", "30")
+            .env("GPU_CORE_UTILIZATION_POLICY", policy)
+            .output();
+        assert!(off.num("busy") > 0.9, "{policy}: {}", off.stdout);
+    }
+    for (variable, target, path, pid_offset) in [
+        ("CUDA_DEVICE_SM_LIMIT", 30, "procaddr", "0"),
+        ("CUDA_DEVICE_SM_LIMIT", 60, "direct", "0"),
+        // HAMi-core's per-device variable (the probe runs on device 0).
+        ("CUDA_DEVICE_SM_LIMIT_0", 30, "direct", "0"),
         // NVML reporting host PIDs the process cannot see, as in a container.
-        (30, "dlsym", "100000"),
+        ("CUDA_DEVICE_SM_LIMIT", 30, "dlsym", "100000"),
     ] {
         let r = Probe::new(path, &["launch", "4", "64"])
-            .env("CUDA_DEVICE_SM_LIMIT", target.to_string())
+            .env(variable, target.to_string())
             .env("STUB_NVML_PID_OFFSET", pid_offset)
             .output();
         let busy = r.num("busy");
         let want = f64::from(target) / 100.0;
         assert!(
             (busy - want).abs() <= tolerance,
-            "target {target}% via {path} (pid offset {pid_offset}): busy {busy:.3}\n{}",
+            "{variable}={target} via {path} (pid offset {pid_offset}): busy {busy:.3}\n{}",
             r.stderr
         );
     }

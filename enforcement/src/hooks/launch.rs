@@ -8,19 +8,33 @@ use std::ffi::{c_uint, c_void};
 use super::real_or_fail;
 use crate::ffi::*;
 use crate::state;
-use crate::throttle::launch_cost;
 
 type Params = *mut *mut c_void;
 
-/// Waits for the claim's share before a launch of `grid` blocks; free when nothing throttles.
+/// Graphs and kernels are timed apart (a graph handle could equal a function pointer).
+const GRAPH: u64 = 1 << 63;
+
+/// Runs `launch` once the claim's share allows it; a plain call when nothing throttles.
+/// `ptsz`: the per-thread-default-stream variant, whose null stream is the thread's own.
 #[inline]
-fn admit(grid: [c_uint; 3]) {
+fn throttled(
+    key: u64,
+    stream: CUstream,
+    ptsz: bool,
+    launch: impl FnOnce() -> CUresult,
+) -> CUresult {
     let Some(compute) = state::enforcer().and_then(|e| e.compute.as_ref()) else {
-        return;
+        return launch();
     };
-    if let Some(device) = state::current_device() {
-        compute.admit(device, launch_cost(grid));
-    }
+    let Some(device) = state::current_device() else {
+        return launch();
+    };
+    let stream = if stream.is_null() && ptsz {
+        CU_STREAM_PER_THREAD
+    } else {
+        stream
+    };
+    compute.launch(device, key, stream, launch)
 }
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
@@ -38,8 +52,9 @@ pub unsafe extern "C" fn cuLaunchKernel(
     extra: Params,
 ) -> CUresult {
     let real = real_or_fail!(cuLaunchKernel);
-    admit([gx, gy, gz]);
-    unsafe { real(f, gx, gy, gz, bx, by, bz, shared, stream, params, extra) }
+    throttled(f as u64, stream, false, || unsafe {
+        real(f, gx, gy, gz, bx, by, bz, shared, stream, params, extra)
+    })
 }
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
@@ -57,8 +72,9 @@ pub unsafe extern "C" fn cuLaunchKernel_ptsz(
     extra: Params,
 ) -> CUresult {
     let real = real_or_fail!(cuLaunchKernel_ptsz);
-    admit([gx, gy, gz]);
-    unsafe { real(f, gx, gy, gz, bx, by, bz, shared, stream, params, extra) }
+    throttled(f as u64, stream, true, || unsafe {
+        real(f, gx, gy, gz, bx, by, bz, shared, stream, params, extra)
+    })
 }
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
@@ -70,10 +86,10 @@ pub unsafe extern "C" fn cuLaunchKernelEx(
 ) -> CUresult {
     let real = real_or_fail!(cuLaunchKernelEx);
     // SAFETY: the caller's launch configuration, or null (which the driver rejects).
-    if let Some(c) = unsafe { config.as_ref() } {
-        admit(c.grid_dim);
-    }
-    unsafe { real(config, f, params, extra) }
+    let stream = unsafe { config.as_ref() }.map_or(std::ptr::null_mut(), |c| c.stream);
+    throttled(f as u64, stream, false, || unsafe {
+        real(config, f, params, extra)
+    })
 }
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
@@ -84,10 +100,10 @@ pub unsafe extern "C" fn cuLaunchKernelEx_ptsz(
     extra: Params,
 ) -> CUresult {
     let real = real_or_fail!(cuLaunchKernelEx_ptsz);
-    if let Some(c) = unsafe { config.as_ref() } {
-        admit(c.grid_dim);
-    }
-    unsafe { real(config, f, params, extra) }
+    let stream = unsafe { config.as_ref() }.map_or(std::ptr::null_mut(), |c| c.stream);
+    throttled(f as u64, stream, true, || unsafe {
+        real(config, f, params, extra)
+    })
 }
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
@@ -104,8 +120,9 @@ pub unsafe extern "C" fn cuLaunchCooperativeKernel(
     params: Params,
 ) -> CUresult {
     let real = real_or_fail!(cuLaunchCooperativeKernel);
-    admit([gx, gy, gz]);
-    unsafe { real(f, gx, gy, gz, bx, by, bz, shared, stream, params) }
+    throttled(f as u64, stream, false, || unsafe {
+        real(f, gx, gy, gz, bx, by, bz, shared, stream, params)
+    })
 }
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
@@ -122,24 +139,27 @@ pub unsafe extern "C" fn cuLaunchCooperativeKernel_ptsz(
     params: Params,
 ) -> CUresult {
     let real = real_or_fail!(cuLaunchCooperativeKernel_ptsz);
-    admit([gx, gy, gz]);
-    unsafe { real(f, gx, gy, gz, bx, by, bz, shared, stream, params) }
+    throttled(f as u64, stream, true, || unsafe {
+        real(f, gx, gy, gz, bx, by, bz, shared, stream, params)
+    })
 }
 
-/// A graph's kernels are not visible at launch: it costs one block, and the feedback loop
-/// prices it by the utilization it causes.
+/// A graph costs the GPU time it was measured to take, like a kernel: a long graph pays for
+/// its whole run.
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn cuGraphLaunch(graph: CUgraphExec, stream: CUstream) -> CUresult {
     let real = real_or_fail!(cuGraphLaunch);
-    admit([1, 1, 1]);
-    unsafe { real(graph, stream) }
+    throttled(graph as u64 | GRAPH, stream, false, || unsafe {
+        real(graph, stream)
+    })
 }
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn cuGraphLaunch_ptsz(graph: CUgraphExec, stream: CUstream) -> CUresult {
     let real = real_or_fail!(cuGraphLaunch_ptsz);
-    admit([1, 1, 1]);
-    unsafe { real(graph, stream) }
+    throttled(graph as u64 | GRAPH, stream, true, || unsafe {
+        real(graph, stream)
+    })
 }
 
 fn around_context_creation(device: CUdevice, create: impl FnOnce() -> CUresult) -> CUresult {

@@ -4,7 +4,7 @@
 
 use std::ffi::c_uint;
 
-use super::{charged, real_or_fail, refunded};
+use super::{charged, ledger, real_or_fail, refunded, unmapped};
 use crate::ffi::*;
 use crate::ledger::Kind;
 use crate::state;
@@ -176,10 +176,54 @@ pub unsafe extern "C" fn cuMemCreate(
     )
 }
 
+/// The memory lives on while the handle is mapped or retained: the charge goes with the last
+/// reference (here, or in cuMemUnmap).
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn cuMemRelease(handle: CUmemGenericAllocationHandle) -> CUresult {
     let real = real_or_fail!(cuMemRelease);
     refunded(Kind::Physical, handle, || unsafe { real(handle) })
+}
+
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn cuMemMap(
+    ptr: CUdeviceptr,
+    size: usize,
+    offset: usize,
+    handle: CUmemGenericAllocationHandle,
+    flags: u64,
+) -> CUresult {
+    let real = real_or_fail!(cuMemMap);
+    let rc = unsafe { real(ptr, size, offset, handle, flags) };
+    if rc == CUDA_SUCCESS
+        && let Some(ledger) = ledger()
+    {
+        ledger.map(ptr, size as u64, handle);
+    }
+    rc
+}
+
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn cuMemUnmap(ptr: CUdeviceptr, size: usize) -> CUresult {
+    let real = real_or_fail!(cuMemUnmap);
+    unmapped(ptr, size as u64, || unsafe { real(ptr, size) })
+}
+
+/// Hands out one more reference to the handle mapped at `addr`, which needs its own release.
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn cuMemRetainAllocationHandle(
+    handle: *mut CUmemGenericAllocationHandle,
+    addr: *mut std::ffi::c_void,
+) -> CUresult {
+    let real = real_or_fail!(cuMemRetainAllocationHandle);
+    let rc = unsafe { real(handle, addr) };
+    if rc == CUDA_SUCCESS
+        && !handle.is_null()
+        && let Some(ledger) = ledger()
+    {
+        // SAFETY: checked non-null and just written by the driver.
+        ledger.retain(unsafe { *handle });
+    }
+    rc
 }
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
@@ -192,10 +236,12 @@ pub unsafe extern "C" fn cuArrayCreate_v2(
     let Some(d) = (unsafe { desc.as_ref() }) else {
         return unsafe { real(array, desc) };
     };
-    let bytes = (d.width.max(1) as u64)
-        .saturating_mul(d.height.max(1) as u64)
-        .saturating_mul(u64::from(d.num_channels.max(1)))
-        .saturating_mul(array_format_bytes(d.format));
+    let bytes = array_bytes(
+        [d.width as u64, d.height as u64, 1],
+        d.num_channels,
+        d.format,
+        1,
+    );
     charged(
         None,
         bytes,
@@ -214,11 +260,12 @@ pub unsafe extern "C" fn cuArray3DCreate_v2(
     let Some(d) = (unsafe { desc.as_ref() }) else {
         return unsafe { real(array, desc) };
     };
-    let bytes = (d.width.max(1) as u64)
-        .saturating_mul(d.height.max(1) as u64)
-        .saturating_mul(d.depth.max(1) as u64)
-        .saturating_mul(u64::from(d.num_channels.max(1)))
-        .saturating_mul(array_format_bytes(d.format));
+    let bytes = array_bytes(
+        [d.width as u64, d.height as u64, d.depth as u64],
+        d.num_channels,
+        d.format,
+        1,
+    );
     charged(
         None,
         bytes,
@@ -232,6 +279,57 @@ pub unsafe extern "C" fn cuArray3DCreate_v2(
 pub unsafe extern "C" fn cuArrayDestroy(array: CUarray) -> CUresult {
     let real = real_or_fail!(cuArrayDestroy);
     refunded(Kind::Array, array as u64, || unsafe { real(array) })
+}
+
+/// A mipmapped array holds every level: charged the sum of their sizes.
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn cuMipmappedArrayCreate(
+    array: *mut CUmipmappedArray,
+    desc: *const CUDA_ARRAY3D_DESCRIPTOR,
+    levels: c_uint,
+) -> CUresult {
+    let real = real_or_fail!(cuMipmappedArrayCreate);
+    let Some(d) = (unsafe { desc.as_ref() }) else {
+        return unsafe { real(array, desc, levels) };
+    };
+    let bytes = array_bytes(
+        [d.width as u64, d.height as u64, d.depth as u64],
+        d.num_channels,
+        d.format,
+        levels,
+    );
+    charged(
+        None,
+        bytes,
+        Kind::Mipmapped,
+        || unsafe { real(array, desc, levels) },
+        || unsafe { *array as u64 },
+    )
+}
+
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn cuMipmappedArrayDestroy(array: CUmipmappedArray) -> CUresult {
+    let real = real_or_fail!(cuMipmappedArrayDestroy);
+    refunded(Kind::Mipmapped, array as u64, || unsafe { real(array) })
+}
+
+/// Bytes of an array of `extent` elements (0 counts as 1, as the driver reads it) with
+/// `levels` mipmap levels, each half the previous one in every dimension (at least 1).
+pub(crate) fn array_bytes(
+    extent: [u64; 3],
+    channels: c_uint,
+    format: c_uint,
+    levels: c_uint,
+) -> u64 {
+    let element = u64::from(channels.max(1)).saturating_mul(array_format_bytes(format));
+    // Past 64 levels every dimension is 1: bounded, whatever the caller passes.
+    (0..levels.clamp(1, 64)).fold(0u64, |total, level| {
+        let cells = extent
+            .iter()
+            .map(|&n| (n >> level).max(1))
+            .fold(1u64, u64::saturating_mul);
+        total.saturating_add(cells.saturating_mul(element))
+    })
 }
 
 /// The slice's view: total is the limit, free is what the claim has left of it (never more

@@ -15,6 +15,7 @@ use crate::ledger::{Charge, Kind};
 use crate::state;
 
 pub mod launch;
+pub mod legacy;
 pub mod memory;
 pub mod nvml;
 pub mod procaddr;
@@ -35,11 +36,23 @@ pub const HOOKED: &[&CStr] = &[
     c"cuMemFreeAsync_ptsz",
     c"cuMemCreate",
     c"cuMemRelease",
+    c"cuMemMap",
+    c"cuMemUnmap",
+    c"cuMemRetainAllocationHandle",
     c"cuArrayCreate_v2",
     c"cuArray3DCreate_v2",
     c"cuArrayDestroy",
     c"cuMemGetInfo_v2",
     c"cuDeviceTotalMem_v2",
+    c"cuMemAlloc",
+    c"cuMemAllocPitch",
+    c"cuMemFree",
+    c"cuArrayCreate",
+    c"cuArray3DCreate",
+    c"cuMemGetInfo",
+    c"cuDeviceTotalMem",
+    c"cuMipmappedArrayCreate",
+    c"cuMipmappedArrayDestroy",
     c"cuLaunchKernel",
     c"cuLaunchKernel_ptsz",
     c"cuLaunchKernelEx",
@@ -80,11 +93,23 @@ pub fn hook_for(name: &[u8]) -> Option<*mut c_void> {
         memory::cuMemFreeAsync_ptsz,
         memory::cuMemCreate,
         memory::cuMemRelease,
+        memory::cuMemMap,
+        memory::cuMemUnmap,
+        memory::cuMemRetainAllocationHandle,
         memory::cuArrayCreate_v2,
         memory::cuArray3DCreate_v2,
         memory::cuArrayDestroy,
         memory::cuMemGetInfo_v2,
         memory::cuDeviceTotalMem_v2,
+        legacy::cuMemAlloc,
+        legacy::cuMemAllocPitch,
+        legacy::cuMemFree,
+        legacy::cuArrayCreate,
+        legacy::cuArray3DCreate,
+        legacy::cuMemGetInfo,
+        legacy::cuDeviceTotalMem,
+        memory::cuMipmappedArrayCreate,
+        memory::cuMipmappedArrayDestroy,
         launch::cuLaunchKernel,
         launch::cuLaunchKernel_ptsz,
         launch::cuLaunchKernelEx,
@@ -147,16 +172,45 @@ pub(crate) fn refunded(kind: Kind, key: u64, free: impl FnOnce() -> CUresult) ->
         return free();
     };
     // Out of the ledger before the driver can hand the key to another thread's allocation.
-    let charge = enforcer.ledger.remove(kind, key);
+    // A VMM handle that is still mapped or retained keeps its charge (`last` is None).
+    let last = enforcer.ledger.remove(kind, key);
     let rc = free();
-    if let Some(charge) = charge {
-        if rc == CUDA_SUCCESS {
+    if rc == CUDA_SUCCESS {
+        if let Some(charge) = last {
             accounting.release(charge.device, charge.bytes);
-        } else {
-            enforcer.ledger.insert(kind, key, charge);
         }
+    } else {
+        enforcer.ledger.restore(kind, key, last);
     }
     rc
+}
+
+/// Runs `unmap` of `[start, start + size)` and gives back the charges of the VMM allocations
+/// whose last reference was one of its mappings.
+pub(crate) fn unmapped(start: u64, size: u64, unmap: impl FnOnce() -> CUresult) -> CUresult {
+    let Some(enforcer) = state::enforcer() else {
+        return unmap();
+    };
+    let Some(accounting) = &enforcer.accounting else {
+        return unmap();
+    };
+    let taken = enforcer.ledger.take_mappings(start, size);
+    let rc = unmap();
+    if rc == CUDA_SUCCESS {
+        for charge in enforcer.ledger.unmapped(&taken) {
+            accounting.release(charge.device, charge.bytes);
+        }
+    } else {
+        enforcer.ledger.remap(taken);
+    }
+    rc
+}
+
+/// The ledger, when memory is being counted.
+pub(crate) fn ledger() -> Option<&'static crate::ledger::Ledger> {
+    let enforcer = state::enforcer()?;
+    enforcer.accounting.as_ref()?;
+    Some(&enforcer.ledger)
 }
 
 /// The real function, or an early return of CUDA_ERROR_NOT_INITIALIZED when libcuda lacks it.
@@ -184,7 +238,7 @@ mod tests {
         for name in HOOKED {
             assert!(hook_for(name.to_bytes()).is_some(), "{name:?}");
         }
-        assert!(hook_for(b"cuMemAlloc").is_none());
+        assert!(hook_for(b"cuMemAlloc_v3").is_none());
         assert!(hook_for(b"cuInit").is_none());
         assert!(hook_for(b"").is_none());
     }

@@ -9,9 +9,23 @@
  *   try MIB                one allocation
  *   hold MIB               allocate, print held=1, then sleep until killed
  *   apis MIB               each allocation API once (and its free)
+ *   legacy MIB             the CUDA 2.x entry points (cuMemAlloc, ... resolved by base name, or
+ *                          by cuGetProcAddress with version 2000): fill with MIB chunks, then
+ *                          each other allocation API once (and its free)
+ *   vmm MIB                cuMemCreate MIB, map it, release the handle while mapped, try a
+ *                          cuMemAlloc of MIB, unmap, try again; then the same with a retained
+ *                          reference (cuMemRetainAllocationHandle)
+ *   deepbind MIB HOW       dlopen libdeepbound.so with RTLD_DEEPBIND and let it fill the device
+ *                          with MIB chunks, reaching the driver by linking (HOW = linked) or by
+ *                          dlsym (HOW = dlsym); report how many it got
+ *   forkdie MIB HOW        after a cuMemGetInfo (the library is in use), fork a child that
+ *                          allocates MIB and dies without freeing (HOW = exit: _exit; kill:
+ *                          SIGKILL); then the parent reports what is free and allocates MIB
  *   meminfo                cuMemGetInfo and cuDeviceTotalMem
  *   nvml                   NVML's memory info for device 0 (v1 and v2)
  *   launch SECONDS GRID    launch GRID-block kernels in a loop; report the busy share
+ *   graphs SECONDS         launch a graph (STUB_GRAPH_NS of work) in a loop; report the busy
+ *                          share
  *   threads N MIB          8 threads each hold MIB until all tried once, then N
  *                          alloc+free pairs of MIB each; then meminfo
  *   bench N                ns per alloc+free pair and per launch
@@ -25,6 +39,8 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+#include <signal.h>
+#include <sys/wait.h>
 
 typedef int CUresult;
 typedef unsigned long long CUdeviceptr;
@@ -52,6 +68,23 @@ extern CUresult cuArrayDestroy(void *);
 extern CUresult cuLaunchKernel(void *, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, void *, void **, void **);
 extern CUresult cuLaunchKernelEx(const LaunchConfig *, void *, void **, void **);
 extern CUresult cuCtxSynchronize(void);
+extern CUresult cuGraphLaunch(void *, void *);
+extern CUresult cuMipmappedArrayCreate(void **, const Array3DDesc *, unsigned);
+extern CUresult cuMipmappedArrayDestroy(void *);
+typedef struct { unsigned w, h, fmt, ch; } ArrayDescV1;
+typedef struct { unsigned w, h, d, fmt, ch, flags; } Array3DDescV1;
+extern CUresult cuMemAlloc(unsigned *, unsigned);
+extern CUresult cuMemAllocPitch(unsigned *, unsigned *, unsigned, unsigned, unsigned);
+extern CUresult cuMemFree(unsigned);
+extern CUresult cuArrayCreate(void **, const ArrayDescV1 *);
+extern CUresult cuArray3DCreate(void **, const Array3DDescV1 *);
+extern CUresult cuMemGetInfo(unsigned *, unsigned *);
+extern CUresult cuDeviceTotalMem(unsigned *, int);
+extern CUresult cuMemAddressReserve(CUdeviceptr *, size_t, size_t, CUdeviceptr, unsigned long long);
+extern CUresult cuMemMap(CUdeviceptr, size_t, size_t, unsigned long long, unsigned long long);
+extern CUresult cuMemUnmap(CUdeviceptr, size_t);
+extern CUresult cuMemRetainAllocationHandle(unsigned long long *, void *);
+extern size_t stub_used_bytes(int);
 extern unsigned long long stub_now_ns(void);
 extern unsigned long long stub_busy_ns(int, unsigned long long, unsigned long long);
 
@@ -75,7 +108,25 @@ static struct {
   CUresult (*launch)(void *, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, void *, void **, void **);
   CUresult (*launch_ex)(const LaunchConfig *, void *, void **, void **);
   CUresult (*sync)(void);
+  CUresult (*graph)(void *, void *);
+  CUresult (*mipmap)(void **, const Array3DDesc *, unsigned);
+  CUresult (*mipmap_destroy)(void *);
+  CUresult (*reserve)(CUdeviceptr *, size_t, size_t, CUdeviceptr, unsigned long long);
+  CUresult (*map)(CUdeviceptr, size_t, size_t, unsigned long long, unsigned long long);
+  CUresult (*unmap)(CUdeviceptr, size_t);
+  CUresult (*retain)(unsigned long long *, void *);
 } cu;
+
+/* The legacy entry points, resolved only by the legacy command. */
+static struct {
+  CUresult (*alloc)(unsigned *, unsigned);
+  CUresult (*pitch)(unsigned *, unsigned *, unsigned, unsigned, unsigned);
+  CUresult (*free)(unsigned);
+  CUresult (*array)(void **, const ArrayDescV1 *);
+  CUresult (*array3d)(void **, const Array3DDescV1 *);
+  CUresult (*meminfo)(unsigned *, unsigned *);
+  CUresult (*totalmem)(unsigned *, int);
+} v1;
 
 static void *resolve(const char *path, void *lib, CUresult (*gpa)(const char *, void **, int, unsigned long long, int *),
                      const char *versioned, const char *base) {
@@ -83,7 +134,8 @@ static void *resolve(const char *path, void *lib, CUresult (*gpa)(const char *, 
   if (strcmp(path, "dlsym") == 0) fn = dlsym(lib, versioned);
   if (strcmp(path, "procaddr") == 0) {
     int status = -1;
-    if (gpa(base, &fn, 12040, 0, &status) != 0) fn = NULL;
+    int version = strcmp(versioned, base) == 0 && getenv("PROBE_CUDA_VERSION") ? atoi(getenv("PROBE_CUDA_VERSION")) : 12040;
+    if (gpa(base, &fn, version, 0, &status) != 0) fn = NULL;
   }
   if (!fn) { fprintf(stderr, "probe: cannot resolve %s\n", versioned); exit(3); }
   return fn;
@@ -97,6 +149,12 @@ static void load(const char *path) {
     cu.alloc_pool = cuMemAllocFromPoolAsync; cu.create = cuMemCreate; cu.release = cuMemRelease;
     cu.array = cuArrayCreate_v2; cu.array3d = cuArray3DCreate_v2; cu.array_destroy = cuArrayDestroy;
     cu.launch = cuLaunchKernel; cu.launch_ex = cuLaunchKernelEx; cu.sync = cuCtxSynchronize;
+    cu.graph = cuGraphLaunch;
+    cu.mipmap = cuMipmappedArrayCreate; cu.mipmap_destroy = cuMipmappedArrayDestroy;
+    cu.reserve = cuMemAddressReserve; cu.map = cuMemMap; cu.unmap = cuMemUnmap;
+    cu.retain = cuMemRetainAllocationHandle;
+    v1.alloc = cuMemAlloc; v1.pitch = cuMemAllocPitch; v1.free = cuMemFree; v1.array = cuArrayCreate;
+    v1.array3d = cuArray3DCreate; v1.meminfo = cuMemGetInfo; v1.totalmem = cuDeviceTotalMem;
     return;
   }
   void *lib = dlopen("libcuda.so.1", RTLD_NOW);
@@ -113,8 +171,18 @@ static void load(const char *path) {
   R(release, "cuMemRelease", "cuMemRelease"); R(array, "cuArrayCreate_v2", "cuArrayCreate");
   R(array3d, "cuArray3DCreate_v2", "cuArray3DCreate"); R(array_destroy, "cuArrayDestroy", "cuArrayDestroy");
   R(launch, "cuLaunchKernel", "cuLaunchKernel"); R(launch_ex, "cuLaunchKernelEx", "cuLaunchKernelEx");
-  R(sync, "cuCtxSynchronize", "cuCtxSynchronize");
+  R(sync, "cuCtxSynchronize", "cuCtxSynchronize"); R(graph, "cuGraphLaunch", "cuGraphLaunch");
+  R(mipmap, "cuMipmappedArrayCreate", "cuMipmappedArrayCreate");
+  R(mipmap_destroy, "cuMipmappedArrayDestroy", "cuMipmappedArrayDestroy");
+  R(reserve, "cuMemAddressReserve", "cuMemAddressReserve"); R(map, "cuMemMap", "cuMemMap");
+  R(unmap, "cuMemUnmap", "cuMemUnmap"); R(retain, "cuMemRetainAllocationHandle", "cuMemRetainAllocationHandle");
 #undef R
+  /* The base names with an old version: what a CUDA 2.x-era caller gets. */
+  setenv("PROBE_CUDA_VERSION", "2000", 0);
+#define V(field, name) v1.field = resolve(path, lib, gpa, name, name)
+  V(alloc, "cuMemAlloc"); V(pitch, "cuMemAllocPitch"); V(free, "cuMemFree"); V(array, "cuArrayCreate");
+  V(array3d, "cuArray3DCreate"); V(meminfo, "cuMemGetInfo"); V(totalmem, "cuDeviceTotalMem");
+#undef V
 }
 
 static void meminfo(void) {
@@ -234,7 +302,88 @@ int main(int argc, char **argv) {
     REPORT("array", cu.array(&arr, &ad), cu.array_destroy(arr));
     Array3DDesc a3 = {1024, 1024, bytes / (4096 * 1024), 0x20, 1, 0};
     REPORT("array3d", cu.array3d(&arr, &a3), cu.array_destroy(arr));
+    Array3DDesc mip = {1024, bytes / 4096, 0, 0x20, 1, 0};
+    REPORT("mipmap", cu.mipmap(&arr, &mip, 1), cu.mipmap_destroy(arr));
+#undef REPORT
     meminfo();
+    return 0;
+  }
+  if (strcmp(cmd, "vmm") == 0) {
+    size_t bytes = (size_t)atol(argv[3]) << 20, f, t;
+    Prop prop = {1, 0, 1, device, NULL, 0};
+    unsigned long long h, again;
+    CUdeviceptr va, p;
+    CUresult rc;
+#define STEP(name) cu.meminfo(&f, &t); printf(name "_free_mib=%zu\n" name "_device_used_mib=%zu\n", f >> 20, stub_used_bytes(device) >> 20)
+#define TRY(name) rc = cu.alloc(&p, bytes); printf(name "=%d\n", rc); if (rc == 0) cu.free(p)
+    cu.reserve(&va, bytes, 0, 0, 0);
+    printf("create=%d\n", cu.create(&h, bytes, &prop, 0));
+    printf("map=%d\n", cu.map(va, bytes, 0, h, 0));
+    printf("release=%d\n", cu.release(h));
+    STEP("mapped"); TRY("alloc_while_mapped");
+    printf("unmap=%d\n", cu.unmap(va, bytes));
+    STEP("unmapped"); TRY("alloc_after_unmap");
+    /* A retained reference keeps the memory after the unmap, until its own release. */
+    cu.create(&h, bytes, &prop, 0);
+    cu.map(va, bytes, 0, h, 0);
+    printf("retain=%d\n", cu.retain(&again, (void *)(uintptr_t)va));
+    cu.release(h);
+    cu.unmap(va, bytes);
+    STEP("retained"); TRY("alloc_while_retained");
+    cu.release(again);
+    STEP("released"); TRY("alloc_after_release");
+#undef STEP
+#undef TRY
+    return 0;
+  }
+  if (strcmp(cmd, "deepbind") == 0) {
+    void *deep = dlopen("libdeepbound.so", RTLD_NOW | RTLD_DEEPBIND);
+    if (!deep) { fprintf(stderr, "probe: %s\n", dlerror()); return 3; }
+    int (*deep_fill)(size_t, int) = (int (*)(size_t, int))dlsym(deep, "deep_fill");
+    if (!deep_fill) { fprintf(stderr, "probe: no deep_fill\n"); return 3; }
+    printf("allocated=%d\n", deep_fill((size_t)atol(argv[3]), strcmp(argv[4], "dlsym") == 0));
+    return 0;
+  }
+  if (strcmp(cmd, "forkdie") == 0) {
+    size_t bytes = (size_t)atol(argv[3]) << 20, f, t;
+    CUdeviceptr p;
+    cu.meminfo(&f, &t);
+    pid_t child = fork();
+    if (child < 0) { perror("fork"); return 3; }
+    if (child == 0) {
+      printf("child_alloc=%d\n", cu.alloc(&p, bytes));
+      if (strcmp(argv[4], "kill") == 0) raise(SIGKILL);
+      _exit(0);
+    }
+    int status;
+    waitpid(child, &status, 0);
+    cu.meminfo(&f, &t);
+    printf("parent_free_mib=%zu\n", f >> 20);
+    printf("parent_alloc=%d\n", cu.alloc(&p, bytes));
+    return 0;
+  }
+  if (strcmp(cmd, "legacy") == 0) {
+    size_t mib = (size_t)atol(argv[3]);
+    unsigned held[8], p, pitch, f, t, devtotal = 0;
+    void *arr;
+    int n = 0;
+    CUresult rc = 0;
+    /* At most 8: 32-bit pointers run out past 4 GiB. */
+    while (n < 8 && (rc = v1.alloc(&held[n], (unsigned)(mib << 20))) == 0) n++;
+    printf("allocated=%d\nerror=%d\n", n, rc);
+    v1.meminfo(&f, &t);
+    v1.totalmem(&devtotal, device);
+    printf("v1_free_mib=%u\nv1_total_mib=%u\nv1_device_total_mib=%u\n", f >> 20, t >> 20, devtotal >> 20);
+    for (int i = 0; i < n; i++) v1.free(held[i]);
+#define REPORT(name, expr, undo) rc = (expr); v1.meminfo(&f, &t); printf(name "=%d\n" name "_free_mib=%u\n", rc, f >> 20); if (rc == 0) { undo; }
+    REPORT("pitch", v1.pitch(&p, &pitch, 1000, (unsigned)((mib << 20) / 1024), 4), v1.free(p));
+    ArrayDescV1 ad = {1024, (unsigned)((mib << 20) / 4096), 0x20, 1};
+    REPORT("array", v1.array(&arr, &ad), cu.array_destroy(arr));
+    Array3DDescV1 a3 = {1024, 1024, (unsigned)((mib << 20) / (4096 * 1024)), 0x20, 1, 0};
+    REPORT("array3d", v1.array3d(&arr, &a3), cu.array_destroy(arr));
+#undef REPORT
+    v1.meminfo(&f, &t);
+    printf("end_free_mib=%u\n", f >> 20);
     return 0;
   }
   if (strcmp(cmd, "launch") == 0) {
@@ -247,6 +396,18 @@ int main(int argc, char **argv) {
     while (stub_now_ns() < end) {
       CUresult rc = (launches & 1) ? cu.launch_ex(&lc, NULL, NULL, NULL)
                                    : cu.launch(NULL, grid, 1, 1, 128, 1, 1, 0, NULL, NULL, NULL);
+      if (rc != 0) { printf("launch_error=%d\n", rc); return 1; }
+      launches++;
+    }
+    unsigned long long stop = stub_now_ns();
+    printf("launches=%llu\nbusy=%.3f\n", launches, (double)stub_busy_ns(device, warm, stop) / (double)(stop - warm));
+    return 0;
+  }
+  if (strcmp(cmd, "graphs") == 0) {
+    unsigned long long start = stub_now_ns(), warm = start + 1000000000ull;
+    unsigned long long end = start + (unsigned long long)(atof(argv[3]) * 1e9), launches = 0;
+    while (stub_now_ns() < end) {
+      CUresult rc = cu.graph((void *)0x1234, NULL);
       if (rc != 0) { printf("launch_error=%d\n", rc); return 1; }
       launches++;
     }

@@ -90,7 +90,11 @@ nvmlReturn_t nvmlDeviceGetUtilizationRates(nvmlDevice_t h, Utilization *u) {
   return NVML_SUCCESS;
 }
 /* One sample per call, over the time since lastSeen (in microseconds, like NVML's). */
+#define NVML_ERROR_NOT_SUPPORTED 3
+/* STUB_NVML_NO_PROCESS_UTIL=1: like GPUs (and vGPU, MIG) whose NVML cannot report it. */
 nvmlReturn_t nvmlDeviceGetProcessUtilization(nvmlDevice_t h, Sample *s, unsigned *n, unsigned long long last_seen_us) {
+  const char *off = getenv("STUB_NVML_NO_PROCESS_UTIL");
+  if (off && *off == '1') return NVML_ERROR_NOT_SUPPORTED;
   if (!stub_has_context(h->index)) { *n = 0; return NVML_ERROR_NOT_FOUND; }
   if (!s || *n < 1) { *n = 1; return NVML_ERROR_INSUFFICIENT_SIZE; }
   unsigned long long now = stub_now_ns();

@@ -77,6 +77,16 @@ pub fn toolchain() -> &'static Toolchain {
             "-l:libcuda.so.1",
         ]));
         build(with(&[
+            "-shared",
+            "-Wl,-soname,libdeepbound.so",
+            "-o",
+            "libdeepbound.so",
+            &s("deepbound.c"),
+            "-L.",
+            "-l:libcuda.so.1",
+            "-ldl",
+        ]));
+        build(with(&[
             "-o",
             "probe",
             &s("probe.c"),
@@ -109,11 +119,19 @@ impl Probe {
     pub fn bare(path: &str, args: &[&str]) -> Self {
         let tc = toolchain();
         let mut command = Command::new(tc.dir.join("probe"));
+        // A temporary directory of its own: with no CUDA_DEVICE_MEMORY_SHARED_CACHE the library
+        // counts in $TMPDIR/cudevshr.cache, which tests running at once must not share unless
+        // they say so.
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = tc.dir.join(format!("tmp-{n}"));
+        std::fs::create_dir_all(&tmp).unwrap();
         command
             .arg(path)
             .args(args)
             .env_clear()
             .env("LD_LIBRARY_PATH", &tc.dir)
+            .env("TMPDIR", &tmp)
             .stdin(Stdio::null());
         Probe { command }
     }
