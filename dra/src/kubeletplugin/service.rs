@@ -124,6 +124,16 @@ fn device_v1beta1(d: Device) -> v1beta1::Device {
 // writes the glue for each, the logic above is written once.
 macro_rules! dra_version {
     ($m:ident, $device:ident) => {
+        impl From<$m::Claim> for ClaimRef {
+            fn from(c: $m::Claim) -> Self {
+                ClaimRef {
+                    namespace: c.namespace,
+                    uid: c.uid,
+                    name: c.name,
+                }
+            }
+        }
+
         #[tonic::async_trait]
         impl<D: Driver> $m::dra_plugin_server::DraPlugin for DraService<D> {
             async fn node_prepare_resources(
@@ -134,11 +144,7 @@ macro_rules! dra_version {
                     .into_inner()
                     .claims
                     .into_iter()
-                    .map(|c| ClaimRef {
-                        namespace: c.namespace,
-                        uid: c.uid,
-                        name: c.name,
-                    })
+                    .map(ClaimRef::from)
                     .collect();
                 let claims = self
                     .prepare(claims)
@@ -169,11 +175,7 @@ macro_rules! dra_version {
                     .into_inner()
                     .claims
                     .into_iter()
-                    .map(|c| ClaimRef {
-                        namespace: c.namespace,
-                        uid: c.uid,
-                        name: c.name,
-                    })
+                    .map(ClaimRef::from)
                     .collect();
                 let claims = self
                     .unprepare(claims)
