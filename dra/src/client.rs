@@ -85,9 +85,8 @@ impl<K: DraObject> DraApi<K> {
         self.version == ApiVersion::V1
     }
 
-    fn inbound(object: DynamicObject) -> Result<K, ConvertError> {
-        let value = serde_json::to_value(object).expect("dynamic objects always serialize");
-        convert::from_wire(value)
+    fn inbound(&self, object: DynamicObject) -> Result<K, ConvertError> {
+        inbound(self.version, object)
     }
 
     fn outbound(&self, object: &K) -> DynamicObject {
@@ -99,7 +98,7 @@ impl<K: DraObject> DraApi<K> {
         if self.is_v1() {
             return Ok(self.typed.get(name).await?);
         }
-        Ok(Self::inbound(self.wire.get(name).await?)?)
+        Ok(self.inbound(self.wire.get(name).await?)?)
     }
 
     pub async fn get_opt(&self, name: &str) -> Result<Option<K>, ClientError> {
@@ -107,7 +106,7 @@ impl<K: DraObject> DraApi<K> {
             return Ok(self.typed.get_opt(name).await?);
         }
         Ok(match self.wire.get_opt(name).await? {
-            Some(o) => Some(Self::inbound(o)?),
+            Some(o) => Some(self.inbound(o)?),
             None => None,
         })
     }
@@ -121,7 +120,7 @@ impl<K: DraObject> DraApi<K> {
             .await?
             .items
             .into_iter()
-            .map(|o| Self::inbound(o).map_err(ClientError::from))
+            .map(|o| self.inbound(o).map_err(ClientError::from))
             .collect()
     }
 
@@ -129,9 +128,7 @@ impl<K: DraObject> DraApi<K> {
         if self.is_v1() {
             return Ok(self.typed.create(params, object).await?);
         }
-        Ok(Self::inbound(
-            self.wire.create(params, &self.outbound(object)).await?,
-        )?)
+        Ok(self.inbound(self.wire.create(params, &self.outbound(object)).await?)?)
     }
 
     pub async fn replace(
@@ -143,7 +140,7 @@ impl<K: DraObject> DraApi<K> {
         if self.is_v1() {
             return Ok(self.typed.replace(name, params, object).await?);
         }
-        Ok(Self::inbound(
+        Ok(self.inbound(
             self.wire
                 .replace(name, params, &self.outbound(object))
                 .await?,
@@ -159,7 +156,7 @@ impl<K: DraObject> DraApi<K> {
         if self.is_v1() {
             return Ok(self.typed.replace_status(name, params, object).await?);
         }
-        Ok(Self::inbound(
+        Ok(self.inbound(
             self.wire
                 .replace_status(name, params, &self.outbound(object))
                 .await?,
@@ -186,15 +183,35 @@ impl<K: DraObject> DraApi<K> {
         if self.is_v1() {
             return watcher::watcher(self.typed.clone(), config).boxed();
         }
+        let version = self.version;
         watcher::watcher(self.wire.clone(), config)
-            .map_ok(convert_event::<K>)
+            .map_ok(move |event| convert_event::<K>(version, event))
             .try_filter_map(|e| futures::future::ready(Ok(e)))
             .boxed()
     }
 }
 
-fn convert_event<K: DraObject>(event: watcher::Event<DynamicObject>) -> Option<watcher::Event<K>> {
-    let convert = |o: DynamicObject| match DraApi::<K>::inbound(o) {
+/// An object as the server sent it, in `version`, as v1. A real API server leaves apiVersion
+/// and kind out of the items of a list (the list carries them), so they come from the request.
+fn inbound<K: DraObject>(version: ApiVersion, object: DynamicObject) -> Result<K, ConvertError> {
+    let mut value = serde_json::to_value(object).expect("dynamic objects always serialize");
+    for (key, default) in [("apiVersion", version.as_str()), ("kind", K::KIND)] {
+        if value
+            .get(key)
+            .and_then(serde_json::Value::as_str)
+            .is_none_or(str::is_empty)
+        {
+            value[key] = serde_json::Value::String(default.into());
+        }
+    }
+    convert::from_wire(value)
+}
+
+fn convert_event<K: DraObject>(
+    version: ApiVersion,
+    event: watcher::Event<DynamicObject>,
+) -> Option<watcher::Event<K>> {
+    let convert = |o: DynamicObject| match inbound::<K>(version, o) {
         Ok(k) => Some(k),
         Err(e) => {
             tracing::warn!(error = %e, "left out of the watch: cannot convert");
@@ -209,4 +226,34 @@ fn convert_event<K: DraObject>(event: watcher::Event<DynamicObject>) -> Option<w
         Event::Init => Event::Init,
         Event::InitDone => Event::InitDone,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::resource::v1;
+
+    /// List items of a real API server: no apiVersion, no kind (found by the e2e suite on a
+    /// real 1.32 server, where every LIST failed to convert).
+    #[test]
+    fn list_items_without_type_meta_take_the_requests() {
+        let item: DynamicObject = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "n1-vgpu"},
+            "spec": {"driver": "vgpu.hami.io", "nodeName": "n1",
+                     "pool": {"name": "n1", "generation": 1, "resourceSliceCount": 1},
+                     "devices": [{"name": "gpu-0", "basic": {"attributes": {"index": {"int": 0}}}}]}
+        }))
+        .unwrap();
+        assert!(item.types.is_none());
+        let slice: v1::ResourceSlice = inbound(ApiVersion::V1beta1, item).unwrap();
+        let devices = slice.spec.devices.unwrap();
+        assert_eq!(devices[0].name, "gpu-0");
+        assert!(
+            devices[0]
+                .attributes
+                .as_ref()
+                .unwrap()
+                .contains_key("index")
+        );
+    }
 }

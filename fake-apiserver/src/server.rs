@@ -693,7 +693,18 @@ fn list(state: &State, filter: &Filter, query: &Query, partial: bool) -> Result<
         metadata["continue"] = json!(format!("{ns}/{name}"));
         metadata["remainingItemCount"] = json!(total - page.len());
     }
-    let items: Vec<Value> = page.iter().map(|(_, o)| present(o, partial)).collect();
+    // Like the real server, items carry no apiVersion or kind: the list does.
+    let items: Vec<Value> = page
+        .iter()
+        .map(|(_, o)| {
+            let mut item = present(o, partial);
+            if !partial && let Some(fields) = item.as_object_mut() {
+                fields.remove("apiVersion");
+                fields.remove("kind");
+            }
+            item
+        })
+        .collect();
     let (api_version, list_kind) = if partial {
         (
             "meta.k8s.io/v1".to_string(),
