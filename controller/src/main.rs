@@ -118,9 +118,10 @@ enum Command {
         /// watch caches are synced).
         #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:8080")]
         metrics_addr: std::net::SocketAddr,
-        /// Log as JSON lines instead of text.
-        #[arg(long, env = "LOG_JSON")]
-        log_json: bool,
+        /// Log format: human-readable text or one JSON object per line (stderr; colour only
+        /// on a terminal).
+        #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
+        log_format: dra::logging::LogFormat,
     },
     /// Run the allocator on a described cluster and workload, without an API server, and print
     /// where every claim would go.
@@ -177,18 +178,9 @@ fn main() -> Result<()> {
             disable_leader_election,
             identity,
             metrics_addr,
-            log_json,
+            log_format,
         } => {
-            let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-            if log_json {
-                tracing_subscriber::fmt()
-                    .json()
-                    .with_env_filter(filter)
-                    .init();
-            } else {
-                tracing_subscriber::fmt().with_env_filter(filter).init();
-            }
+            dra::logging::init(log_format);
             let identity = match identity {
                 Some(i) => i,
                 None => std::fs::read_to_string("/etc/hostname")

@@ -6,7 +6,7 @@
 //! - [`client`]: the converting client (get, list, write, watch) over either version.
 //! - [`events`]: Kubernetes Events with the API's limits applied.
 //! - [`http`]: one metrics-and-health endpoint.
-//! - [`connect`]: one kube client constructor.
+//! - [`connect`]: one kube client constructor; [`logging`]: one log setup for every binary.
 //! - [`kubeletplugin`]: registration, both DRA gRPC versions and the claim checks, around a
 //!   small [`kubeletplugin::Driver`] trait.
 
@@ -16,6 +16,7 @@ pub mod convert;
 pub mod events;
 pub mod http;
 pub mod kubeletplugin;
+pub mod logging;
 pub mod resourceslice;
 pub mod version;
 

@@ -15,12 +15,6 @@ enum SharingModeArg {
     Native,
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
-
 /// Publishes this node's NVIDIA GPUs as DRA ResourceSlices, registers with the kubelet and
 /// prepares claims of GPU slices as CDI specs enforced by HAMi-core.
 #[derive(Debug, Parser)]
@@ -84,9 +78,9 @@ struct Args {
     #[arg(long, env = "SHARING_MODE", value_enum, default_value = "controller")]
     sharing_mode: SharingModeArg,
 
-    /// Log format: human-readable text or one JSON object per line.
+    /// Log format: human-readable text or one JSON object per line (stderr; colour only on a terminal).
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
-    log_format: LogFormat,
+    log_format: dra::logging::LogFormat,
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
@@ -140,19 +134,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    match args.log_format {
-        LogFormat::Text => tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
-            .init(),
-        LogFormat::Json => tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
-            .init(),
-    }
+    dra::logging::init(args.log_format);
     match run(args).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -236,6 +236,15 @@ fn a1_the_kubelet_registers_the_plugin_and_its_gpus_are_published() {
         "the kubelet rejected the plugin:\n{}",
         local.log(PLUGIN)
     );
+    // Logs go to a file here, as to `kubectl logs` in a pod: plain text, no colour codes.
+    for component in [PLUGIN, CONTROLLER] {
+        let log = local.log(component);
+        assert!(!log.is_empty(), "{component} logged nothing");
+        assert!(
+            !log.contains('\u{1b}'),
+            "{component} writes terminal escape codes into a log file"
+        );
+    }
 }
 
 #[test]
@@ -753,28 +762,10 @@ fn allocations_logged(cluster: &Cluster, ns: &str, claim: &str) -> Vec<String> {
         .lines()
         .filter(|l| l.contains("allocated") && !l.contains("deallocated"))
         .filter_map(|l| {
-            let plain = strip_ansi(l);
-            let rest = &plain[plain.find(&needle)? + needle.len()..];
+            let rest = &l[l.find(&needle)? + needle.len()..];
             Some(rest.split_whitespace().next()?.to_string())
         })
         .collect()
-}
-
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::new();
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 #[test]
