@@ -58,32 +58,40 @@ pub struct ConvertError {
     pub message: String,
 }
 
-fn identity(object: &Value) -> (String, String) {
-    let kind = object
-        .get("kind")
-        .and_then(Value::as_str)
-        .unwrap_or("object")
-        .to_string();
-    let meta = object.get("metadata");
-    let get = |k: &str| {
-        meta.and_then(|m| m.get(k))
-            .and_then(Value::as_str)
-            .unwrap_or("")
-    };
-    let name = match get("namespace") {
-        "" => get("name").to_string(),
-        ns => format!("{ns}/{}", get("name")),
-    };
-    (kind, name)
+/// Who an object is, for its errors: taken before a conversion consumes or rewrites it.
+struct Identity {
+    kind: String,
+    /// `namespace/name`, or the name of a cluster-scoped object.
+    name: String,
 }
 
-fn error(object: &Value, field: impl Into<String>, message: impl Into<String>) -> ConvertError {
-    let (kind, name) = identity(object);
-    ConvertError {
-        kind,
-        name,
-        field: field.into(),
-        message: message.into(),
+impl Identity {
+    fn of(object: &Value) -> Identity {
+        let kind = object
+            .get("kind")
+            .and_then(Value::as_str)
+            .unwrap_or("object")
+            .to_string();
+        let meta = object.get("metadata");
+        let get = |k: &str| {
+            meta.and_then(|m| m.get(k))
+                .and_then(Value::as_str)
+                .unwrap_or("")
+        };
+        let name = match get("namespace") {
+            "" => get("name").to_string(),
+            ns => format!("{ns}/{}", get("name")),
+        };
+        Identity { kind, name }
+    }
+
+    fn error(&self, field: impl Into<String>, message: impl Into<String>) -> ConvertError {
+        ConvertError {
+            kind: self.kind.clone(),
+            name: self.name.clone(),
+            field: field.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -106,6 +114,7 @@ enum Shape {
 
 fn reshape(
     object: &mut Value,
+    id: &Identity,
     to: ApiVersion,
     f: impl Fn(&mut Map<String, Value>, Shape, ApiVersion) -> Result<(), String>,
 ) -> Result<(), ConvertError> {
@@ -117,7 +126,6 @@ fn reshape(
     let Some((pointer, shape)) = shaped_array(&kind) else {
         return Ok(());
     };
-    let context = object.clone();
     let Some(items) = object.pointer_mut(pointer) else {
         return Ok(());
     };
@@ -125,13 +133,13 @@ fn reshape(
     let items = match items {
         Value::Null => return Ok(()),
         Value::Array(items) => items,
-        _ => return Err(error(&context, field, "not a list")),
+        _ => return Err(id.error(field, "not a list")),
     };
     for (i, item) in items.iter_mut().enumerate() {
         let Value::Object(item) = item else {
-            return Err(error(&context, format!("{field}[{i}]"), "not an object"));
+            return Err(id.error(format!("{field}[{i}]"), "not an object"));
         };
-        f(item, shape, to).map_err(|m| error(&context, format!("{field}[{i}]"), m))?;
+        f(item, shape, to).map_err(|m| id.error(format!("{field}[{i}]"), m))?;
     }
     Ok(())
 }
@@ -212,15 +220,18 @@ fn item_to_v1beta1(
 }
 
 /// An object's JSON in `to`, from either version. Objects of other groups are refused.
-pub fn convert_value(mut object: Value, to: ApiVersion) -> Result<Value, ConvertError> {
+pub fn convert_value(object: Value, to: ApiVersion) -> Result<Value, ConvertError> {
+    let id = Identity::of(&object);
+    convert_as(object, &id, to)
+}
+
+fn convert_as(mut object: Value, id: &Identity, to: ApiVersion) -> Result<Value, ConvertError> {
     let api_version = object
         .get("apiVersion")
         .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_string();
-    let Some(from) = ApiVersion::of_api_version(&api_version) else {
-        return Err(error(
-            &object,
+        .unwrap_or("");
+    let Some(from) = ApiVersion::of_api_version(api_version) else {
+        return Err(id.error(
             "apiVersion",
             format!(
                 "{api_version:?} is not {} or {}",
@@ -233,8 +244,8 @@ pub fn convert_value(mut object: Value, to: ApiVersion) -> Result<Value, Convert
         return Ok(object);
     }
     match to {
-        ApiVersion::V1 => reshape(&mut object, to, item_to_v1)?,
-        ApiVersion::V1beta1 => reshape(&mut object, to, item_to_v1beta1)?,
+        ApiVersion::V1 => reshape(&mut object, id, to, item_to_v1)?,
+        ApiVersion::V1beta1 => reshape(&mut object, id, to, item_to_v1beta1)?,
     }
     object["apiVersion"] = Value::String(to.as_str().into());
     Ok(object)
@@ -243,16 +254,16 @@ pub fn convert_value(mut object: Value, to: ApiVersion) -> Result<Value, Convert
 /// A typed v1 object from its JSON in either version (a watch event, a GET, a YAML file).
 /// Errors name the field as it is written in the object's own version.
 pub fn from_wire<K: DraObject>(object: Value) -> Result<K, ConvertError> {
-    let context = object.clone();
+    let id = Identity::of(&object);
     let v1beta1 =
-        context.get("apiVersion").and_then(Value::as_str) == Some(ApiVersion::V1beta1.as_str());
-    let v1 = convert_value(object, ApiVersion::V1)?;
+        object.get("apiVersion").and_then(Value::as_str) == Some(ApiVersion::V1beta1.as_str());
+    let v1 = convert_as(object, &id, ApiVersion::V1)?;
     serde_path_to_error::deserialize(v1).map_err(|e| {
         let mut field = e.path().to_string();
         if v1beta1 {
             field = v1beta1_path(&field);
         }
-        error(&context, field, e.inner().to_string())
+        id.error(field, e.inner().to_string())
     })
 }
 
