@@ -34,23 +34,12 @@ impl ClaimRef {
         if !is_dns_subdomain(&self.name) {
             return Err(invalid("name", &self.name, "a DNS subdomain"));
         }
-        if !is_safe_uid(&self.uid) {
+        // The UID names the claim's CDI spec and directories: the CDI spec id rule.
+        if vgpu_cdi::validate_spec_id(&self.uid).is_err() {
             return Err(invalid("uid", &self.uid, "a safe file name"));
         }
         Ok(())
     }
-}
-
-/// A UID fit for a file name: 1–128 of `[A-Za-z0-9._-]`, no leading dot, no `..` (API server
-/// UIDs are UUIDs, well inside this).
-fn is_safe_uid(uid: &str) -> bool {
-    !uid.is_empty()
-        && uid.len() <= 128
-        && !uid.starts_with('.')
-        && !uid.contains("..")
-        && uid
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 /// Why a claim cannot be prepared before the driver sees it; reported for that claim alone.
