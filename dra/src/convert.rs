@@ -158,16 +158,14 @@ fn item_to_v1(item: &mut Map<String, Value>, shape: Shape, _: ApiVersion) -> Res
         },
         Shape::Request => {
             let mut exactly = Map::new();
-            let mut set = false;
             for k in EXACT_REQUEST_FIELDS {
                 if let Some(v) = item.remove(k) {
-                    set |= is_set(k, &v);
                     exactly.insert(k.to_string(), v);
                 }
             }
             // As Kubernetes does: an `exactly` only where one of its fields is set (v1beta1
             // writes `deviceClassName: ""` on every request without one).
-            if set {
+            if sets_a_request_field(&exactly) {
                 item.insert("exactly".into(), Value::Object(exactly));
             }
             Ok(())
@@ -175,14 +173,19 @@ fn item_to_v1(item: &mut Map<String, Value>, shape: Shape, _: ApiVersion) -> Res
     }
 }
 
-/// Whether a v1beta1 request field counts as set (Go's zero values do not).
-fn is_set(field: &str, value: &Value) -> bool {
-    match (field, value) {
-        (_, Value::Null) => false,
-        ("deviceClassName" | "allocationMode", Value::String(s)) => !s.is_empty(),
-        ("count", Value::Number(n)) => n.as_i64() != Some(0),
-        _ => true,
-    }
+/// Whether a request's class, selectors, count… (`exactly` in v1, beside `firstAvailable` in
+/// v1beta1) set anything, by Kubernetes' rule (`hasAnyMainRequestFieldsSet`): Go's zero values
+/// do not count. A request that sets nothing has no `exactly` in v1.
+pub fn sets_a_request_field(fields: &Map<String, Value>) -> bool {
+    fields.iter().any(|(field, value)| {
+        EXACT_REQUEST_FIELDS.contains(&field.as_str())
+            && match (field.as_str(), value) {
+                (_, Value::Null) => false,
+                ("deviceClassName" | "allocationMode", Value::String(s)) => !s.is_empty(),
+                ("count", Value::Number(n)) => n.as_i64() != Some(0),
+                _ => true,
+            }
+    })
 }
 
 fn item_to_v1beta1(

@@ -202,17 +202,8 @@ pub fn dra_convert(data: &[u8]) {
             .and_then(serde_json::Value::as_array)
             .into_iter()
             .flatten()
-            .filter_map(|r| r.get("exactly"))
-            .any(|e| {
-                e.get("deviceClassName").and_then(serde_json::Value::as_str) == Some("")
-                    && e.get("allocationMode")
-                        .is_none_or(|m| m.is_null() || m.as_str() == Some(""))
-                    && e.get("count")
-                        .is_none_or(|c| c.is_null() || c.as_i64() == Some(0))
-                    && ["selectors", "adminAccess", "tolerations", "capacity"]
-                        .iter()
-                        .all(|k| e.get(*k).is_none_or(serde_json::Value::is_null))
-            })
+            .filter_map(|r| r.get("exactly")?.as_object())
+            .any(|e| !convert::sets_a_request_field(e))
     }
     let Ok(value) = serde_json::from_slice::<serde_json::Value>(data) else {
         return;
