@@ -26,22 +26,6 @@ const DRIVER: &str = "vgpu.hami.io";
 const SLICE: &str = "gpu-slice.vgpu.hami.io";
 const GI: u64 = 1 << 30;
 
-/// Where an object of the kinds these tests write is stored.
-fn gvr_of(object: &Value) -> Gvr {
-    let api_version = object["apiVersion"].as_str().unwrap();
-    let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
-    let plural = match object["kind"].as_str().unwrap() {
-        "Node" => "nodes",
-        "Pod" => "pods",
-        "ResourceClaim" => "resourceclaims",
-        "DeviceClass" => "deviceclasses",
-        "ResourceSlice" => "resourceslices",
-        "Lease" => "leases",
-        other => panic!("no plural known for {other}"),
-    };
-    Gvr::new(group, version, plural)
-}
-
 fn claims_gvr(version: ApiVersion) -> Gvr {
     Gvr::new("resource.k8s.io", version.version(), "resourceclaims")
 }
@@ -62,10 +46,24 @@ impl FakeApi {
         self.server.client()
     }
 
-    fn key(object: &Value) -> (Gvr, String, String) {
+    /// Where the server stores an object of this apiVersion and kind.
+    fn gvr_of(&self, object: &Value) -> Gvr {
+        let (api_version, kind) = (
+            object["apiVersion"].as_str().unwrap(),
+            object["kind"].as_str().unwrap(),
+        );
+        self.server
+            .registered()
+            .into_iter()
+            .find(|k| k.api_version() == api_version && k.kind == kind)
+            .unwrap_or_else(|| panic!("the fake API server does not serve {api_version} {kind}"))
+            .gvr()
+    }
+
+    fn key(&self, object: &Value) -> (Gvr, String, String) {
         let meta = &object["metadata"];
         (
-            gvr_of(object),
+            self.gvr_of(object),
             meta["namespace"].as_str().unwrap_or("").to_string(),
             meta["name"].as_str().unwrap().to_string(),
         )
@@ -73,11 +71,13 @@ impl FakeApi {
 
     /// Stored as another client would have created it.
     fn create(&self, object: Value) -> Value {
-        self.server.put_object(gvr_of(&object), object).unwrap()
+        self.server
+            .put_object(self.gvr_of(&object), object)
+            .unwrap()
     }
 
     fn get(&self, object: &Value) -> Option<Value> {
-        let (gvr, namespace, name) = Self::key(object);
+        let (gvr, namespace, name) = self.key(object);
         self.server.get(gvr, &namespace, &name)
     }
 
@@ -91,7 +91,7 @@ impl FakeApi {
 
     /// Changed as another client (the kube-scheduler, say) would.
     fn modify(&self, object: &Value, edit: impl FnOnce(&mut Value)) {
-        let (gvr, namespace, name) = Self::key(object);
+        let (gvr, namespace, name) = self.key(object);
         self.server
             .update_object(gvr, &namespace, &name, edit)
             .unwrap();
@@ -99,7 +99,7 @@ impl FakeApi {
 
     /// Gone, finalizers and all, as after kube-controller-manager cleaned up.
     fn remove(&self, object: &Value) {
-        let (gvr, namespace, name) = Self::key(object);
+        let (gvr, namespace, name) = self.key(object);
         self.server
             .update_object(&gvr, &namespace, &name, |o| {
                 o["metadata"]["finalizers"] = Value::Null;
