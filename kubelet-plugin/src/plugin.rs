@@ -182,16 +182,6 @@ pub async fn start(
 }
 
 impl Running {
-    /// The DRA socket the kubelet dials.
-    pub fn dra_socket(&self) -> &std::path::Path {
-        self.kubelet.dra_socket()
-    }
-
-    /// The registration socket in the kubelet's registry directory.
-    pub fn registration_socket(&self) -> &std::path::Path {
-        self.kubelet.registration_socket()
-    }
-
     /// Stop serving and remove the sockets.
     pub async fn shutdown(self) -> Result<(), PluginError> {
         let _ = self.stop.send(true);

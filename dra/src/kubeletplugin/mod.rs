@@ -22,7 +22,7 @@ use crate::version::ApiVersion;
 use k8s_openapi::api::resource::v1::ResourceClaim;
 use serde::{Deserialize, Serialize};
 use std::future::Future;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -171,8 +171,6 @@ pub enum HelperError {
 pub struct Helper {
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<Result<(), uds::UdsError>>,
-    dra_socket: PathBuf,
-    registration_socket: PathBuf,
 }
 
 impl Helper {
@@ -192,35 +190,18 @@ impl Helper {
         };
         let service = service::DraService::new(driver, reader);
         let registrar = Registrar::new(&options.driver_name, &options.kubelet_endpoint());
-        let (dra_socket, registration_socket) =
-            (options.dra_socket(), options.registration_socket());
+        let (dra, reg) = (options.dra_socket(), options.registration_socket());
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-        let task = {
-            let (dra, reg) = (dra_socket.clone(), registration_socket.clone());
-            tokio::spawn(async move {
-                service::serve(&dra, &reg, service, registrar, ready_tx, stop_rx).await
-            })
-        };
+        let task = tokio::spawn(async move {
+            service::serve(&dra, &reg, service, registrar, ready_tx, stop_rx).await
+        });
         if ready_rx.await.is_err() {
             return match task.await {
                 Ok(Err(e)) => Err(e.into()),
                 _ => Err(HelperError::NotReady),
             };
         }
-        Ok(Helper {
-            stop,
-            task,
-            dra_socket,
-            registration_socket,
-        })
-    }
-
-    pub fn dra_socket(&self) -> &Path {
-        &self.dra_socket
-    }
-
-    pub fn registration_socket(&self) -> &Path {
-        &self.registration_socket
+        Ok(Helper { stop, task })
     }
 
     /// Stop serving; the registration socket goes first, so the kubelet deregisters before
@@ -231,5 +212,44 @@ impl Helper {
             Ok(r) => Ok(r?),
             Err(e) => Err(HelperError::Task(e.to_string())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rolling_updates_give_each_instance_its_own_sockets() {
+        let mut options = Options {
+            driver_name: "vgpu.hami.io".into(),
+            node_name: "n1".into(),
+            plugin_dir: "/plugins/vgpu.hami.io".into(),
+            kubelet_plugin_dir: "/var/lib/kubelet/plugins/vgpu.hami.io".into(),
+            registrar_dir: "/var/lib/kubelet/plugins_registry".into(),
+            rolling_update_uid: None,
+        };
+        assert_eq!(
+            options.dra_socket(),
+            PathBuf::from("/plugins/vgpu.hami.io/dra.sock")
+        );
+        assert_eq!(
+            options.registration_socket(),
+            PathBuf::from("/var/lib/kubelet/plugins_registry/vgpu.hami.io-reg.sock")
+        );
+        options.rolling_update_uid = Some("6f1c".into());
+        assert_eq!(
+            options.dra_socket(),
+            PathBuf::from("/plugins/vgpu.hami.io/dra-6f1c.sock")
+        );
+        assert_eq!(
+            options.registration_socket(),
+            PathBuf::from("/var/lib/kubelet/plugins_registry/vgpu.hami.io-6f1c-reg.sock")
+        );
+        // The kubelet dials the socket by its own view of the directory.
+        assert_eq!(
+            options.kubelet_endpoint(),
+            PathBuf::from("/var/lib/kubelet/plugins/vgpu.hami.io/dra-6f1c.sock")
+        );
     }
 }
