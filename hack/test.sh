@@ -18,15 +18,8 @@ if ! command -v podman >/dev/null || ! command -v runc >/dev/null || [ ! -x /bin
   fi
 fi
 
-# Deployment manifests and examples against the official schemas (needs kubectl for Kustomize;
-# where the machine has none, the one hack/cluster builds from k8s.io/kubernetes, cached).
-if ! command -v kubectl >/dev/null; then
-  cache=$(hack/cluster/build.sh 1.34)
-  # shellcheck source=cluster/versions.sh
-  . hack/cluster/versions.sh
-  release_versions 1.34
-  export PATH="$cache/kubernetes-$K8S_VERSION/bin:$PATH"
-fi
+# The Helm chart, the manifests rendered from it and the examples against the official schemas
+# (helm is built once from its Go module by hack/helm.sh, cached outside the work tree).
 hack/check-manifests.sh
 
 # Everything but the end-to-end tier, which needs a cluster: hack/e2e.sh runs it.

@@ -82,9 +82,9 @@ fn binpack_leaves_whole_gpus_free_where_spread_does_not() {
 
 /// A cluster of 2 HGX nodes in the given API version, the shipped DeviceClasses and examples.
 fn examples_workload(version: ApiVersion) -> String {
-    let (dir, overlay) = match version {
-        ApiVersion::V1 => ("v1", "k8s-1.34"),
-        ApiVersion::V1beta1 => ("v1beta1", "k8s-1.32"),
+    let (dir, manifest) = match version {
+        ApiVersion::V1 => ("v1", "vgpu-dra.yaml"),
+        ApiVersion::V1beta1 => ("v1beta1", "vgpu-dra-1.32.yaml"),
     };
     let gpus = Inventory::from_yaml(include_str!("../../driver/testdata/hgx-h100.yaml"))
         .unwrap()
@@ -114,15 +114,24 @@ fn examples_workload(version: ApiVersion) -> String {
             ));
         }
     }
-    text.push_str("---\n");
-    text.push_str(
-        &std::fs::read_to_string(
-            repo().join(format!("deploy/overlays/{overlay}/deviceclasses.yaml")),
-        )
-        .unwrap(),
-    );
+    text.push_str(&shipped_device_classes(manifest));
     text.push_str(&examples(dir, 6));
     text
+}
+
+/// The DeviceClasses of a shipped installation (deploy/manifests/<file>, the Helm chart
+/// rendered), as multi-document YAML.
+fn shipped_device_classes(file: &str) -> String {
+    let text = std::fs::read_to_string(repo().join("deploy/manifests").join(file)).unwrap();
+    let mut out = String::new();
+    for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+        let doc: serde_json::Value = serde::Deserialize::deserialize(doc).unwrap();
+        if doc["kind"] == "DeviceClass" {
+            out.push_str(&format!("---\n{}", serde_yaml_ng::to_string(&doc).unwrap()));
+        }
+    }
+    assert!(!out.is_empty(), "{file} has no DeviceClass");
+    out
 }
 
 /// Every file of deploy/examples/<dir>, as one multi-document YAML.
@@ -215,6 +224,31 @@ fn bad_input_names_the_document_and_field() {
     let w = input::parse(list).unwrap();
     assert_eq!(w.inputs.nodes.len(), 1);
     assert_eq!(w.ignored, vec!["v1 Namespace ml".to_string()]);
+}
+
+/// `controller simulate ... | head`: a reader that has gone ends the output quietly (exit 0,
+/// nothing on stderr), in every output format.
+#[test]
+fn a_closed_stdout_ends_the_output_without_a_panic() {
+    let bin = env!("CARGO_BIN_EXE_controller");
+    for args in [
+        &["simulate"][..],
+        &["simulate", "-o", "yaml"],
+        &["simulate", "-o", "json"],
+        &["simulate", "--print-default"],
+    ] {
+        // The read end is closed before the binary starts: its first write meets EPIPE.
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = std::process::Command::new(bin)
+            .args(args)
+            .stdout(writer)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{args:?}: {:?} {stderr}", out.status);
+        assert!(stderr.is_empty(), "{args:?}: {stderr}");
+    }
 }
 
 #[test]
@@ -330,13 +364,15 @@ fn native_mode_places_first_fit_shares_like_the_scheduler() {
 
 #[test]
 fn every_native_example_is_allocatable_by_the_schedulers_rules() {
-    // The native component's class beside the base classes, the native examples.
+    // The native installation's share class beside the base classes, the native examples.
     let mut text = examples_workload(ApiVersion::V1);
+    let classes = shipped_device_classes("vgpu-dra-native.yaml");
+    let share = classes
+        .split("---\n")
+        .find(|doc| doc.contains("gpu-share.vgpu.hami.io"))
+        .expect("the native installation has the share class");
     text.push_str("\n---\n");
-    text.push_str(
-        &std::fs::read_to_string(repo().join("deploy/components/native/deviceclass-share.yaml"))
-            .unwrap(),
-    );
+    text.push_str(share);
     text.push_str(&examples("native", 2));
     let workload = input::parse(&text).unwrap();
     let sim = simulate::run(

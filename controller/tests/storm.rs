@@ -9,7 +9,7 @@
 //! `STORM_CLAIMS` (200 by default, enough for `cargo test`) and `STORM_LEASE_SECONDS`
 //! (2 by default; the binary's default is 15) scale it; RELIABILITY.md has the full run.
 
-use fake_apiserver::rbac::{self, Permission, granted};
+use fake_apiserver::rbac::{self, Permission, granted_to};
 use fake_apiserver::{DraVersions, FakeApiServer, Gvr};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, HashMap};
@@ -406,10 +406,13 @@ async fn a_claim_storm_with_faults_and_a_killed_leader_never_overbooks() {
     // with the server's direct helpers, which are not counted). Patching an Event happens
     // only when one repeats into a series, which this storm need not provoke.
     let used = rbac::used(&server);
-    let rbac = granted(include_str!(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../deploy/base/rbac-controller.yaml"
-    )))
+    let rbac = granted_to(
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/manifests/vgpu-dra.yaml"
+        )),
+        "vgpu-controller",
+    )
     .unwrap();
     let missing: Vec<_> = used.difference(&rbac).collect();
     assert!(missing.is_empty(), "called without RBAC: {missing:?}");

@@ -1,5 +1,6 @@
 # The node agent's image: the kubelet-plugin binary and the enforcement library it installs on
-# the host (its init container copies /usr/local/vgpu/libvgpu.so to the path the CDI specs mount).
+# the host (its init container copies /opt/vgpu/libvgpu.so to the path the CDI specs mount; the
+# Helm chart passes --from=/opt/vgpu/libvgpu.so).
 #
 #   docker build -f deploy/images/kubelet-plugin.Dockerfile -t vgpu-dra/kubelet-plugin:v0.1.0 .
 
@@ -19,5 +20,5 @@ RUN cargo build --release --locked -p kubelet-plugin \
 FROM gcr.io/distroless/cc-debian12
 COPY --from=plugin /kubelet-plugin /kubelet-plugin
 COPY --from=plugin /install-library /install-library
-COPY --from=library /libvgpu.so /usr/local/vgpu/libvgpu.so
+COPY --from=library /libvgpu.so /opt/vgpu/libvgpu.so
 ENTRYPOINT ["/kubelet-plugin"]

@@ -55,35 +55,79 @@ pub enum RbacError {
 
 /// Every permission the ClusterRoles and Roles of a multi-document YAML manifest grant.
 pub fn granted(manifest: &str) -> Result<BTreeSet<Permission>, RbacError> {
+    let docs = documents(manifest)?;
     let mut out = BTreeSet::new();
-    for doc in serde_yaml_ng::Deserializer::from_str(manifest) {
-        let doc: Value = serde::Deserialize::deserialize(doc)?;
-        let kind = doc["kind"].as_str().unwrap_or_default();
-        if kind != "ClusterRole" && kind != "Role" {
-            continue;
+    for doc in docs.iter().filter(|d| is_role(d)) {
+        rules_of(doc, &mut out)?;
+    }
+    Ok(out)
+}
+
+/// What a whole installation manifest grants ServiceAccount `account` (of any namespace):
+/// the rules of the Roles and ClusterRoles its RoleBindings and ClusterRoleBindings bind it to.
+pub fn granted_to(manifest: &str, account: &str) -> Result<BTreeSet<Permission>, RbacError> {
+    let docs = documents(manifest)?;
+    let bound: BTreeSet<(String, String)> = docs
+        .iter()
+        .filter(|d| matches!(d["kind"].as_str(), Some("RoleBinding" | "ClusterRoleBinding")))
+        .filter(|d| {
+            d["subjects"].as_array().into_iter().flatten().any(|s| {
+                s["kind"] == "ServiceAccount" && s["name"].as_str() == Some(account)
+            })
+        })
+        .map(|d| {
+            let r = &d["roleRef"];
+            let s = |v: &Value| v.as_str().unwrap_or_default().to_string();
+            (s(&r["kind"]), s(&r["name"]))
+        })
+        .collect();
+    let mut out = BTreeSet::new();
+    for doc in docs.iter().filter(|d| is_role(d)) {
+        let key = (
+            doc["kind"].as_str().unwrap_or_default().to_string(),
+            doc["metadata"]["name"].as_str().unwrap_or_default().to_string(),
+        );
+        if bound.contains(&key) {
+            rules_of(doc, &mut out)?;
         }
-        let name = doc["metadata"]["name"].as_str().unwrap_or_default();
-        let strings = |rule: &Value, field: &'static str| -> Result<Vec<String>, RbacError> {
-            rule[field]
-                .as_array()
-                .and_then(|a| a.iter().map(|v| v.as_str().map(String::from)).collect())
-                .ok_or_else(|| RbacError::Field {
-                    kind: kind.into(),
-                    name: name.into(),
-                    field,
-                })
-        };
-        for rule in doc["rules"].as_array().into_iter().flatten() {
-            for group in strings(rule, "apiGroups")? {
-                for resource in strings(rule, "resources")? {
-                    for verb in strings(rule, "verbs")? {
-                        out.insert((group.clone(), resource.clone(), verb));
-                    }
+    }
+    Ok(out)
+}
+
+fn documents(manifest: &str) -> Result<Vec<Value>, RbacError> {
+    serde_yaml_ng::Deserializer::from_str(manifest)
+        .map(|doc| Ok(serde::Deserialize::deserialize(doc)?))
+        .filter(|d: &Result<Value, RbacError>| !matches!(d, Ok(Value::Null)))
+        .collect()
+}
+
+fn is_role(doc: &Value) -> bool {
+    matches!(doc["kind"].as_str(), Some("ClusterRole" | "Role"))
+}
+
+fn rules_of(doc: &Value, out: &mut BTreeSet<Permission>) -> Result<(), RbacError> {
+    let kind = doc["kind"].as_str().unwrap_or_default();
+    let name = doc["metadata"]["name"].as_str().unwrap_or_default();
+    let strings = |rule: &Value, field: &'static str| -> Result<Vec<String>, RbacError> {
+        rule[field]
+            .as_array()
+            .and_then(|a| a.iter().map(|v| v.as_str().map(String::from)).collect())
+            .ok_or_else(|| RbacError::Field {
+                kind: kind.into(),
+                name: name.into(),
+                field,
+            })
+    };
+    for rule in doc["rules"].as_array().into_iter().flatten() {
+        for group in strings(rule, "apiGroups")? {
+            for resource in strings(rule, "resources")? {
+                for verb in strings(rule, "verbs")? {
+                    out.insert((group.clone(), resource.clone(), verb));
                 }
             }
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -131,5 +175,23 @@ mod tests {
         let bad = "kind: Role\nmetadata: {name: b}\nrules:\n- apiGroups: core\n  resources: [x]\n  verbs: [get]\n";
         let err = granted(bad).unwrap_err().to_string();
         assert!(err.contains("Role b") && err.contains("apiGroups"), "{err}");
+    }
+
+    #[test]
+    fn an_account_gets_the_rules_of_the_roles_it_is_bound_to_and_no_others() {
+        let manifest = "kind: ClusterRole\nmetadata: {name: a}\nrules:\n- apiGroups: [\"\"]\n  resources: [nodes]\n  verbs: [get]\n---\n\
+                        kind: ClusterRoleBinding\nmetadata: {name: a}\nroleRef: {kind: ClusterRole, name: a}\nsubjects: [{kind: ServiceAccount, name: sa, namespace: x}]\n---\n\
+                        kind: Role\nmetadata: {name: a}\nrules:\n- apiGroups: [apps]\n  resources: [daemonsets]\n  verbs: [get]\n---\n\
+                        kind: RoleBinding\nmetadata: {name: b}\nroleRef: {kind: Role, name: a}\nsubjects: [{kind: ServiceAccount, name: sa, namespace: x}]\n---\n\
+                        kind: ClusterRole\nmetadata: {name: other}\nrules:\n- apiGroups: [\"\"]\n  resources: [pods]\n  verbs: [list]\n---\n\
+                        kind: ClusterRoleBinding\nmetadata: {name: other}\nroleRef: {kind: ClusterRole, name: other}\nsubjects: [{kind: ServiceAccount, name: someone-else, namespace: x}]\n";
+        let g = granted_to(manifest, "sa").unwrap();
+        let want: BTreeSet<Permission> = [
+            ("".into(), "nodes".into(), "get".into()),
+            ("apps".into(), "daemonsets".into(), "get".into()),
+        ]
+        .into();
+        assert_eq!(g, want);
+        assert!(granted_to(manifest, "nobody").unwrap().is_empty());
     }
 }

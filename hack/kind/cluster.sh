@@ -4,7 +4,7 @@
 #
 #   hack/kind/cluster.sh [1.32|1.33|1.34|1.35] [--native]
 #
-# Needs docker, kind and kubectl. --native (1.34+) also turns on DRAConsumableCapacity for the
+# Needs docker, kind and kubectl; helm is built by hack/helm.sh when it is not on PATH. --native (1.34+) also turns on DRAConsumableCapacity for the
 # native fractional-allocation mode. CLUSTER_NAME (default vgpu-dra) names the cluster.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -24,19 +24,18 @@ for tool in docker kind kubectl; do
   command -v "$tool" >/dev/null || { echo "$tool is needed" >&2; exit 2; }
 done
 
-gates="" runtime_config="" overlay=deploy/overlays/fake-gpus
+gates="" runtime_config="" mode=controller
 case $version in
   1.32|1.33)
     gates="DynamicResourceAllocation: true"
     runtime_config='"resource.k8s.io/v1beta1": "true"'
     [ "$version" = 1.33 ] && runtime_config='"resource.k8s.io/v1beta1": "true", "resource.k8s.io/v1beta2": "true"'
-    overlay=deploy/overlays/fake-gpus-1.32
     ;;
 esac
 if [ "$native" = --native ]; then
   case $version in 1.32|1.33) echo "--native needs Kubernetes 1.34 or later" >&2; exit 2 ;; esac
   gates="DRAConsumableCapacity: true"
-  overlay=deploy/overlays/fake-gpus-native
+  mode=native
 fi
 
 config=$(mktemp)
@@ -67,7 +66,7 @@ docker build -f deploy/images/kubelet-plugin.Dockerfile -t vgpu-dra/kubelet-plug
 docker build -f deploy/images/controller.Dockerfile -t vgpu-dra/controller:v0.1.0 .
 kind load docker-image --name "$name" vgpu-dra/kubelet-plugin:v0.1.0 vgpu-dra/controller:v0.1.0
 
-kubectl apply -k "$overlay"
-kubectl -n vgpu-system rollout status daemonset/vgpu-kubelet-plugin --timeout=180s
-kubectl -n vgpu-system rollout status deployment/vgpu-controller --timeout=180s
+helm=$(command -v helm || hack/helm.sh)
+"$helm" upgrade --install vgpu-dra deploy/helm/vgpu-dra -n vgpu-system --create-namespace \
+  --set fakeGpus.enabled=true --set sharingMode="$mode" --wait --timeout 5m
 kubectl get resourceslices -o wide

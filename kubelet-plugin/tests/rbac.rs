@@ -1,22 +1,26 @@
 //! The shipped RBAC grants the plugin exactly what its code calls: every API request the plugin
 //! makes in a full life (publishing, drift repair, stale slices, prepare, unprepare, and a
 //! native-mode start on a cluster that drops its fields) is allowed by
-//! `deploy/base/rbac-plugin.yaml`, and every rule there is used.
+//! the shipped installation (`deploy/manifests/vgpu-dra.yaml`, the Helm chart rendered) to the
+//! plugin's ServiceAccount, and every rule there is used.
 
 mod common;
 
 use common::*;
 use fake_apiserver::DraVersions;
-use fake_apiserver::rbac::{self, Permission, granted as granted_by};
+use fake_apiserver::rbac::{self, Permission, granted_to};
 use serde_json::json;
 use std::collections::BTreeSet;
 use vgpu_proto::dra::v1;
 
 fn granted() -> BTreeSet<Permission> {
-    granted_by(include_str!(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../deploy/base/rbac-plugin.yaml"
-    )))
+    granted_to(
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/manifests/vgpu-dra.yaml"
+        )),
+        "vgpu-kubelet-plugin",
+    )
     .unwrap()
 }
 

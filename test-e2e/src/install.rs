@@ -210,7 +210,7 @@ impl Installation {
         // The library goes where a node's installer puts it; containers mount it from there.
         let library = local.dir().join("vgpu/libvgpu.so");
         std::fs::copy(Self::binary("libvgpu.so"), &library).expect("copy libvgpu.so");
-        let fake_gpus = repo().join("deploy/components/fake-gpus/fake-gpus.yaml");
+        let fake_gpus = repo().join("deploy/helm/vgpu-dra/files/fake-gpus.yaml");
         let s = |p: &Path| p.display().to_string();
         local.write_launcher(
             name,
@@ -311,22 +311,22 @@ pub fn write_kubeconfig(cluster: &Cluster, path: &Path, token: &str) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
 }
 
-/// The shipped overlay for this release, without the objects that need our images (the
-/// DaemonSet and Deployment, whose processes run on the host here, and their Services).
+/// The shipped manifests for this release (deploy/manifests, the Helm chart rendered), without
+/// the objects that need our images (the DaemonSet and Deployment, whose processes run on the
+/// host here, their Services and the controller's PodDisruptionBudget).
 fn apply_shipped_manifests(cluster: &Cluster) {
-    let overlay = match cluster.local.release() {
-        "1.32" => "deploy/overlays/k8s-1.32",
-        _ => "deploy/overlays/k8s-1.34-native",
+    let manifest = match cluster.local.release() {
+        "1.32" => "deploy/manifests/vgpu-dra-1.32.yaml",
+        _ => "deploy/manifests/vgpu-dra-native.yaml",
     };
-    let rendered = cluster
-        .run(&["kustomize", &repo().join(overlay).display().to_string()])
-        .expect("kustomize the shipped overlay");
+    let rendered = std::fs::read_to_string(repo().join(manifest))
+        .unwrap_or_else(|e| panic!("{manifest}: {e}"));
     let list = cluster
         .run_with_input(
             &["create", "--dry-run=client", "-o", "json", "-f", "-"],
             &rendered,
         )
-        .expect("parse the shipped overlay");
+        .expect("parse the shipped manifests");
     // One JSON object per manifest, one after the other.
     let items: Vec<Value> = serde_json::Deserializer::from_str(&list)
         .into_iter::<Value>()
@@ -336,7 +336,7 @@ fn apply_shipped_manifests(cluster: &Cluster) {
         .filter(|o| {
             !matches!(
                 o["kind"].as_str(),
-                Some("DaemonSet" | "Deployment" | "Service")
+                Some("DaemonSet" | "Deployment" | "Service" | "PodDisruptionBudget")
             )
         })
         .collect();
@@ -346,7 +346,7 @@ fn apply_shipped_manifests(cluster: &Cluster) {
             .any(|o| o["kind"] == "ValidatingAdmissionPolicy")
             && items.iter().any(|o| o["kind"] == "DeviceClass")
             && items.iter().any(|o| o["kind"] == "ClusterRole"),
-        "the overlay {overlay} lost its RBAC, admission policy or DeviceClasses"
+        "{manifest} lost its RBAC, admission policy or DeviceClasses"
     );
     let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items});
     cluster

@@ -14,7 +14,7 @@ use test_e2e::{Cluster, Installation, SharingMode, parse_env};
 const MINUTE: Duration = Duration::from_secs(60);
 /// The image the local cluster's runtime holds: busybox, glibc and the simulated CUDA driver.
 const IMAGE: &str = "vgpu-dra/workload:e2e";
-/// The memory of each fake GPU (deploy/components/fake-gpus), in HAMi-core's format.
+/// The memory of each fake GPU (deploy/helm/vgpu-dra/files/fake-gpus.yaml), in HAMi-core's format.
 const FAKE_GPU_MEMORY: &str = "81559m";
 
 fn v1(cluster: &Cluster) -> bool {
