@@ -7,7 +7,9 @@
 #   hack/e2e.sh 1.34|1.32 [cargo test args...]
 #
 # The first run builds Kubernetes, etcd, containerd and the CNI plugins from their Go modules
-# (cached outside the work tree, see hack/cluster/build.sh). KEEP_CLUSTER=1 leaves the cluster
+# (cached outside the work tree, see hack/cluster/build.sh), and helm (hack/helm.sh). The suite
+# runs tests/e2e.rs (our binaries as host processes) and then tests/helm.rs (the Helm chart
+# with our images: install, surge upgrade, uninstall). KEEP_CLUSTER=1 leaves the cluster
 # up afterwards (stop it with hack/cluster/down.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,10 +23,16 @@ export VGPU_CLUSTER_DIR=$state
 start=$SECONDS
 step() { echo "=== e2e $release: $* ($((SECONDS - start))s)"; }
 
-step "our binaries (kubelet-plugin, controller, libvgpu.so)"
+step "our binaries (kubelet-plugin, controller, libvgpu.so) and helm"
 cargo build -p kubelet-plugin -p controller -p libvgpu
+HELM=$(hack/helm.sh)
+export HELM
 # A cluster left by an interrupted run is stopped first, so that this run starts clean.
 [ -f "$state/cluster.env" ] && hack/cluster/down.sh
+
+step "our images (hack/images.sh), which up.sh loads into every node's containerd"
+# The same images under a second tag: the chart's test upgrades to it.
+PROFILE=debug hack/images.sh "$state/images" v0.1.0 e2e-upgrade
 
 step "cluster up"
 if [ "${KEEP_CLUSTER:-}" != 1 ]; then

@@ -77,7 +77,12 @@ cert() {
     -days 3 -extfile "$ext" -out "$pki/$name.crt"
   rm -f "$pki/$name.csr" "$ext"
 }
-cert apiserver "/CN=kube-apiserver" "DNS:localhost,DNS:kubernetes,DNS:kubernetes.default.svc,IP:127.0.0.1,IP:10.0.0.1"
+# Pods reach the API server at the first node's bridge address (10.244.0.1, see the CNI
+# configuration below): there is no kube-proxy here to route the kubernetes Service's
+# ClusterIP, so the in-cluster workloads of the chart's e2e install are pointed there
+# (KUBERNETES_SERVICE_HOST/PORT, API_SERVER_POD_ADDRESS in cluster.env).
+pod_api_host=10.244.0.1
+cert apiserver "/CN=kube-apiserver" "DNS:localhost,DNS:kubernetes,DNS:kubernetes.default.svc,IP:127.0.0.1,IP:10.0.0.1,IP:$pod_api_host"
 cert apiserver-kubelet-client "/O=system:masters/CN=kube-apiserver-kubelet-client"
 cert admin "/O=system:masters/CN=vgpu-e2e-admin"
 cert controller-manager "/CN=system:kube-controller-manager"
@@ -169,6 +174,7 @@ CLUSTER_DIR=$state
 LAUNCH_DIR=$state/launch
 PID_DIR=$state/pids
 LOG_DIR=$state/logs
+API_SERVER_POD_ADDRESS=$pod_api_host:6443
 ENV
 
 log "starting Kubernetes $K8S_VERSION in $state (node $node)"
@@ -180,7 +186,7 @@ wait_for etcd 60 curl -sf http://127.0.0.1:2379/health
 
 start kube-apiserver kube-apiserver \
   --etcd-servers=http://127.0.0.1:2379 \
-  --bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port=6443 \
+  --bind-address=0.0.0.0 --advertise-address=127.0.0.1 --secure-port=6443 \
   --endpoint-reconciler-type=none \
   --service-cluster-ip-range=10.0.0.0/24 \
   --client-ca-file="$pki/ca.crt" --tls-cert-file="$pki/apiserver.crt" --tls-private-key-file="$pki/apiserver.key" \

@@ -6,10 +6,12 @@
 //! `hack/e2e.sh 1.34` (or 1.32) brings the cluster up, runs this suite and tears it down. The
 //! tests need the cluster: without one they fail, they never skip.
 
+pub mod helm;
 pub mod install;
 pub mod kubectl;
 pub mod local;
 
+pub use helm::Helm;
 pub use install::{Installation, SecondNode, SharingMode};
 pub use kubectl::{Cluster, Namespace};
 pub use local::LocalCluster;

@@ -86,6 +86,11 @@ impl LocalCluster {
     pub fn cdi_root(&self) -> PathBuf {
         self.path("CDI_ROOT")
     }
+    /// Where pods reach the API server (`host:port`): there is no kube-proxy to route the
+    /// kubernetes Service, so in-cluster clients are pointed here.
+    pub fn api_server_pod_address(&self) -> &str {
+        self.var("API_SERVER_POD_ADDRESS")
+    }
     pub fn dir(&self) -> PathBuf {
         self.path("CLUSTER_DIR")
     }
