@@ -2,6 +2,7 @@
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use std::io::Write;
 use controller::engine::{Mode, Policies};
 use controller::run;
 use controller::simulate::{self, default, input, report};
@@ -161,6 +162,17 @@ fn parse_duration(value: &str) -> Result<std::time::Duration, String> {
         .map_err(|e| format!("{value:?} is not a duration (e.g. 15s, 1500ms): {e}"))
 }
 
+/// Writes a command's output to stdout. A reader that stops early (`| head`) closes the pipe:
+/// that ends the output quietly, as it does for any Unix tool, instead of failing.
+fn emit(write: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()>) -> Result<()> {
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    match write(&mut out).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other.context("writing to stdout"),
+    }
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
@@ -260,8 +272,7 @@ fn main() -> Result<()> {
             print_default,
         } => {
             if print_default {
-                print!("{}", default::yaml());
-                return Ok(());
+                return emit(|out| out.write_all(default::yaml().as_bytes()));
             }
             let text = match &file {
                 Some(path) => std::fs::read_to_string(path)
@@ -279,18 +290,20 @@ fn main() -> Result<()> {
             };
             let sim = simulate::run(&driver_name, workload, policies, mode.into());
             match output {
-                Output::Table => print!("{}", report::table(&sim)),
-                Output::Yaml => {
+                Output::Table => emit(|out| out.write_all(report::table(&sim).as_bytes())),
+                Output::Yaml => emit(|out| {
                     for claim in sim.claim_objects() {
-                        print!("---\n{}", serde_yaml_ng::to_string(&claim)?);
+                        let text = serde_yaml_ng::to_string(&claim).map_err(std::io::Error::other)?;
+                        write!(out, "---\n{text}")?;
                     }
-                }
-                Output::Json => {
+                    Ok(())
+                }),
+                Output::Json => emit(|out| {
                     let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": sim.claim_objects()});
-                    println!("{}", serde_json::to_string_pretty(&list)?);
-                }
+                    serde_json::to_writer_pretty(&mut *out, &list)?;
+                    writeln!(out)
+                }),
             }
-            Ok(())
         }
     }
 }
