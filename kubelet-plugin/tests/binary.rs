@@ -26,6 +26,10 @@ fn help_explains_every_flag() {
         ("--enforcement-library", "ENFORCEMENT_LIBRARY"),
         ("--metrics-addr", "METRICS_ADDR"),
         ("--log-format", "LOG_FORMAT"),
+        ("--rolling-update-uid", "POD_UID"),
+        ("--healthcheck-port", "HEALTHCHECK_PORT"),
+        ("--daemonset-name", "DAEMONSET_NAME"),
+        ("--namespace", "POD_NAMESPACE"),
     ] {
         let block = help
             .split("\n  -")
@@ -38,6 +42,7 @@ fn help_explains_every_flag() {
         assert!(block.contains('.'), "{flag}: no explanation:\n{block}");
     }
     assert!(help.contains("[default: /var/run/cdi]"), "{help}");
+    assert!(help.contains("[default: 51515]"), "{help}");
     assert!(
         help.contains("[default: /usr/local/vgpu/libvgpu.so]"),
         "{help}"
@@ -196,4 +201,97 @@ fn install_library_copies_atomically_with_mode_0755() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/libvgpu.so"));
     assert!(!other.exists());
+}
+
+/// Run the binary with the harness's flags, `extra` (flag, value) pairs in place of those
+/// flags, to its exit; its stderr.
+async fn failing_start(h: &Harness, node: &str, extra: &[&std::ffi::OsStr]) -> String {
+    let kubeconfig = h.path("kubeconfig");
+    std::fs::write(&kubeconfig, h.server.kubeconfig(None)).unwrap();
+    let base = h.binary_args(&kubeconfig);
+    let replaced: Vec<&std::ffi::OsStr> = extra.iter().step_by(2).copied().collect();
+    let kept = base
+        .chunks(2)
+        .filter(|pair| !replaced.contains(&pair[0].as_os_str()))
+        .flatten();
+    let out = tokio::process::Command::new(BIN)
+        .args(["--node-name", node, "--metrics-addr", "127.0.0.1:0"])
+        .args(kept)
+        .args(extra)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(30), out)
+        .await
+        .expect("a start-up error ends the process")
+        .unwrap();
+    assert!(!out.status.success(), "started");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_node_name_says_once_what_to_fix() {
+    let h = Harness::new(DraVersions::V1Only, &example("fake-gpus-hgx-h100.yaml")).await;
+    let stderr = failing_start(&h, "no-such-node", &[]).await;
+    let hint =
+        "Node \"no-such-node\" not found: --node-name/NODE_NAME must be the name of this node";
+    assert_eq!(stderr.matches(hint).count(), 1, "{stderr}");
+    assert!(stderr.contains("spec.nodeName"), "{stderr}");
+    assert_eq!(stderr.matches("not found").count(), 1, "{stderr}");
+    // Nothing was written on the host for a node that is not this one.
+    assert!(!h.path("plugins").exists(), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unusable_plugin_and_registrar_directories_name_the_flag_and_the_mount() {
+    let h = Harness::new(DraVersions::V1Only, &example("fake-gpus-hgx-h100.yaml")).await;
+    // Below a regular file: no directory can be made there, even as root.
+    let file = h.path("not-a-dir");
+    std::fs::write(&file, b"").unwrap();
+    let bad = file.join("plugins/vgpu.hami.io");
+    let stderr = failing_start(&h, NODE, &["--plugin-dir".as_ref(), bad.as_os_str()]).await;
+    assert_eq!(
+        stderr.matches("--plugin-dir/PLUGIN_DIR").count(),
+        1,
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&bad.display().to_string())
+            && stderr.contains("the DaemonSet must mount the host's"),
+        "{stderr}"
+    );
+    let bad = file.join("plugins_registry");
+    let stderr = failing_start(&h, NODE, &["--registrar-dir".as_ref(), bad.as_os_str()]).await;
+    assert_eq!(
+        stderr.matches("--registrar-dir/REGISTRAR_DIR").count(),
+        1,
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("mount the host's /var/lib/kubelet/plugins_registry there"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn no_kubeconfig_outside_a_cluster_says_what_to_set() {
+    let home = tempfile::tempdir().unwrap();
+    let inventory = home.path().join("inventory.yaml");
+    std::fs::write(&inventory, example("fake-gpus-hgx-h100.yaml")).unwrap();
+    let out = Command::new(BIN)
+        .args(["--node-name", "n1", "--metrics-addr", "127.0.0.1:0"])
+        .arg("--fake-gpus")
+        .arg(&inventory)
+        .env_remove("KUBECONFIG")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("KUBERNETES_SERVICE_PORT")
+        .env("HOME", home.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stderr.matches("--kubeconfig/KUBECONFIG").count(),
+        1,
+        "{stderr}"
+    );
+    assert!(stderr.contains("KUBERNETES_SERVICE_HOST"), "{stderr}");
 }
