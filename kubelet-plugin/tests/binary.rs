@@ -295,3 +295,116 @@ fn no_kubeconfig_outside_a_cluster_says_what_to_set() {
     );
     assert!(stderr.contains("KUBERNETES_SERVICE_HOST"), "{stderr}");
 }
+
+/// One run of the binary told its DaemonSet: `during` runs while it serves, then SIGTERM;
+/// its stderr once it has stopped.
+async fn run_until_sigterm<F: std::future::Future<Output = ()>>(
+    h: &Harness,
+    during: impl FnOnce() -> F,
+) -> String {
+    let kubeconfig = h.path("kubeconfig");
+    std::fs::write(&kubeconfig, h.server.kubeconfig(None)).unwrap();
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["--node-name", NODE, "--metrics-addr", "127.0.0.1:0"])
+        .args(["--daemonset-name", "vgpu-kubelet-plugin"])
+        .args(["--namespace", "vgpu-system"])
+        .args(h.binary_args(&kubeconfig))
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut pipe = child.stderr.take().unwrap();
+    let stderr = tokio::spawn(async move {
+        let mut text = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut pipe, &mut text)
+            .await
+            .unwrap();
+        text
+    });
+    h.eventually("the registration socket", || {
+        h.registration_socket().exists()
+    })
+    .await;
+    during().await;
+    let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .expect("the plugin stops within 15 s of SIGTERM")
+        .unwrap();
+    let stderr = stderr.await.unwrap();
+    assert!(status.success(), "{status}: {stderr}");
+    stderr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_uninstall_leaves_no_file_on_the_host_once_nothing_is_prepared() {
+    let h = Harness::new(DraVersions::V1Only, &example("fake-gpus-hgx-h100.yaml")).await;
+    h.server.register(fake_apiserver::ResourceKind::new(
+        "apps",
+        "v1",
+        "DaemonSet",
+        "daemonsets",
+        true,
+        true,
+    ));
+    let daemonsets = fake_apiserver::Gvr::new("apps", "v1", "daemonsets");
+    h.server
+        .put_object(
+            daemonsets.clone(),
+            serde_json::json!({"apiVersion": "apps/v1", "kind": "DaemonSet",
+                   "metadata": {"name": "vgpu-kubelet-plugin", "namespace": "vgpu-system"},
+                   "spec": {"selector": {"matchLabels": {"app": "p"}},
+                            "template": {"metadata": {"labels": {"app": "p"}},
+                                         "spec": {"containers": [{"name": "p", "image": "p"}]}}}}),
+        )
+        .unwrap();
+    let plugin_dir = h.config().plugin_dir;
+    let library = h.config().enforcement_library;
+    let uid = h.put_claim(&ClaimSpec::sliced("train", &["gpu-0"], "1Gi", 10));
+    let prepare = || async {
+        let answer = h.prepare_v1(vec![v1_claim(&uid, "train")]).await;
+        assert_eq!(answer.claims[&uid].error, "");
+    };
+
+    // A restart or rolling update: the DaemonSet is there, everything stays.
+    let stderr = run_until_sigterm(&h, prepare).await;
+    assert!(stderr.contains("host files kept"), "{stderr}");
+    assert!(plugin_dir.join("checkpoint.json").is_file() && library.is_file());
+
+    // Uninstalled while a pod still uses its claim: nothing is removed, the claim is named.
+    h.server
+        .delete_object(daemonsets, "vgpu-system", "vgpu-kubelet-plugin")
+        .unwrap();
+    let stderr = run_until_sigterm(&h, || async {}).await;
+    assert!(
+        stderr.contains("claims still prepared") && stderr.contains(&uid),
+        "{stderr}"
+    );
+    assert!(plugin_dir.join("checkpoint.json").is_file() && library.is_file());
+    assert!(plugin_dir.join("claims").join(&uid).is_dir());
+
+    // Once the claim is unprepared: nothing of the plugin's is left on the host.
+    let unprepare = || async {
+        h.v1()
+            .await
+            .node_unprepare_resources(vgpu_proto::dra::v1::NodeUnprepareResourcesRequest {
+                claims: vec![v1_claim(&uid, "train")],
+            })
+            .await
+            .unwrap();
+    };
+    let stderr = run_until_sigterm(&h, unprepare).await;
+    assert!(
+        stderr.contains("uninstall: removed from the host"),
+        "{stderr}"
+    );
+    assert!(!plugin_dir.exists(), "{stderr}");
+    assert!(!library.exists(), "{stderr}");
+    assert!(!h.registration_socket().exists(), "{stderr}");
+    // Nothing of ours in the CDI directory either.
+    let cdi: Vec<_> = std::fs::read_dir(h.config().cdi_root)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(cdi.is_empty(), "{cdi:?}");
+}
