@@ -64,17 +64,19 @@ fn remove_if_dead(path: &Path) -> bool {
     }
 }
 
+/// Which names in a directory are sockets of this driver's instances.
+type NameFilter<'a> = &'a dyn Fn(&str) -> bool;
+
 /// Remove the DRA and registration sockets of this driver's instances that are gone (no
 /// process listens on them) from the plugin and registry directories; live ones, this
 /// instance's own names and everything else are left alone. Returns what was removed.
 pub fn remove_stale_sockets(options: &Options) -> Vec<PathBuf> {
     let own = [options.dra_socket(), options.registration_socket()];
     let mut removed = Vec::new();
-    let dirs: [(&Path, &dyn Fn(&str) -> bool); 2] = [
+    let registration = |n: &str| is_registration_socket_name(n, &options.driver_name);
+    let dirs: [(&Path, NameFilter<'_>); 2] = [
         (&options.plugin_dir, &is_dra_socket_name),
-        (&options.registrar_dir, &|n: &str| {
-            is_registration_socket_name(n, &options.driver_name)
-        }),
+        (&options.registrar_dir, &registration),
     ];
     for (dir, ours) in dirs {
         let Ok(entries) = std::fs::read_dir(dir) else {

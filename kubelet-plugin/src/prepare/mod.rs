@@ -461,7 +461,7 @@ impl Preparer {
         }
         let snapshot = self.gpus.current();
         let host = self.host_facts(&snapshot);
-        let claim = self.plan(alloc, &snapshot, &state, &host)?;
+        let claim = self.plan(alloc, &snapshot, state, &host)?;
         let uid = alloc.uid.as_str();
         if claim.gpus.iter().any(|g| !g.admin_access) {
             self.ensure_claim_dir(uid)?;

@@ -243,8 +243,7 @@ fn a_second_preparer_on_the_same_directory_is_refused_until_the_first_is_gone() 
     // A shared instance cannot take its turn while a lifetime owner runs: it says why
     // instead of waiting forever.
     let err = lock_for_operation(&env.dir.path().join("plugin"), Duration::from_millis(50))
-        .err()
-        .expect("the directory is held for life");
+        .expect_err("the directory is held for life");
     assert!(matches!(err, PrepareError::Busy { .. }), "{err}");
     assert!(err.to_string().contains("--rolling-update-uid"), "{err}");
     drop(first);
