@@ -155,12 +155,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.metrics_addr)
         .await
         .with_context(|| format!("binding the metrics endpoint {}", args.metrics_addr))?;
-    let running = plugin::start(cfg, client.clone(), source, Some(listener)).await?;
-    let preparer = running.preparer.clone();
-
+    // Installed before the sockets appear: a SIGTERM while starting (the kubelet can see the
+    // plugin, so the pod may be deleted) is then handled after the start, with the uninstall
+    // check, instead of killing the process.
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let running = plugin::start(cfg, client.clone(), source, Some(listener)).await?;
+    let preparer = running.preparer.clone();
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: stopping"),
         _ = int.recv() => tracing::info!("SIGINT: stopping"),
