@@ -5,6 +5,7 @@ use clap::{Parser, ValueEnum};
 use kubelet_plugin::discovery::{GpuSource, fake::FakeSource, nvml::NvmlSource};
 use kubelet_plugin::plugin::{self, PluginConfig};
 use kubelet_plugin::publish::SharingMode;
+use kubelet_plugin::uninstall;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -78,6 +79,26 @@ struct Args {
     #[arg(long, env = "SHARING_MODE", value_enum, default_value = "controller")]
     sharing_mode: SharingModeArg,
 
+    /// This instance's unique id, the pod UID from the downward API (metadata.uid): lets a new
+    /// instance start beside the old one during a rolling update (maxSurge; kubelet 1.33+),
+    /// each with its own socket names. Without it the plugin must be alone on the node.
+    #[arg(long, env = "POD_UID")]
+    rolling_update_uid: Option<String>,
+
+    /// TCP port of the gRPC health service (grpc.health.v1) for the kubelet's grpc probes;
+    /// SERVING while the DRA and registration sockets are served. 0 turns it off.
+    #[arg(long, env = "HEALTHCHECK_PORT", default_value_t = 51515)]
+    healthcheck_port: u16,
+
+    /// Name of this plugin's DaemonSet: on SIGTERM, a DaemonSet that is gone or being deleted
+    /// means an uninstall, and the plugin removes its files from the host (needs --namespace).
+    #[arg(long, env = "DAEMONSET_NAME", requires = "namespace")]
+    daemonset_name: Option<String>,
+
+    /// Namespace of this plugin's pod and DaemonSet, usually from the downward API.
+    #[arg(long, env = "POD_NAMESPACE")]
+    namespace: Option<String>,
+
     /// Log format: human-readable text or one JSON object per line (stderr; colour only on a terminal).
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
     log_format: dra::logging::LogFormat,
@@ -90,7 +111,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let client = dra::connect::client(args.kubeconfig.as_deref())
         .await
-        .context("connecting to the API server")?;
+        .map_err(connect_hint)?;
     let plugin_dir = args
         .plugin_dir
         .clone()
@@ -113,22 +134,85 @@ async fn run(args: Args) -> anyhow::Result<()> {
             SharingModeArg::Native => SharingMode::Native,
         },
         resync: Duration::from_secs(300),
+        rolling_update_uid: args.rolling_update_uid.clone(),
+        healthcheck_addr: (args.healthcheck_port != 0)
+            .then(|| SocketAddr::from(([0, 0, 0, 0], args.healthcheck_port))),
+    };
+    let host_files = uninstall::HostFiles {
+        plugin_dir: cfg.plugin_dir.clone(),
+        registration_socket: dra::kubeletplugin::Options {
+            driver_name: cfg.driver.clone(),
+            node_name: cfg.node.clone(),
+            plugin_dir: cfg.plugin_dir.clone(),
+            kubelet_plugin_dir: cfg.kubelet_plugin_dir.clone(),
+            registrar_dir: cfg.registrar_dir.clone(),
+            rolling_update_uid: cfg.rolling_update_uid.clone(),
+            healthcheck_addr: None,
+        }
+        .registration_socket(),
+        enforcement_library: cfg.enforcement_library.clone(),
     };
     let listener = tokio::net::TcpListener::bind(args.metrics_addr)
         .await
         .with_context(|| format!("binding the metrics endpoint {}", args.metrics_addr))?;
-    let running = plugin::start(cfg, client, source, Some(listener)).await?;
-
+    // Installed before the sockets appear: a SIGTERM while starting (the kubelet can see the
+    // plugin, so the pod may be deleted) is then handled after the start, with the uninstall
+    // check, instead of killing the process.
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let running = plugin::start(cfg, client.clone(), source, Some(listener)).await?;
+    let preparer = running.preparer.clone();
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: stopping"),
         _ = int.recv() => tracing::info!("SIGINT: stopping"),
     }
     running.shutdown().await?;
     tracing::info!("stopped; sockets removed");
+    if let (Some(name), Some(namespace)) = (&args.daemonset_name, &args.namespace) {
+        let state = uninstall::daemonset_state(client, namespace, name).await;
+        // Waits for the directory lock: off the async workers.
+        let (plan, removal) =
+            tokio::task::spawn_blocking(move || uninstall::run(&preparer, &state, &host_files))
+                .await
+                .context("the uninstall check panicked")?
+                .context("deciding whether this stop is an uninstall")?;
+        match plan {
+            uninstall::Plan::Keep(uninstall::KeepReason::DaemonSetPresent) => {
+                tracing::info!(daemonset = %name, "the DaemonSet remains: host files kept for the next instance")
+            }
+            uninstall::Plan::Keep(uninstall::KeepReason::Unknown(why)) => {
+                tracing::warn!(daemonset = %name, error = %why, "cannot tell whether this is an uninstall: host files kept")
+            }
+            uninstall::Plan::Keep(uninstall::KeepReason::ClaimsPrepared(claims)) => {
+                tracing::warn!(daemonset = %name, ?claims, "uninstall with claims still prepared on this node: host files kept, since their pods still use the enforcement library; remove them by hand once those pods are gone")
+            }
+            uninstall::Plan::Remove(_) => {
+                for path in &removal.removed {
+                    tracing::info!(path = %path.display(), "uninstall: removed from the host");
+                }
+                for (path, error) in &removal.failed {
+                    tracing::warn!(path = %path.display(), %error, "uninstall: could not remove");
+                }
+            }
+        }
+    }
     Ok(())
+}
+
+/// The API-server connection error once, with what to set; without duplicating the chain.
+fn connect_hint(e: dra::connect::ConnectError) -> anyhow::Error {
+    match e {
+        dra::connect::ConnectError::Infer(inner) => anyhow::anyhow!(
+            "no Kubernetes API configuration: {inner}. In a pod, the service account token \
+             must be mounted (automountServiceAccountToken) and KUBERNETES_SERVICE_HOST/\
+             KUBERNETES_SERVICE_PORT set; elsewhere pass --kubeconfig/KUBECONFIG"
+        ),
+        dra::connect::ConnectError::Kubeconfig { path, source } => {
+            anyhow::anyhow!("--kubeconfig/KUBECONFIG {path} cannot be used: {source}")
+        }
+        e => anyhow::anyhow!("connecting to the API server: {e}"),
+    }
 }
 
 #[tokio::main]
@@ -138,8 +222,8 @@ async fn main() -> std::process::ExitCode {
     match run(args).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "kubelet-plugin failed");
-            eprintln!("kubelet-plugin: {e:#}");
+            // Once, as the message: a field would escape its quotes in text logs.
+            tracing::error!("kubelet-plugin failed: {e:#}");
             std::process::ExitCode::FAILURE
         }
     }

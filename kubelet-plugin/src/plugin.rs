@@ -9,7 +9,7 @@ use crate::prepare::{PrepareConfig, PrepareError, Preparer};
 use crate::publish::{self, PublishError, Publisher};
 use dra::ApiVersion;
 use dra::kubeletplugin::{Helper, HelperError, Options};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -35,6 +35,12 @@ pub struct PluginConfig {
     pub sharing_mode: crate::publish::SharingMode,
     /// Safety-net republish interval.
     pub resync: Duration,
+    /// This instance's unique id (the pod UID) when instances may overlap during a rolling
+    /// update: per-instance socket names and a plugin directory locked per operation.
+    /// `None`: the only instance, which locks the plugin directory for its whole life.
+    pub rolling_update_uid: Option<String>,
+    /// Where the kubelet's `grpc:` probes reach the health service (TCP); `None`: not served.
+    pub healthcheck_addr: Option<std::net::SocketAddr>,
 }
 
 /// Why the plugin could not start or stopped with an error.
@@ -50,6 +56,38 @@ pub enum PluginError {
     Kubelet(#[from] HelperError),
     #[error(transparent)]
     Discovery(#[from] dra::DiscoveryError),
+    // No #[source] here nor below: the cause is in the message once, with what to do about it.
+    #[error(
+        "Node {node:?} not found: --node-name/NODE_NAME must be the name of this node as the API \
+         server knows it (the chart sets it from spec.nodeName)"
+    )]
+    NodeNotFound { node: String },
+    #[error(
+        "{flag} {path}: {error}: it must be a directory this plugin can write; the DaemonSet \
+         must mount the host's {host} there (hostPath)"
+    )]
+    Directory {
+        flag: &'static str,
+        path: PathBuf,
+        host: PathBuf,
+        error: std::io::Error,
+    },
+}
+
+/// Fail at start, naming the flag and the host path to mount, when a directory the plugin
+/// writes cannot be created or written (not mounted, read-only, permission denied), instead
+/// of a bare I/O error from deep inside whatever touches it first.
+fn check_directory(flag: &'static str, path: &Path, host: &Path) -> Result<(), PluginError> {
+    let err = |error| PluginError::Directory {
+        flag,
+        path: path.to_path_buf(),
+        host: host.to_path_buf(),
+        error,
+    };
+    std::fs::create_dir_all(path).map_err(err)?;
+    // An unnamed temporary file: writable or not, and nothing is left even if killed here.
+    tempfile::tempfile_in(path).map_err(err)?;
+    Ok(())
 }
 
 /// A started plugin.
@@ -83,6 +121,33 @@ pub async fn start(
 
     let api_version = dra::version::discover(&client).await?;
     tracing::info!(api = api_version.as_str(), "resource.k8s.io version chosen");
+    // Before anything is written on the host: a wrong node name is the likeliest mistake.
+    let publisher = Publisher::new(
+        client.clone(),
+        &cfg.driver,
+        &cfg.node,
+        api_version,
+        cfg.taint_unhealthy,
+        cfg.sharing_mode,
+    )
+    .await
+    .map_err(|e| match e {
+        PublishError::Api { source, .. } if source.is_not_found() => PluginError::NodeNotFound {
+            node: cfg.node.clone(),
+        },
+        e => PluginError::Publish(e),
+    })?;
+    check_directory(
+        "--plugin-dir/PLUGIN_DIR",
+        &cfg.plugin_dir,
+        &cfg.kubelet_plugin_dir,
+    )?;
+    check_directory(
+        "--registrar-dir/REGISTRAR_DIR",
+        &cfg.registrar_dir,
+        Path::new(KUBELET_REGISTRY_DIR),
+    )?;
+    check_directory("--cdi-root/CDI_ROOT", &cfg.cdi_root, &cfg.cdi_root)?;
 
     let prepare_cfg = PrepareConfig {
         driver: cfg.driver.clone(),
@@ -100,15 +165,22 @@ pub async fn start(
     }
     let preparer = {
         let gpus = gpus.clone();
-        tokio::task::spawn_blocking(move || Preparer::open(prepare_cfg, gpus))
-            .await
-            .map_err(|e| {
-                PluginError::Prepare(PrepareError::Io {
-                    op: "reconcile",
-                    path: cfg.plugin_dir.clone(),
-                    source: std::io::Error::other(e.to_string()),
-                })
-            })??
+        let shared = cfg.rolling_update_uid.is_some();
+        tokio::task::spawn_blocking(move || {
+            if shared {
+                Preparer::open_shared(prepare_cfg, gpus)
+            } else {
+                Preparer::open(prepare_cfg, gpus)
+            }
+        })
+        .await
+        .map_err(|e| {
+            PluginError::Prepare(PrepareError::Io {
+                op: "reconcile",
+                path: cfg.plugin_dir.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })
+        })??
     };
     let (preparer, report) = preparer;
     tracing::info!(removed = ?report.removed, rewritten = ?report.rewritten, "reconciled CDI specs with the checkpoint");
@@ -117,15 +189,6 @@ pub async fn start(
     metrics.set_prepared_claims(preparer.prepared().len());
     metrics.set_gpu_health(&gpus.current());
 
-    let publisher = Publisher::new(
-        client.clone(),
-        &cfg.driver,
-        &cfg.node,
-        api_version,
-        cfg.taint_unhealthy,
-        cfg.sharing_mode,
-    )
-    .await?;
     let publisher = tokio::spawn(publish::run(
         publisher,
         gpus.clone(),
@@ -149,7 +212,8 @@ pub async fn start(
             plugin_dir: cfg.plugin_dir.clone(),
             kubelet_plugin_dir: cfg.kubelet_plugin_dir.clone(),
             registrar_dir: cfg.registrar_dir.clone(),
-            rolling_update_uid: None,
+            rolling_update_uid: cfg.rolling_update_uid.clone(),
+            healthcheck_addr: cfg.healthcheck_addr,
         },
     )
     .await;
@@ -182,6 +246,11 @@ pub async fn start(
 }
 
 impl Running {
+    /// Where the TCP gRPC health endpoint listens, if it is served.
+    pub fn healthcheck_addr(&self) -> Option<std::net::SocketAddr> {
+        self.kubelet.healthcheck_addr()
+    }
+
     /// Stop serving and remove the sockets.
     pub async fn shutdown(self) -> Result<(), PluginError> {
         let _ = self.stop.send(true);

@@ -44,10 +44,12 @@ struct Rig {
     kubeconfig: PathBuf,
     log: PathBuf,
     uids: BTreeMap<&'static str, String>,
+    /// `--rolling-update-uid`: the plugin directory locked per operation instead of for life.
+    rolling_update_uid: Option<&'static str>,
 }
 
 impl Rig {
-    async fn new() -> Rig {
+    async fn new(rolling_update_uid: Option<&'static str>) -> Rig {
         let h = Harness::new(DraVersions::V1Only, &example("fake-gpus-hgx-h100.yaml")).await;
         let kubeconfig = h.path("kubeconfig");
         std::fs::write(&kubeconfig, h.server.kubeconfig(None)).unwrap();
@@ -69,6 +71,14 @@ impl Rig {
             kubeconfig,
             h,
             uids,
+            rolling_update_uid,
+        }
+    }
+
+    fn dra_socket(&self) -> PathBuf {
+        match self.rolling_update_uid {
+            Some(uid) => self.h.path(&format!("plugins/vgpu.hami.io/dra-{uid}.sock")),
+            None => self.h.dra_socket(),
         }
     }
 
@@ -95,6 +105,12 @@ impl Rig {
         Command::new(BIN)
             .args(["--node-name", NODE, "--metrics-addr", "127.0.0.1:0"])
             .args(self.h.binary_args(&self.kubeconfig))
+            .args(
+                self.rolling_update_uid
+                    .map(|uid| ["--rolling-update-uid", uid])
+                    .into_iter()
+                    .flatten(),
+            )
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -114,7 +130,7 @@ impl Rig {
             if let Ok(Some(status)) = child.try_wait() {
                 panic!("the plugin exited ({status}):\n{}", self.log_tail());
             }
-            if let Ok(channel) = vgpu_proto::uds::connect(self.h.dra_socket()).await {
+            if let Ok(channel) = vgpu_proto::uds::connect(self.dra_socket()).await {
                 let mut client = v1::dra_plugin_client::DraPluginClient::new(channel);
                 let probe = v1::NodePrepareResourcesRequest { claims: vec![] };
                 if client.node_prepare_resources(probe).await.is_ok() {
@@ -135,7 +151,7 @@ impl Rig {
     }
 
     async fn send(&self, op: &Op) -> Result<Answer, tonic::Status> {
-        let channel = vgpu_proto::uds::connect(self.h.dra_socket())
+        let channel = vgpu_proto::uds::connect(self.dra_socket())
             .await
             .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
         let mut client = v1::dra_plugin_client::DraPluginClient::new(channel);
@@ -241,6 +257,17 @@ fn kill(child: &mut Child) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_anywhere_loses_and_leaks_nothing() {
+    sigkill_anywhere(None).await;
+}
+
+/// The same with the plugin directory locked per operation (rolling-update mode), where the
+/// checkpoint is read again inside the lock before every change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_anywhere_loses_and_leaks_nothing_in_rolling_update_mode() {
+    sigkill_anywhere(Some("0b6f3c1e-5d2a-4c7b-9e8f-1a2b3c4d5e6f")).await;
+}
+
+async fn sigkill_anywhere(rolling_update_uid: Option<&'static str>) {
     let kills: usize = std::env::var("CRASH_KILLS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -257,7 +284,7 @@ async fn sigkill_anywhere_loses_and_leaks_nothing() {
         });
     eprintln!("CRASH_SEED={seed} CRASH_KILLS={kills}");
     let mut rng = Rng(seed);
-    let rig = Rig::new().await;
+    let rig = Rig::new(rolling_update_uid).await;
     let script = Rig::script();
 
     // The crash-free run: the answers, the files after each step and the time each takes.

@@ -9,6 +9,7 @@ mod common;
 use common::*;
 use fake_apiserver::DraVersions;
 use fake_apiserver::rbac::{self, Permission, granted_to};
+use kubelet_plugin::uninstall::DaemonSetState;
 use serde_json::json;
 use std::collections::BTreeSet;
 use vgpu_proto::dra::v1;
@@ -96,6 +97,34 @@ async fn rbac_grants_exactly_what_the_plugin_calls() {
         .await
         .unwrap();
     running.shutdown().await.unwrap();
+    // On SIGTERM with --daemonset-name: is this an uninstall? (it reads its DaemonSet)
+    h.server.register(fake_apiserver::ResourceKind::new(
+        "apps",
+        "v1",
+        "DaemonSet",
+        "daemonsets",
+        true,
+        true,
+    ));
+    let ds_state = || {
+        kubelet_plugin::uninstall::daemonset_state(
+            h.server.client(),
+            "vgpu-system",
+            "vgpu-kubelet-plugin",
+        )
+    };
+    assert_eq!(ds_state().await, DaemonSetState::Gone);
+    h.server
+        .put_object(
+            fake_apiserver::Gvr::new("apps", "v1", "daemonsets"),
+            json!({"apiVersion": "apps/v1", "kind": "DaemonSet",
+                   "metadata": {"name": "vgpu-kubelet-plugin", "namespace": "vgpu-system"},
+                   "spec": {"selector": {"matchLabels": {"app": "p"}},
+                            "template": {"metadata": {"labels": {"app": "p"}},
+                                         "spec": {"containers": [{"name": "p", "image": "p"}]}}}}),
+        )
+        .unwrap();
+    assert_eq!(ds_state().await, DaemonSetState::Present);
 
     // Native mode where DRAConsumableCapacity is off: the fallback and its Event.
     let native = Harness::new(DraVersions::V1Only, &example("fake-gpus-hgx-h100.yaml")).await;

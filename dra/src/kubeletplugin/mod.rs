@@ -8,20 +8,25 @@
 //!
 //! The DRA socket also serves the standard `grpc.health.v1` service (`SERVING` while the
 //! helper runs) and the kubelet's `v1alpha1.DRAResourceHealth` (device health, for kubelets
-//! with the ResourceHealthStatus gate) from [`Driver::device_health`].
+//! with the ResourceHealthStatus gate) from [`Driver::device_health`]; the same
+//! `grpc.health.v1` statuses can be served over TCP ([`Options::healthcheck_addr`]) for the
+//! kubelet's `grpc:` probes, which cannot dial a Unix socket.
 
 mod claims;
 mod registration;
 mod service;
+mod stale;
 
 pub use claims::{ClaimError, ClaimRef};
 pub use registration::Registrar;
+pub use stale::remove_stale_sockets;
 
 use crate::client::DraApi;
 use crate::version::ApiVersion;
 use k8s_openapi::api::resource::v1::ResourceClaim;
 use serde::{Deserialize, Serialize};
 use std::future::Future;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -115,6 +120,9 @@ pub struct Options {
     /// Set to a value unique to this instance (the pod UID) to let two instances run side by
     /// side during a rolling update (kubelet 1.33+): each gets its own socket names.
     pub rolling_update_uid: Option<String>,
+    /// Serve `grpc.health.v1` over TCP here too (port 0: any free port); `SERVING` only
+    /// while both the DRA and the registration sockets are served.
+    pub healthcheck_addr: Option<SocketAddr>,
 }
 
 impl Options {
@@ -165,12 +173,19 @@ pub enum HelperError {
     NotReady,
     #[error("the gRPC server task failed: {0}")]
     Task(String),
+    #[error("binding the gRPC health endpoint {addr}: {source}")]
+    Healthcheck {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// A serving helper; [`Helper::shutdown`] removes its sockets.
 pub struct Helper {
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<Result<(), uds::UdsError>>,
+    healthcheck_addr: Option<SocketAddr>,
 }
 
 impl Helper {
@@ -183,6 +198,22 @@ impl Helper {
         options: Options,
     ) -> Result<Helper, HelperError> {
         let (stop, stop_rx) = watch::channel(false);
+        // Bound before anything is served, so a taken port fails the start instead of
+        // leaving the probe to fail later.
+        let healthcheck = match options.healthcheck_addr {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| HelperError::Healthcheck { addr, source })?,
+            ),
+            None => None,
+        };
+        let healthcheck_addr = healthcheck
+            .as_ref()
+            .and_then(|l: &tokio::net::TcpListener| l.local_addr().ok());
+        for path in remove_stale_sockets(&options) {
+            tracing::info!(socket = %path.display(), "removed the socket of an instance that is gone");
+        }
         let reader = ClaimReader {
             client,
             version,
@@ -193,7 +224,18 @@ impl Helper {
         let (dra, reg) = (options.dra_socket(), options.registration_socket());
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(async move {
-            service::serve(&dra, &reg, service, registrar, ready_tx, stop_rx).await
+            service::serve(
+                service::Sockets {
+                    dra: &dra,
+                    registration: &reg,
+                    healthcheck,
+                },
+                service,
+                registrar,
+                ready_tx,
+                stop_rx,
+            )
+            .await
         });
         if ready_rx.await.is_err() {
             return match task.await {
@@ -201,7 +243,16 @@ impl Helper {
                 _ => Err(HelperError::NotReady),
             };
         }
-        Ok(Helper { stop, task })
+        Ok(Helper {
+            stop,
+            task,
+            healthcheck_addr,
+        })
+    }
+
+    /// Where the TCP health endpoint listens (the port chosen, when asked for port 0).
+    pub fn healthcheck_addr(&self) -> Option<SocketAddr> {
+        self.healthcheck_addr
     }
 
     /// Stop serving; the registration socket goes first, so the kubelet deregisters before
@@ -228,6 +279,7 @@ mod tests {
             kubelet_plugin_dir: "/var/lib/kubelet/plugins/vgpu.hami.io".into(),
             registrar_dir: "/var/lib/kubelet/plugins_registry".into(),
             rolling_update_uid: None,
+            healthcheck_addr: None,
         };
         assert_eq!(
             options.dra_socket(),

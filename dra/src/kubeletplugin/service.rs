@@ -249,25 +249,64 @@ async fn stopped(mut rx: tokio::sync::watch::Receiver<bool>) {
     }
 }
 
+/// Where [`serve`] serves.
+pub(crate) struct Sockets<'a> {
+    pub dra: &'a Path,
+    pub registration: &'a Path,
+    /// The TCP health endpoint, already bound.
+    pub healthcheck: Option<tokio::net::TcpListener>,
+}
+
+/// Every service name the health statuses are kept for: the whole server ("") and each DRA
+/// version, as a client may ask for either.
+fn health_names<D: Driver>() -> [&'static str; 3] {
+    use tonic::server::NamedService;
+    [
+        "",
+        <v1::dra_plugin_server::DraPluginServer<DraService<D>> as NamedService>::NAME,
+        <v1beta1::dra_plugin_server::DraPluginServer<DraService<D>> as NamedService>::NAME,
+    ]
+}
+
+async fn set_health<D: Driver>(
+    reporter: &tonic_health::server::HealthReporter,
+    status: tonic_health::ServingStatus,
+) {
+    for name in health_names::<D>() {
+        reporter.set_service_status(name, status).await;
+    }
+}
+
 /// Serve the DRA socket, then (only once it accepts connections) the registration socket,
 /// until `stop` fires; both socket files are removed on the way out (registration first, so
-/// the kubelet deregisters before the DRA socket goes). `ready` fires once both are up.
+/// the kubelet deregisters before the DRA socket goes). `ready` fires once both are up, which
+/// is also when the health statuses turn `SERVING`; they turn `NOT_SERVING` as soon as `stop`
+/// fires, before the sockets go.
 pub(crate) async fn serve<D: Driver>(
-    dra_path: &Path,
-    registration_path: &Path,
+    sockets: Sockets<'_>,
     dra: DraService<D>,
     registrar: Registrar,
     ready: tokio::sync::oneshot::Sender<()>,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), uds::UdsError> {
-    let (dra_incoming, dra_guard) = uds::bind(dra_path)?;
+    let (dra_path, registration_path) = (sockets.dra, sockets.registration);
     let (reporter, grpc_health) = tonic_health::server::health_reporter();
-    reporter
-        .set_serving::<v1::dra_plugin_server::DraPluginServer<DraService<D>>>()
-        .await;
-    reporter
-        .set_serving::<v1beta1::dra_plugin_server::DraPluginServer<DraService<D>>>()
-        .await;
+    // The reporter starts with "" SERVING; nothing is served yet.
+    set_health::<D>(&reporter, tonic_health::ServingStatus::NotServing).await;
+    let healthcheck_task = sockets.healthcheck.map(|listener| {
+        let service = tonic_health::pb::health_server::HealthServer::new(
+            tonic_health::server::HealthService::from_health_reporter(reporter.clone()),
+        );
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(
+                    tonic::transport::server::TcpIncoming::from(listener),
+                    stopped(stop.clone()),
+                ),
+        )
+    });
+    let (dra_incoming, dra_guard) = uds::bind(dra_path)?;
     let router = tonic::transport::Server::builder()
         .add_service(grpc_health)
         .add_service(health::dra_resource_health_server::DraResourceHealthServer::new(dra.clone()))
@@ -282,9 +321,11 @@ pub(crate) async fn serve<D: Driver>(
         .add_service(reg::registration_server::RegistrationServer::new(registrar));
     let reg_task =
         tokio::spawn(reg_router.serve_with_incoming_shutdown(reg_incoming, stopped(stop.clone())));
+    set_health::<D>(&reporter, tonic_health::ServingStatus::Serving).await;
     tracing::info!(dra = %dra_path.display(), registration = %registration_path.display(), "serving the kubelet");
     let _ = ready.send(());
     stopped(stop).await;
+    set_health::<D>(&reporter, tonic_health::ServingStatus::NotServing).await;
     drop(reg_guard);
     drop(dra_guard);
     // Connections the kubelet keeps open must not hold the shutdown forever.
@@ -300,6 +341,14 @@ pub(crate) async fn serve<D: Driver>(
             Err(_) => {
                 tracing::warn!(socket = %path.display(), "gRPC server did not stop within 5 s")
             }
+        }
+    }
+    if let Some(task) = healthcheck_task {
+        // A probe's failure to stop is not worth failing the shutdown over.
+        match tokio::time::timeout(Duration::from_secs(5), task).await {
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "the TCP health endpoint failed"),
+            Ok(_) => {}
+            Err(_) => tracing::warn!("the TCP health endpoint did not stop within 5 s"),
         }
     }
     Ok(())

@@ -22,6 +22,7 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::time::Duration;
 use vgpu_cdi::{Kind, Spec, SpecDir};
 use vgpu_driver::ClaimAllocation;
 
@@ -114,10 +115,17 @@ pub enum PrepareError {
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
     #[error(
-        "{path} is locked by another kubelet-plugin on this node; only one may own the plugin \
-         directory (a second one would undo its preparations)"
+        "{path} is locked by another kubelet-plugin on this node; without --rolling-update-uid \
+         only one may run on a node (two would replace each other's sockets and undo each \
+         other's preparations)"
     )]
     Locked { path: PathBuf },
+    #[error(
+        "{path} stayed locked for {waited:?}: another kubelet-plugin on this node holds it for \
+         its whole life (one without --rolling-update-uid, or a version before rolling updates); \
+         it must stop before this one can prepare or unprepare"
+    )]
+    Busy { path: PathBuf, waited: Duration },
     #[error("{op} {path}: {source}")]
     Io {
         op: &'static str,
@@ -176,17 +184,34 @@ pub struct Preparer {
     specs: SpecDir,
     checkpoint: Checkpoint,
     gpus: GpuState,
+    /// The checkpoint as of the last operation; in shared mode it is read again from disk
+    /// inside the directory lock before every change, since the other instance may have
+    /// written since.
     state: Mutex<Payload>,
+    dir_lock: DirLock,
+}
+
+/// How the plugin directory is kept to one writer at a time.
+enum DirLock {
     /// Held for the Preparer's life: the kernel drops it when the process dies, however it
-    /// dies, so a restarted plugin never waits for a crashed one.
-    _lock: std::fs::File,
+    /// dies, so a restarted plugin never waits for a crashed one. A second instance is
+    /// refused, which is what an instance serving the un-suffixed socket names needs: two of
+    /// them would replace each other's sockets.
+    Lifetime(#[allow(dead_code)] std::fs::File),
+    /// Taken around each operation, so two instances (a rolling update with maxSurge) can
+    /// share the directory and take turns.
+    PerOperation,
 }
 
 /// The lock file in the plugin directory.
 pub const LOCK_FILE: &str = "plugin.lock";
 
-/// Take the plugin directory's exclusive lock, or say who holds it.
-fn lock_plugin_dir(dir: &Path) -> Result<std::fs::File, PrepareError> {
+/// How long an operation waits for the directory lock before it fails. Operations take
+/// milliseconds; a lock held longer is held for life, by an instance without a rolling-update
+/// UID (or a version before rolling updates), and waiting would only hang the kubelet's call.
+pub const LOCK_WAIT: Duration = Duration::from_secs(20);
+
+fn open_lock_file(dir: &Path) -> Result<(std::fs::File, PathBuf), PrepareError> {
     std::fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
     let path = dir.join(LOCK_FILE);
     let file = std::fs::OpenOptions::new()
@@ -196,6 +221,12 @@ fn lock_plugin_dir(dir: &Path) -> Result<std::fs::File, PrepareError> {
         .mode(0o600)
         .open(&path)
         .map_err(io_err("open", &path))?;
+    Ok((file, path))
+}
+
+/// Take the plugin directory's exclusive lock for life, or say who holds it.
+fn lock_plugin_dir(dir: &Path) -> Result<std::fs::File, PrepareError> {
+    let (file, path) = open_lock_file(dir)?;
     match file.try_lock() {
         Ok(()) => Ok(file),
         Err(std::fs::TryLockError::WouldBlock) => Err(PrepareError::Locked { path }),
@@ -203,32 +234,133 @@ fn lock_plugin_dir(dir: &Path) -> Result<std::fs::File, PrepareError> {
     }
 }
 
+/// Take the plugin directory's lock for one operation, waiting up to `wait` for the other
+/// instance to finish its own. Polled rather than blocking so that a lifetime holder gives a
+/// clear error instead of a hang.
+fn lock_for_operation(dir: &Path, wait: Duration) -> Result<std::fs::File, PrepareError> {
+    use std::os::unix::fs::MetadataExt;
+    let deadline = std::time::Instant::now() + wait;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        let (file, path) = open_lock_file(dir)?;
+        match file.try_lock() {
+            Ok(()) => {
+                // An uninstalling instance unlinks the lock file while holding it: a lock on
+                // an unlinked file excludes no one who opens the path afresh, so start over.
+                let held = file.metadata().map_err(io_err("inspect", &path))?;
+                match std::fs::metadata(&path) {
+                    Ok(now) if now.dev() == held.dev() && now.ino() == held.ino() => {
+                        return Ok(file);
+                    }
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(io_err("inspect", &path)(e)),
+                }
+                continue;
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {}
+            Err(std::fs::TryLockError::Error(e)) => return Err(io_err("lock", &path)(e)),
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(PrepareError::Busy { path, waited: wait });
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// One operation's hold on the state: in shared mode the directory lock, and the in-process
+/// mutex. Fields drop in order: the directory lock goes first, so a thread of this process
+/// that gets the mutex next finds the directory free.
+struct Held<'a> {
+    _flock: Option<std::fs::File>,
+    state: std::sync::MutexGuard<'a, Payload>,
+}
+
 impl Preparer {
-    /// Load the checkpoint (a corrupt one is an error: without it we cannot know what is in
-    /// use) and reconcile the CDI directory with it.
+    /// Open as the only instance on the plugin directory (it stays locked until the
+    /// Preparer is dropped): load the checkpoint (a corrupt one is an error: without it we
+    /// cannot know what is in use) and reconcile the CDI directory with it.
     pub fn open(
         cfg: PrepareConfig,
         gpus: GpuState,
     ) -> Result<(Self, ReconcileReport), PrepareError> {
-        let kind = cdi_spec::claim_kind(&cfg.driver).map_err(vgpu_cdi::Error::from)?;
         let lock = lock_plugin_dir(&cfg.plugin_dir)?;
+        Self::open_with(cfg, gpus, DirLock::Lifetime(lock))
+    }
+
+    /// Open as one of several instances sharing the plugin directory (rolling updates):
+    /// every operation, start-up reconciliation included, locks the directory and reads the
+    /// checkpoint again, so neither instance overwrites what the other wrote.
+    pub fn open_shared(
+        cfg: PrepareConfig,
+        gpus: GpuState,
+    ) -> Result<(Self, ReconcileReport), PrepareError> {
+        Self::open_with(cfg, gpus, DirLock::PerOperation)
+    }
+
+    fn open_with(
+        cfg: PrepareConfig,
+        gpus: GpuState,
+        dir_lock: DirLock,
+    ) -> Result<(Self, ReconcileReport), PrepareError> {
+        let kind = cdi_spec::claim_kind(&cfg.driver).map_err(vgpu_cdi::Error::from)?;
         let checkpoint = Checkpoint::in_dir(&cfg.plugin_dir);
-        // Under the lock no other writer exists: any temporary file is a crashed write's.
-        for path in checkpoint.remove_stale_temp_files()? {
-            tracing::info!(path = %path.display(), "removed a temporary file a crash left behind");
-        }
-        let payload = checkpoint.load()?;
         let preparer = Preparer {
             specs: SpecDir::new(&cfg.cdi_root),
             kind,
             checkpoint,
             gpus,
-            state: Mutex::new(payload),
+            state: Mutex::new(Payload::default()),
             cfg,
-            _lock: lock,
+            dir_lock,
         };
+        if matches!(preparer.dir_lock, DirLock::Lifetime(_)) {
+            *preparer.lock() = preparer.checkpoint.load()?;
+        }
         let report = preparer.reconcile()?;
         Ok((preparer, report))
+    }
+
+    /// Start an operation: in shared mode, lock the directory, remove what a crashed write
+    /// of either instance left (no write is in progress while we hold the lock) and read the
+    /// checkpoint the other instance may have changed.
+    fn begin(&self) -> Result<Held<'_>, PrepareError> {
+        let mut state = self.lock();
+        let flock = match self.dir_lock {
+            DirLock::Lifetime(_) => None,
+            DirLock::PerOperation => {
+                let flock = lock_for_operation(&self.cfg.plugin_dir, LOCK_WAIT)?;
+                self.remove_stale_temp_files()?;
+                *state = self.checkpoint.load()?;
+                Some(flock)
+            }
+        };
+        Ok(Held {
+            _flock: flock,
+            state,
+        })
+    }
+
+    fn remove_stale_temp_files(&self) -> Result<(), PrepareError> {
+        for path in self.checkpoint.remove_stale_temp_files()? {
+            tracing::info!(path = %path.display(), "removed a temporary file a crash left behind");
+        }
+        self.specs
+            .cleanup_stale_temp_files(&self.kind, Duration::ZERO)?;
+        Ok(())
+    }
+
+    /// Run `f` on the prepared claims as they are on disk, with the directory locked (no
+    /// instance prepares or unprepares meanwhile): for decisions that must not race one.
+    pub fn with_locked_state<R>(&self, f: impl FnOnce(&Payload) -> R) -> Result<R, PrepareError> {
+        let held = self.begin()?;
+        Ok(f(&held.state))
+    }
+
+    /// The configuration this Preparer was opened with.
+    pub fn config(&self) -> &PrepareConfig {
+        &self.cfg
     }
 
     pub fn kind(&self) -> &Kind {
@@ -248,7 +380,8 @@ impl Preparer {
 
     /// The recorded answer for a claim, if it is prepared (its spec is restored if missing).
     pub fn prepared_claim(&self, uid: &str) -> Result<Option<PreparedClaim>, PrepareError> {
-        let state = self.lock();
+        let held = self.begin()?;
+        let state = &held.state;
         match state.claims.get(uid) {
             Some(claim) => {
                 self.ensure_on_disk(uid, claim)?;
@@ -320,14 +453,15 @@ impl Preparer {
 
     /// Prepare a claim; repeated calls return the recorded answer.
     pub fn prepare(&self, alloc: &ClaimAllocation) -> Result<PreparedClaim, PrepareError> {
-        let mut state = self.lock();
+        let mut held = self.begin()?;
+        let state = &mut *held.state;
         if let Some(claim) = state.claims.get(&alloc.uid) {
             self.ensure_on_disk(&alloc.uid, claim)?;
             return Ok(claim.clone());
         }
         let snapshot = self.gpus.current();
         let host = self.host_facts(&snapshot);
-        let claim = self.plan(alloc, &snapshot, &state, &host)?;
+        let claim = self.plan(alloc, &snapshot, state, &host)?;
         let uid = alloc.uid.as_str();
         if claim.gpus.iter().any(|g| !g.admin_access) {
             self.ensure_claim_dir(uid)?;
@@ -515,7 +649,8 @@ impl Preparer {
     /// Unprepare a claim: remove its spec, its directory and its entry. Unknown claims
     /// succeed (the kubelet retries until it hears success, also after a claim is deleted).
     pub fn unprepare(&self, uid: &str) -> Result<bool, PrepareError> {
-        let mut state = self.lock();
+        let mut held = self.begin()?;
+        let state = &mut *held.state;
         if vgpu_cdi::validate_spec_id(uid).is_err() {
             // No spec or directory could ever have been created for it.
             return Ok(false);
@@ -541,10 +676,11 @@ impl Preparer {
     /// our kind that no entry owns are removed, entries whose spec is missing or altered are
     /// written again, claim directories without an entry are removed.
     pub fn reconcile(&self) -> Result<ReconcileReport, PrepareError> {
-        let state = self.lock();
+        let held = self.begin()?;
+        let state = &held.state;
         let mut report = ReconcileReport::default();
-        self.specs
-            .cleanup_stale_temp_files(&self.kind, std::time::Duration::ZERO)?;
+        // Under the lock no write is in progress: any temporary file is a crashed write's.
+        self.remove_stale_temp_files()?;
         for owned in self.specs.list_owned(&self.kind)? {
             if !state.claims.contains_key(&owned.id) {
                 std::fs::remove_file(&owned.path).map_err(io_err("remove", &owned.path))?;

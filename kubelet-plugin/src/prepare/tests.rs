@@ -1,6 +1,9 @@
 use super::*;
+use crate::checkpoint::Checkpoint;
 use crate::discovery::tests::gpu;
 use serde_json::json;
+use std::collections::BTreeSet;
+use std::sync::Arc;
 use vgpu_driver::config::{API_VERSION, KIND};
 use vgpu_driver::{AllocatedDevice, ConfigEntry, ConfigSource};
 
@@ -237,8 +240,125 @@ fn a_second_preparer_on_the_same_directory_is_refused_until_the_first_is_gone() 
         .expect("a second owner of the plugin directory is refused");
     assert!(matches!(err, PrepareError::Locked { .. }), "{err}");
     assert!(err.to_string().contains("plugin.lock"), "{err}");
+    // A shared instance cannot take its turn while a lifetime owner runs: it says why
+    // instead of waiting forever.
+    let err = lock_for_operation(&env.dir.path().join("plugin"), Duration::from_millis(50))
+        .expect_err("the directory is held for life");
+    assert!(matches!(err, PrepareError::Busy { .. }), "{err}");
+    assert!(err.to_string().contains("--rolling-update-uid"), "{err}");
     drop(first);
     env.open();
+}
+
+#[test]
+fn shared_instances_take_turns_and_a_replaced_lock_file_is_not_trusted() {
+    let env = Env::new();
+    let dir = env.dir.path().join("plugin");
+    let held = lock_for_operation(&dir, Duration::from_millis(50)).unwrap();
+    assert!(matches!(
+        lock_for_operation(&dir, Duration::from_millis(50)),
+        Err(PrepareError::Busy { .. })
+    ));
+    // An uninstalling instance unlinks the file it holds: the next one must lock the new
+    // file, not be fooled by the old, still-locked inode.
+    std::fs::remove_file(dir.join(LOCK_FILE)).unwrap();
+    let next = lock_for_operation(&dir, Duration::from_millis(50)).unwrap();
+    assert!(matches!(
+        lock_for_operation(&dir, Duration::from_millis(50)),
+        Err(PrepareError::Busy { .. })
+    ));
+    drop((held, next));
+    lock_for_operation(&dir, Duration::from_millis(50)).unwrap();
+}
+
+/// A small deterministic generator, so a failing interleaving can be replayed.
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n
+    }
+}
+
+#[test]
+fn two_shared_instances_interleaving_lose_nothing_and_never_over_commit() {
+    let env = Env::new();
+    let a = Arc::new(
+        Preparer::open_shared(env.config(), env.state.clone())
+            .unwrap()
+            .0,
+    );
+    let b = Arc::new(
+        Preparer::open_shared(env.config(), env.state.clone())
+            .unwrap()
+            .0,
+    );
+    // Two kubelet call streams, each with its own claims, each sent to either instance: the
+    // claims compete for the same GPUs (30 % of the cores each, so at most three per GPU).
+    let threads: Vec<_> = ["x", "y"]
+        .into_iter()
+        .enumerate()
+        .map(|(t, prefix)| {
+            let (a, b) = (a.clone(), b.clone());
+            std::thread::spawn(move || {
+                let mut rng = Lcg(0x5eed + t as u64);
+                let mut prepared = BTreeSet::new();
+                for _ in 0..150 {
+                    let p = if rng.next(2) == 0 { &a } else { &b };
+                    let uid = format!("{prefix}{}", rng.next(6));
+                    if rng.next(3) == 0 {
+                        p.unprepare(&uid).unwrap();
+                        prepared.remove(&uid);
+                    } else {
+                        let gpu = format!("gpu-{}", rng.next(2));
+                        match p.prepare(&slice(&uid, &[gpu.as_str()], "1Gi", 30)) {
+                            Ok(_) => {
+                                prepared.insert(uid);
+                            }
+                            Err(PrepareError::OverCommitted { .. }) => {}
+                            Err(e) => panic!("{uid}: {e}"),
+                        }
+                    }
+                }
+                prepared
+            })
+        })
+        .collect();
+    let mut want = BTreeSet::new();
+    for t in threads {
+        want.extend(t.join().unwrap());
+    }
+    let on_disk = Checkpoint::in_dir(&env.dir.path().join("plugin"))
+        .load()
+        .unwrap();
+    let got: BTreeSet<String> = on_disk.claims.keys().cloned().collect();
+    assert_eq!(got, want, "the checkpoint lost or kept a claim");
+    let mut cores: BTreeMap<String, u32> = BTreeMap::new();
+    for claim in on_disk.claims.values() {
+        for g in &claim.gpus {
+            *cores.entry(g.uuid.clone()).or_default() += u32::from(g.cores);
+        }
+    }
+    assert!(
+        cores.values().all(|c| *c <= 100),
+        "over-committed: {cores:?}"
+    );
+    let specs: BTreeSet<String> = SpecDir::new(env.dir.path().join("cdi"))
+        .list_owned(a.kind())
+        .unwrap()
+        .into_iter()
+        .map(|s| s.id)
+        .collect();
+    assert_eq!(specs, want, "CDI specs differ from the prepared claims");
+    // Each instance answers for claims the other prepared.
+    for uid in &want {
+        assert!(a.prepared_claim(uid).unwrap().is_some(), "{uid}");
+        assert!(b.prepared_claim(uid).unwrap().is_some(), "{uid}");
+    }
 }
 
 #[test]

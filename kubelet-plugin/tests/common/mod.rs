@@ -77,6 +77,8 @@ impl Harness {
             taint_unhealthy: false,
             sharing_mode: kubelet_plugin::publish::SharingMode::Controller,
             resync: Duration::from_secs(600),
+            rolling_update_uid: None,
+            healthcheck_addr: None,
         }
     }
 
@@ -96,6 +98,8 @@ impl Harness {
             args.push(flag.into());
             args.push(value.into());
         }
+        // Not the default port: tests run in parallel, on machines that may run other plugins.
+        args.extend(["--healthcheck-port".into(), "0".into()]);
         args
     }
 
