@@ -2,10 +2,10 @@
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use std::io::Write;
 use controller::engine::{Mode, Policies};
 use controller::run;
 use controller::simulate::{self, default, input, report};
+use std::io::Write;
 use vgpu_driver::config::{Policy, Topology};
 
 #[derive(Parser)]
@@ -293,7 +293,8 @@ fn main() -> Result<()> {
                 Output::Table => emit(|out| out.write_all(report::table(&sim).as_bytes())),
                 Output::Yaml => emit(|out| {
                     for claim in sim.claim_objects() {
-                        let text = serde_yaml_ng::to_string(&claim).map_err(std::io::Error::other)?;
+                        let text =
+                            serde_yaml_ng::to_string(&claim).map_err(std::io::Error::other)?;
                         write!(out, "---\n{text}")?;
                     }
                     Ok(())

@@ -455,6 +455,14 @@ impl FakeApiServer {
         self.inject_faults(gvr, count, Fault::Conflict);
     }
 
+    /// Every request for `gvr` from now on is refused with 403 Forbidden, as after the caller's
+    /// Role or ServiceAccount was deleted; watches already open go on, as on a real server
+    /// (authorization happens when a request starts).
+    pub fn forbid(&self, gvr: impl Into<Gvr>) {
+        let gvr = gvr.into();
+        self.shared.lock().forbidden.insert(gvr);
+    }
+
     /// The next `count` writes to `gvr` fail with `fault`, after any already queued.
     pub fn inject_faults(&self, gvr: impl Into<Gvr>, count: usize, fault: Fault) {
         let gvr = gvr.into();

@@ -69,11 +69,18 @@ pub fn granted_to(manifest: &str, account: &str) -> Result<BTreeSet<Permission>,
     let docs = documents(manifest)?;
     let bound: BTreeSet<(String, String)> = docs
         .iter()
-        .filter(|d| matches!(d["kind"].as_str(), Some("RoleBinding" | "ClusterRoleBinding")))
         .filter(|d| {
-            d["subjects"].as_array().into_iter().flatten().any(|s| {
-                s["kind"] == "ServiceAccount" && s["name"].as_str() == Some(account)
-            })
+            matches!(
+                d["kind"].as_str(),
+                Some("RoleBinding" | "ClusterRoleBinding")
+            )
+        })
+        .filter(|d| {
+            d["subjects"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|s| s["kind"] == "ServiceAccount" && s["name"].as_str() == Some(account))
         })
         .map(|d| {
             let r = &d["roleRef"];
@@ -85,7 +92,10 @@ pub fn granted_to(manifest: &str, account: &str) -> Result<BTreeSet<Permission>,
     for doc in docs.iter().filter(|d| is_role(d)) {
         let key = (
             doc["kind"].as_str().unwrap_or_default().to_string(),
-            doc["metadata"]["name"].as_str().unwrap_or_default().to_string(),
+            doc["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
         );
         if bound.contains(&key) {
             rules_of(doc, &mut out)?;

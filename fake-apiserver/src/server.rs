@@ -306,6 +306,13 @@ fn route(
         (m, named) => write_verb(m, named).ok_or_else(|| method_not_allowed(method))?,
     };
     *state.requests.entry((verb, path.to_string())).or_default() += 1;
+    if state.forbidden.contains(&target.kind.gvr()) {
+        return Err(ApiError::new(
+            403,
+            "Forbidden",
+            format!("{} is forbidden to this caller", target.kind.gvr()),
+        ));
+    }
     if target.status && !matches!(verb, Verb::Get | Verb::Update | Verb::Patch) {
         return Err(method_not_allowed(method));
     }

@@ -88,6 +88,8 @@ pub(crate) struct State {
     pub writes: Vec<Write>,
     pub requests: BTreeMap<(Verb, String), u64>,
     pub faults: HashMap<Gvr, VecDeque<Fault>>,
+    /// Resources every new request for is refused with 403, as when a caller's RBAC is gone.
+    pub forbidden: std::collections::HashSet<Gvr>,
     /// Field paths dropped on every write, as with a feature gate off.
     pub dropped_fields: HashMap<Gvr, Vec<String>>,
     pub latency: Duration,
@@ -217,6 +219,7 @@ impl State {
             writes: Vec::new(),
             requests: BTreeMap::new(),
             faults: HashMap::new(),
+            forbidden: Default::default(),
             dropped_fields: HashMap::new(),
             latency: Duration::ZERO,
             version: ("1".into(), "34".into()),

@@ -161,6 +161,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let daemonset = match (&args.daemonset_name, &args.namespace) {
+        (Some(name), Some(namespace)) => Some(uninstall::DaemonSetWatch::start(
+            client.clone(),
+            namespace,
+            name,
+        )),
+        _ => None,
+    };
     let running = plugin::start(cfg, client.clone(), source, Some(listener)).await?;
     let preparer = running.preparer.clone();
     tokio::select! {
@@ -169,8 +177,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     running.shutdown().await?;
     tracing::info!("stopped; sockets removed");
-    if let (Some(name), Some(namespace)) = (&args.daemonset_name, &args.namespace) {
-        let state = uninstall::daemonset_state(client, namespace, name).await;
+    if let (Some(name), Some(namespace), Some(watch)) =
+        (&args.daemonset_name, &args.namespace, &daemonset)
+    {
+        let fresh = uninstall::daemonset_state(client, namespace, name).await;
+        let state = uninstall::decide(&watch.last(), &fresh);
         // Waits for the directory lock: off the async workers.
         let (plan, removal) =
             tokio::task::spawn_blocking(move || uninstall::run(&preparer, &state, &host_files))

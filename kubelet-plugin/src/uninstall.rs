@@ -6,6 +6,12 @@
 //! Anything else (the DaemonSet exists, or its state cannot be read) keeps them, since a
 //! successor needs them. Prepared claims always keep them: their pods still run with the
 //! library mounted and their claims must still be unprepared.
+//!
+//! The DaemonSet is watched from the start ([`DaemonSetWatch`]), not only read at SIGTERM: an
+//! uninstall (`helm uninstall`, which deletes DaemonSets before RoleBindings, Roles and
+//! ServiceAccounts) can take the plugin's RBAC and ServiceAccount away before the garbage
+//! collector deletes its pod, so by SIGTERM its token may be refused; the watch has seen the
+//! deletion by then.
 
 use crate::checkpoint::FILE_NAME as CHECKPOINT_FILE;
 use crate::prepare::{LOCK_FILE, PrepareError, Preparer};
@@ -130,6 +136,84 @@ pub fn run(
     })
 }
 
+/// Which observation of the DaemonSet to act on at SIGTERM: what the API server says then, when
+/// it answers (a DaemonSet of the same name created since the watch saw a deletion is a new
+/// installation, whose files these are); when it does not (the uninstall took this plugin's
+/// RBAC or ServiceAccount first), a deletion the watch saw.
+pub fn decide(watched: &DaemonSetState, fresh: &DaemonSetState) -> DaemonSetState {
+    match fresh {
+        DaemonSetState::Unknown(why) => match watched {
+            DaemonSetState::Gone | DaemonSetState::Deleting => watched.clone(),
+            _ => DaemonSetState::Unknown(why.clone()),
+        },
+        _ => fresh.clone(),
+    }
+}
+
+/// The plugin's DaemonSet as a watch last saw it (a watch of one object, by field selector).
+pub struct DaemonSetWatch {
+    state: tokio::sync::watch::Receiver<DaemonSetState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl DaemonSetWatch {
+    pub fn start(client: kube::Client, namespace: &str, name: &str) -> DaemonSetWatch {
+        use futures::StreamExt;
+        use kube::runtime::{WatchStreamExt, watcher};
+        let api: kube::Api<DaemonSet> = kube::Api::namespaced(client, namespace);
+        let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+        let (tx, state) = tokio::sync::watch::channel(DaemonSetState::Unknown(format!(
+            "DaemonSet {namespace}/{name} not listed yet"
+        )));
+        let what = format!("{namespace}/{name}");
+        let task = tokio::spawn(async move {
+            let mut events = watcher(api, config).default_backoff().boxed();
+            // Whether the current (re)list has shown the object: a list without it means gone.
+            let mut listed = false;
+            while let Some(event) = events.next().await {
+                let next = match event {
+                    Ok(watcher::Event::Init) => {
+                        listed = false;
+                        continue;
+                    }
+                    Ok(watcher::Event::InitApply(ds) | watcher::Event::Apply(ds)) => {
+                        listed = true;
+                        if ds.metadata.deletion_timestamp.is_some() {
+                            DaemonSetState::Deleting
+                        } else {
+                            DaemonSetState::Present
+                        }
+                    }
+                    Ok(watcher::Event::InitDone) if listed => continue,
+                    Ok(watcher::Event::InitDone | watcher::Event::Delete(_)) => {
+                        DaemonSetState::Gone
+                    }
+                    Err(e) => {
+                        tracing::debug!(daemonset = %what, error = %e, "watching the DaemonSet");
+                        continue;
+                    }
+                };
+                if matches!(next, DaemonSetState::Gone | DaemonSetState::Deleting) {
+                    tracing::info!(daemonset = %what, state = ?next, "the DaemonSet is being removed: an uninstall, once this plugin stops");
+                }
+                tx.send_replace(next);
+            }
+        });
+        DaemonSetWatch { state, task }
+    }
+
+    /// The last state seen.
+    pub fn last(&self) -> DaemonSetState {
+        self.state.borrow().clone()
+    }
+}
+
+impl Drop for DaemonSetWatch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// Read the DaemonSet's state; every failure is [`DaemonSetState::Unknown`].
 pub async fn daemonset_state(client: kube::Client, namespace: &str, name: &str) -> DaemonSetState {
     let api: kube::Api<DaemonSet> = kube::Api::namespaced(client, namespace);
@@ -152,6 +236,20 @@ mod tests {
             registration_socket: root.join("plugins_registry/vgpu.hami.io-u1-reg.sock"),
             enforcement_library: root.join("usr/local/vgpu/libvgpu.so"),
         }
+    }
+
+    #[test]
+    fn a_deletion_the_watch_saw_counts_when_the_daemonset_cannot_be_read_any_more() {
+        use DaemonSetState::*;
+        let refused = Unknown("403 forbidden".into());
+        assert_eq!(decide(&Gone, &refused), Gone);
+        assert_eq!(decide(&Deleting, &refused), Deleting);
+        assert_eq!(decide(&Present, &refused), refused);
+        assert_eq!(decide(&Unknown("not listed".into()), &refused), refused);
+        // What the API server says at SIGTERM wins when it answers.
+        assert_eq!(decide(&Gone, &Present), Present);
+        assert_eq!(decide(&Present, &Gone), Gone);
+        assert_eq!(decide(&Present, &Deleting), Deleting);
     }
 
     #[test]

@@ -384,7 +384,7 @@ async fn an_uninstall_leaves_no_file_on_the_host_once_nothing_is_prepared() {
     assert!(plugin_dir.join("checkpoint.json").is_file() && library.is_file());
     assert!(plugin_dir.join("claims").join(&uid).is_dir());
 
-    // Once the claim is unprepared: nothing of the plugin's is left on the host.
+    // Once the claim is unprepared: nothing of the plugin's is left on the host, even when...
     let unprepare = || async {
         h.v1()
             .await
@@ -394,7 +394,14 @@ async fn an_uninstall_leaves_no_file_on_the_host_once_nothing_is_prepared() {
             .await
             .unwrap();
     };
-    let stderr = run_until_sigterm(&h, unprepare).await;
+    // ...and the uninstall took the plugin's RBAC before its pod got SIGTERM (helm deletes the
+    // DaemonSet, then Roles and ServiceAccounts): the deletion its watch saw decides.
+    let forbidden = || async {
+        unprepare().await;
+        h.server
+            .forbid(fake_apiserver::Gvr::new("apps", "v1", "daemonsets"));
+    };
+    let stderr = run_until_sigterm(&h, forbidden).await;
     assert!(
         stderr.contains("uninstall: removed from the host"),
         "{stderr}"

@@ -97,7 +97,7 @@ async fn rbac_grants_exactly_what_the_plugin_calls() {
         .await
         .unwrap();
     running.shutdown().await.unwrap();
-    // On SIGTERM with --daemonset-name: is this an uninstall? (it reads its DaemonSet)
+    // With --daemonset-name, on SIGTERM: is this an uninstall? (it reads its DaemonSet)
     h.server.register(fake_apiserver::ResourceKind::new(
         "apps",
         "v1",
@@ -125,6 +125,29 @@ async fn rbac_grants_exactly_what_the_plugin_calls() {
         )
         .unwrap();
     assert_eq!(ds_state().await, DaemonSetState::Present);
+    // ...and watches it from the start (list and watch by name), so that a deletion is known
+    // even when RBAC is gone by SIGTERM.
+    let watch = kubelet_plugin::uninstall::DaemonSetWatch::start(
+        h.server.client(),
+        "vgpu-system",
+        "vgpu-kubelet-plugin",
+    );
+    h.eventually("the watch to list the DaemonSet", || {
+        watch.last() == DaemonSetState::Present
+    })
+    .await;
+    h.server
+        .delete_object(
+            fake_apiserver::Gvr::new("apps", "v1", "daemonsets"),
+            "vgpu-system",
+            "vgpu-kubelet-plugin",
+        )
+        .unwrap();
+    h.eventually("the watch to see the DaemonSet deleted", || {
+        watch.last() == DaemonSetState::Gone
+    })
+    .await;
+    drop(watch);
 
     // Native mode where DRAConsumableCapacity is off: the fallback and its Event.
     let native = Harness::new(DraVersions::V1Only, &example("fake-gpus-hgx-h100.yaml")).await;

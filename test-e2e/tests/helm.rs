@@ -163,7 +163,13 @@ fn the_chart_installs_upgrades_with_surge_and_uninstalls_leaving_nothing_on_the_
     let api = local.api_server_pod_address().to_string();
     let (api_host, api_port) = api.split_once(':').expect("host:port");
     cluster
-        .run(&["label", "node", &node, &format!("{FAKE_LABEL}=true"), "--overwrite"])
+        .run(&[
+            "label",
+            "node",
+            &node,
+            &format!("{FAKE_LABEL}=true"),
+            "--overwrite",
+        ])
         .expect("label the GPU node");
 
     let s = |p: &Path| p.display().to_string();
@@ -192,7 +198,9 @@ fn the_chart_installs_upgrades_with_surge_and_uninstalls_leaving_nothing_on_the_
         "--timeout=4m",
     ]);
     if let Err(e) = install {
-        let describe = cluster.run(&["describe", "pods", "-n", NS]).unwrap_or_default();
+        let describe = cluster
+            .run(&["describe", "pods", "-n", NS])
+            .unwrap_or_default();
         panic!("{e}\n{describe}");
     }
 
@@ -203,15 +211,26 @@ fn the_chart_installs_upgrades_with_surge_and_uninstalls_leaving_nothing_on_the_
     let first_plugin = plugins[0].clone();
     assert_eq!(first_plugin["spec"]["nodeName"], node.as_str());
     assert!(ready(&first_plugin), "{first_plugin}");
-    assert!(image_of(&first_plugin).ends_with(":v0.1.0"), "{}", image_of(&first_plugin));
-    let plugin_name = first_plugin["metadata"]["name"].as_str().unwrap().to_string();
+    assert!(
+        image_of(&first_plugin).ends_with(":v0.1.0"),
+        "{}",
+        image_of(&first_plugin)
+    );
+    let plugin_name = first_plugin["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
     cluster.wait_for("the plugin pod's kubelet registration", MINUTE, || {
         let logs = cluster.run(&["logs", "-n", NS, &plugin_name]).ok()?;
         logs.contains("registered with the kubelet").then_some(())
     });
     cluster.wait_for("the GPUs of the node published", MINUTE, || {
         let slices = slices_of(&cluster, &node);
-        (slices.iter().map(|s| s["spec"]["devices"].as_array().map_or(0, Vec::len)).sum::<usize>() == 8)
+        (slices
+            .iter()
+            .map(|s| s["spec"]["devices"].as_array().map_or(0, Vec::len))
+            .sum::<usize>()
+            == 8)
             .then_some(())
     });
     assert!(
@@ -231,10 +250,15 @@ fn the_chart_installs_upgrades_with_surge_and_uninstalls_leaving_nothing_on_the_
         .map(|p| p["metadata"]["name"].as_str().unwrap())
         .collect();
     let holder = cluster.wait_for("a controller replica to hold the Lease", MINUTE, || {
-        let lease = cluster.get_json(&["lease", "vgpu-controller", "-n", NS]).ok()?;
+        let lease = cluster
+            .get_json(&["lease", "vgpu-controller", "-n", NS])
+            .ok()?;
         lease["spec"]["holderIdentity"].as_str().map(String::from)
     });
-    assert!(names.contains(&holder.as_str()), "{holder} is not one of {names:?}");
+    assert!(
+        names.contains(&holder.as_str()),
+        "{holder} is not one of {names:?}"
+    );
 
     // A workload with a slice: allocated by the controller pod, prepared by the plugin pod,
     // running with its limits.
@@ -247,7 +271,10 @@ fn the_chart_installs_upgrades_with_surge_and_uninstalls_leaving_nothing_on_the_
         Some("2048m"),
         "{env:?}"
     );
-    assert_eq!(env.get("CUDA_DEVICE_SM_LIMIT").map(String::as_str), Some("20"));
+    assert_eq!(
+        env.get("CUDA_DEVICE_SM_LIMIT").map(String::as_str),
+        Some("20")
+    );
     let before_uid = claim_uid(&cluster, &ns.name, "before");
     assert_eq!(files_under(&cdi_dir, &before_uid).len(), 1, "its CDI spec");
 
@@ -272,7 +299,10 @@ fn the_chart_installs_upgrades_with_surge_and_uninstalls_leaving_nothing_on_the_
         (p.len() == 1 && ready(&p[0]) && image_of(&p[0]).ends_with(UPGRADE_TAG)).then_some(())
     });
     let new_plugin = plugin_pods(&cluster).remove(0);
-    assert_ne!(new_plugin["metadata"]["uid"], first_plugin["metadata"]["uid"]);
+    assert_ne!(
+        new_plugin["metadata"]["uid"],
+        first_plugin["metadata"]["uid"]
+    );
     if v1(&cluster) {
         // 1.34: surge, the old instance served until the new one had registered.
         assert!(
@@ -283,13 +313,18 @@ fn the_chart_installs_upgrades_with_surge_and_uninstalls_leaving_nothing_on_the_
     wait_running(&cluster, &ns.name, "during");
     cluster.wait_for("the controller's rollout", 3 * MINUTE, || {
         let c = pods(&cluster, NS, "app.kubernetes.io/name=vgpu-controller");
-        (c.len() == 2 && c.iter().all(|p| ready(p) && image_of(p).ends_with(UPGRADE_TAG)))
-            .then_some(())
+        (c.len() == 2
+            && c.iter()
+                .all(|p| ready(p) && image_of(p).ends_with(UPGRADE_TAG)))
+        .then_some(())
     });
     let before = cluster
         .get_json(&["pod", "before", "-n", &ns.name])
         .unwrap();
-    assert_eq!(before["status"]["phase"], "Running", "the running pod kept running");
+    assert_eq!(
+        before["status"]["phase"], "Running",
+        "the running pod kept running"
+    );
     assert_eq!(
         before["status"]["containerStatuses"][0]["restartCount"], 0,
         "{before}"
@@ -311,11 +346,21 @@ fn the_chart_installs_upgrades_with_surge_and_uninstalls_leaving_nothing_on_the_
     let during_uid = claim_uid(&cluster, &ns.name, "during");
     for (pod, uid) in [("before", &before_uid), ("during", &during_uid)] {
         cluster
-            .run(&["delete", "pod", pod, "-n", &ns.name, "--wait=true", "--timeout=120s"])
+            .run(&[
+                "delete",
+                "pod",
+                pod,
+                "-n",
+                &ns.name,
+                "--wait=true",
+                "--timeout=120s",
+            ])
             .unwrap();
-        cluster.wait_for(&format!("the CDI spec of {pod}'s claim removed"), MINUTE, || {
-            files_under(&cdi_dir, uid).is_empty().then_some(())
-        });
+        cluster.wait_for(
+            &format!("the CDI spec of {pod}'s claim removed"),
+            MINUTE,
+            || files_under(&cdi_dir, uid).is_empty().then_some(()),
+        );
     }
 
     // Uninstall: the plugin sees its DaemonSet gone and takes its files off the host.
@@ -331,7 +376,10 @@ fn the_chart_installs_upgrades_with_surge_and_uninstalls_leaving_nothing_on_the_
         files_under(&plugin_dir, ""),
     ]
     .concat();
-    assert!(left.is_empty(), "files left on the host after uninstall: {left:?}");
+    assert!(
+        left.is_empty(),
+        "files left on the host after uninstall: {left:?}"
+    );
     assert!(!plugin_dir.exists(), "{} left", plugin_dir.display());
     cluster
         .run(&["label", "node", &node, &format!("{FAKE_LABEL}-")])
