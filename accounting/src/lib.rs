@@ -141,10 +141,7 @@ pub enum ReadError {
     #[error("{path}: not a regular file")]
     NotRegular { path: PathBuf },
     #[error("{path}: {source}")]
-    Format {
-        path: PathBuf,
-        source: FormatError,
-    },
+    Format { path: PathBuf, source: FormatError },
 }
 
 /// What is wrong with the content.
@@ -264,8 +261,11 @@ pub fn parse(bytes: &[u8], live: impl Fn(usize) -> bool) -> Result<ClaimUsage, F
         device.throttled_ns = field(std::mem::offset_of!(DeviceCounters, throttled_ns));
         let at = field(std::mem::offset_of!(DeviceCounters, utilization_unix_ms));
         if at != 0 {
-            let centi =
-                field(std::mem::offset_of!(DeviceCounters, utilization_centi_percent)).min(10_000);
+            let centi = field(std::mem::offset_of!(
+                DeviceCounters,
+                utilization_centi_percent
+            ))
+            .min(10_000);
             device.utilization = Some((centi as f64 / 10_000.0, at));
         }
     }
@@ -328,9 +328,7 @@ pub fn read(path: &Path) -> Result<ClaimUsage, ReadError> {
         match file.read_at(&mut bytes[filled..], filled as u64) {
             // Truncated since the stat.
             Ok(0) => {
-                return Err(format(FormatError::Size {
-                    len: filled as u64,
-                }));
+                return Err(format(FormatError::Size { len: filled as u64 }));
             }
             Ok(n) => filled += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -408,13 +406,19 @@ mod tests {
             parse(&[0u8; 100], |_| true),
             Err(FormatError::Size { len: 100 })
         );
-        assert_eq!(parse(&vec![0u8; FILE_SIZE], |_| true), Err(FormatError::Magic));
+        assert_eq!(
+            parse(&vec![0u8; FILE_SIZE], |_| true),
+            Err(FormatError::Magic)
+        );
         let mut v2 = empty();
         v2[8..12].copy_from_slice(&2u32.to_le_bytes());
         assert_eq!(parse(&v2, |_| true), Err(FormatError::Version { found: 2 }));
         let mut slots = empty();
         slots[12..16].copy_from_slice(&7u32.to_le_bytes());
-        assert_eq!(parse(&slots, |_| true), Err(FormatError::Slots { found: 7 }));
+        assert_eq!(
+            parse(&slots, |_| true),
+            Err(FormatError::Slots { found: 7 })
+        );
     }
 
     #[test]
@@ -492,12 +496,14 @@ mod tests {
         };
         slot.set_host_name(b"trainer-7d9f");
         // SAFETY: Slot is repr(C) atomics, which have the layout of their integers.
-        let raw: &[u8] = unsafe {
-            std::slice::from_raw_parts((&slot as *const Slot).cast::<u8>(), SLOT_SIZE)
-        };
+        let raw: &[u8] =
+            unsafe { std::slice::from_raw_parts((&slot as *const Slot).cast::<u8>(), SLOT_SIZE) };
         assert_eq!(host_name(&raw[144..144 + HOST_NAME_LEN]), "trainer-7d9f");
         slot.set_host_name(&[b'a'; 100]);
-        assert_eq!(host_name(&raw[144..144 + HOST_NAME_LEN]).len(), HOST_NAME_LEN);
+        assert_eq!(
+            host_name(&raw[144..144 + HOST_NAME_LEN]).len(),
+            HOST_NAME_LEN
+        );
     }
 
     proptest::proptest! {

@@ -13,3 +13,4 @@ pub mod metrics;
 pub mod plugin;
 pub mod prepare;
 pub mod publish;
+pub mod usage;
