@@ -40,15 +40,24 @@ for f in "$out"/*.yaml; do
   grep -q 'has(device.attributes\["vgpu.hami.io"\].allocatedByController)' "$f" ||
     { echo "$f: the gpu-slice class lacks the controller marker" >&2; exit 1; }
 done
-# The monitoring overlay: the core objects validate; the PodMonitors (a CRD the schemas do not
-# carry) must select the pods and name the port that serves /metrics.
+# The monitoring overlay: the core objects validate; the PodMonitors and the PrometheusRule (CRDs
+# the schemas do not carry) are checked here: the monitors must select the pods and name the
+# port that serves /metrics, the dashboard ConfigMap must hold JSON. (That their PromQL names
+# only metrics the binaries register is kubelet-plugin/tests/monitoring.rs's job.)
 kubectl kustomize deploy/overlays/k8s-1.34-monitoring > "$out/monitoring-all.yaml"
 python3 - "$out/monitoring-all.yaml" "$out/monitoring-core.yaml" <<'PY'
 import sys, yaml
+import json
 docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
 monitors = [d for d in docs if d["kind"] == "PodMonitor"]
-core = [d for d in docs if d["kind"] != "PodMonitor"]
+rules = [d for d in docs if d["kind"] == "PrometheusRule"]
+core = [d for d in docs if d["kind"] not in ("PodMonitor", "PrometheusRule")]
 assert len(monitors) == 2, monitors
+assert len(rules) == 1 and rules[0]["spec"]["groups"][0]["rules"], rules
+dashboards = [d for d in core if d["kind"] == "ConfigMap" and d["metadata"].get("labels", {}).get("grafana_dashboard") == "1"]
+assert len(dashboards) == 1, dashboards
+for name, text in dashboards[0]["data"].items():
+    assert json.loads(text)["panels"], name
 pods = {d["metadata"]["name"]: d["spec"]["template"] for d in core if d["kind"] in ("DaemonSet", "Deployment")}
 for m in monitors:
     want = m["spec"]["selector"]["matchLabels"]
