@@ -29,6 +29,8 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use thiserror::Error;
 
+pub mod hami;
+
 /// Devices a claim's processes can address (`CUDA_DEVICE_MEMORY_LIMIT_<i>`); HAMi-core has the
 /// same bound.
 pub const MAX_DEVICES: usize = 16;
@@ -155,6 +157,12 @@ pub enum FormatError {
     Version { found: u32 },
     #[error("{found} process slots, version {VERSION} has {SLOTS}")]
     Slots { found: u32 },
+    #[error(
+        "HAMi-core shared region version {major}.{minor}, this reader knows {}.{}",
+        hami::MAJOR_VERSION,
+        hami::MINOR_VERSION
+    )]
+    HamiVersion { major: u32, minor: u32 },
 }
 
 impl ReadError {
@@ -166,7 +174,7 @@ impl ReadError {
             ReadError::Format { source, .. } => match source {
                 FormatError::Size { .. } => "size",
                 FormatError::Magic => "magic",
-                FormatError::Version { .. } => "version",
+                FormatError::Version { .. } | FormatError::HamiVersion { .. } => "version",
                 FormatError::Slots { .. } => "slots",
             },
         }
@@ -300,6 +308,39 @@ pub fn parse(bytes: &[u8], live: impl Fn(usize) -> bool) -> Result<ClaimUsage, F
 /// reader, and touching the lost pages would kill the reader with SIGBUS. A copy may see one
 /// counter mid-update; for metrics that is harmless, and the next scrape sees it whole.
 pub fn read(path: &Path) -> Result<ClaimUsage, ReadError> {
+    let (file, bytes) = read_bytes(path, &[FILE_SIZE])?;
+    parse(&bytes, |index| slot_is_held(&file, index)).map_err(|source| ReadError::Format {
+        path: path.into(),
+        source,
+    })
+}
+
+/// What a claim's accounting file holds, whichever library wrote it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Usage {
+    // Boxed: the other variant is small.
+    Vgpu(Box<ClaimUsage>),
+    HamiCore(hami::HamiUsage),
+}
+
+/// [`read`], and HAMi-core's shared region when HAMi-core's library is mounted instead of ours
+/// (it writes the same variable's file).
+pub fn read_any(path: &Path) -> Result<Usage, ReadError> {
+    let (file, bytes) = read_bytes(path, &[FILE_SIZE, hami::FILE_SIZE])?;
+    let format = |source| ReadError::Format {
+        path: path.into(),
+        source,
+    };
+    if bytes.len() == hami::FILE_SIZE {
+        return hami::parse(&bytes).map(Usage::HamiCore).map_err(format);
+    }
+    parse(&bytes, |index| slot_is_held(&file, index))
+        .map(|u| Usage::Vgpu(Box::new(u)))
+        .map_err(format)
+}
+
+/// The whole file, when its size is one of `sizes`.
+fn read_bytes(path: &Path, sizes: &[usize]) -> Result<(File, Vec<u8>), ReadError> {
     let io = |op: &'static str| {
         let path = path.to_path_buf();
         move |source| ReadError::Io { path, op, source }
@@ -319,12 +360,12 @@ pub fn read(path: &Path) -> Result<ClaimUsage, ReadError> {
         path: path.into(),
         source,
     };
-    if meta.len() != FILE_SIZE as u64 {
+    let Some(&size) = sizes.iter().find(|&&s| s as u64 == meta.len()) else {
         return Err(format(FormatError::Size { len: meta.len() }));
-    }
-    let mut bytes = vec![0u8; FILE_SIZE];
+    };
+    let mut bytes = vec![0u8; size];
     let mut filled = 0;
-    while filled < FILE_SIZE {
+    while filled < size {
         match file.read_at(&mut bytes[filled..], filled as u64) {
             // Truncated since the stat.
             Ok(0) => {
@@ -335,7 +376,7 @@ pub fn read(path: &Path) -> Result<ClaimUsage, ReadError> {
             Err(e) => return Err(io("read")(e)),
         }
     }
-    parse(&bytes, |index| slot_is_held(&file, index)).map_err(format)
+    Ok((file, bytes))
 }
 
 /// Whether some process holds its lock on slot `index`: the library's sign of life. Asking

@@ -197,7 +197,11 @@ impl UsageCollector {
                 scrape.compute_limit.get_or_create(&labels(gpu)).set(cap);
             }
             let usage = match read_file(&w.file) {
-                Ok(Some(usage)) => usage,
+                Ok(Some(vgpu_accounting::Usage::Vgpu(usage))) => *usage,
+                Ok(Some(vgpu_accounting::Usage::HamiCore(usage))) => {
+                    hami_core(&scrape, &w, &request, &usage);
+                    continue;
+                }
                 // No process of the claim has used the GPU yet: nothing is in use.
                 Ok(None) => {
                     for gpu in &w.gpus {
@@ -301,11 +305,43 @@ impl UsageCollector {
     }
 }
 
+/// What HAMi-core's region holds, when its library is mounted instead of ours: memory in use
+/// and live processes (it keeps no peak, refusals or throttled time).
+fn hami_core(
+    scrape: &Scrape,
+    w: &Watched,
+    request: &RequestLabels,
+    usage: &vgpu_accounting::hami::HamiUsage,
+) {
+    scrape
+        .processes
+        .get_or_create(request)
+        .set(i64::try_from(usage.processes).unwrap_or(i64::MAX));
+    for (gpu, device) in w.gpus.iter().zip(&usage.devices) {
+        let labels = ClaimGpuLabels {
+            namespace: w.namespace.clone(),
+            claim: w.claim.clone(),
+            request: w.request.clone(),
+            device: gpu.device.clone(),
+            uuid: gpu.uuid.clone(),
+        };
+        scrape
+            .used
+            .get_or_create(&labels)
+            .set(gauge_bytes(device.used_bytes));
+        scrape
+            .gpu_used
+            .get_or_create(&GpuLabels {
+                device: gpu.device.clone(),
+                uuid: gpu.uuid.clone(),
+            })
+            .inc_by(gauge_bytes(device.used_bytes));
+    }
+}
+
 /// The file, or `None` when it does not exist (yet).
-fn read_file(
-    path: &Path,
-) -> Result<Option<vgpu_accounting::ClaimUsage>, vgpu_accounting::ReadError> {
-    match vgpu_accounting::read(path) {
+fn read_file(path: &Path) -> Result<Option<vgpu_accounting::Usage>, vgpu_accounting::ReadError> {
+    match vgpu_accounting::read_any(path) {
         Ok(usage) => Ok(Some(usage)),
         Err(vgpu_accounting::ReadError::Io { source, .. })
             if source.kind() == std::io::ErrorKind::NotFound =>
@@ -553,6 +589,45 @@ mod tests {
         assert_eq!(fresh.utilization.get_or_create(&l).get(), 0.25);
         let stale = collector.collect(at(1000 + 61));
         assert!(stale.utilization.get(&l).is_none());
+    }
+
+    #[test]
+    fn hami_cores_region_gives_memory_in_use_and_processes() {
+        // HAMi-core 1.2's shared_region_t, at the offsets a C compiler gives it.
+        let mut b = vec![0u8; vgpu_accounting::hami::FILE_SIZE];
+        b[0..4].copy_from_slice(&vgpu_accounting::hami::MAGIC.to_le_bytes());
+        b[4..8].copy_from_slice(&1u32.to_le_bytes());
+        b[8..12].copy_from_slice(&2u32.to_le_bytes());
+        b[56..64].copy_from_slice(&2u64.to_le_bytes());
+        let proc_num = 1856 + 1024 * 1960;
+        b[proc_num..proc_num + 4].copy_from_slice(&1u32.to_le_bytes());
+        b[1856..1860].copy_from_slice(&77u32.to_le_bytes());
+        // Slot 0, device 1, used.total.
+        let at = 1856 + 8 + 64 + 32;
+        b[at..at + 8].copy_from_slice(&(3u64 << 29).to_le_bytes());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gpu.cache");
+        std::fs::write(&path, b).unwrap();
+        let text = render(UsageCollector::new(move || watched_one(path.clone())));
+        let l = r#"namespace="team-a",claim="trainer",request="gpu",device="gpu-3",uuid="GPU-ddd""#;
+        assert!(
+            text.contains(&format!(
+                "vgpu_kubelet_plugin_claim_memory_used_bytes{{{l}}} 1610612736"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"vgpu_kubelet_plugin_gpu_memory_used_bytes{device="gpu-3",uuid="GPU-ddd"} 1610612736"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"vgpu_kubelet_plugin_claim_processes{namespace="team-a",claim="trainer",request="gpu"} 1"#),
+            "{text}"
+        );
+        assert!(
+            !text.contains("claim_memory_peak_bytes{"),
+            "HAMi-core keeps no peak: {text}"
+        );
     }
 
     #[test]
