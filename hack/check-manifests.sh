@@ -26,7 +26,8 @@ hack/examples-v1beta1.py --check
 
 "$helm" lint --strict "$chart" --kube-version 1.34.0
 "$helm" lint --strict "$chart" --kube-version 1.32.0 --set fakeGpus.enabled=true
-"$helm" lint --strict "$chart" --kube-version 1.34.0 --set sharingMode=native,metrics.podMonitors.enabled=true
+"$helm" lint --strict "$chart" --kube-version 1.34.0 \
+  --set sharingMode=native,metrics.podMonitors.enabled=true,metrics.prometheusRule.enabled=true,metrics.grafanaDashboard.enabled=true
 
 for version in 1.32.0 1.33.0; do
   render "default-$version" "$version"
@@ -131,11 +132,15 @@ assert {"name": "FAKE_GPUS", "value": "/etc/vgpu/fake-gpus.yaml"} in pod["contai
 print("chart: every rendering has what it must")
 PY
 
-# PodMonitors (a CRD the schemas do not carry) select the pods and name the port serving /metrics.
-render monitoring 1.34.0 --set metrics.podMonitors.enabled=true
-python3 - "$out/monitoring.yaml" <<'PY'
-import sys, yaml
+# Monitoring: PodMonitors and the PrometheusRule (CRDs the schemas do not carry) and the Grafana
+# dashboard's ConfigMap. The monitors select the pods and name the port serving /metrics; the
+# rule and the dashboard are the files tests/monitoring.rs checks against the binaries' metrics,
+# carried through unrendered (Prometheus' own {{ $labels }} templates intact).
+render monitoring 1.34.0 --set metrics.podMonitors.enabled=true,metrics.prometheusRule.enabled=true,metrics.grafanaDashboard.enabled=true
+python3 - "$out/monitoring.yaml" "$chart/files/monitoring" "$out/monitoring-core.yaml" <<'PY'
+import json, sys, yaml
 docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+files = sys.argv[2]
 monitors = [d for d in docs if d["kind"] == "PodMonitor"]
 assert len(monitors) == 2, monitors
 pods = [d["spec"]["template"] for d in docs if d["kind"] in ("DaemonSet", "Deployment")]
@@ -145,7 +150,19 @@ for m in monitors:
     assert len(matched) == 1, f"PodMonitor {m['metadata']['name']} selects {len(matched)} workloads"
     ports = {p["name"] for c in matched[0]["spec"]["containers"] for p in c.get("ports", [])}
     assert all(e["port"] in ports for e in m["spec"]["podMetricsEndpoints"]), (m, ports)
+rules = [d for d in docs if d["kind"] == "PrometheusRule"]
+assert len(rules) == 1, rules
+source = yaml.safe_load(open(f"{files}/prometheusrule.yaml"))
+assert rules[0]["spec"] == source["spec"], "the PrometheusRule is not files/monitoring/prometheusrule.yaml"
+assert rules[0]["metadata"]["namespace"] == "vgpu-system"
+dashboards = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["labels"].get("grafana_dashboard") == "1"]
+assert len(dashboards) == 1, dashboards
+shipped = json.loads(dashboards[0]["data"]["vgpu-dra-dashboard.json"])
+assert shipped == json.load(open(f"{files}/vgpu-dra-dashboard.json")) and shipped["panels"]
+core = [d for d in docs if d["kind"] not in ("PodMonitor", "PrometheusRule")]
+yaml.safe_dump_all(core, open(sys.argv[3], "w"))
 PY
+validate 1.34.0 "$out/monitoring-core.yaml"
 
 # What cannot work is refused at install time, naming the value.
 refused() { # what-it-must-say helm-args...

@@ -83,12 +83,20 @@ impl Compute {
             timing.settle(bucket);
             (cost, known) = timing.estimate(key);
         }
+        let mut waiting_since = None;
         while !bucket.try_take(cost) {
             if !self.throttling.load(Ordering::Relaxed) {
                 break;
             }
+            waiting_since.get_or_insert_with(std::time::Instant::now);
             timing.settle(bucket);
             std::thread::sleep(Duration::from_millis(1));
+        }
+        if let Some(since) = waiting_since
+            && let Some(region) = state::enforcer().and_then(|e| e.shared_region())
+        {
+            // For the plugin's metrics: how long the cap held the claim back.
+            region.add_throttled(device, since.elapsed());
         }
         let events = if !known || n.is_multiple_of(SAMPLE_EVERY) {
             timing.begin(stream)
@@ -173,7 +181,13 @@ impl Compute {
                 }
                 let util = if nvml_ok {
                     match meters[device].measure(self) {
-                        Measured::Util(util) => Some(util),
+                        Measured::Util(util) => {
+                            if let Some(region) = state::enforcer().and_then(|e| e.shared_region())
+                            {
+                                region.set_utilization(device, util);
+                            }
+                            Some(util)
+                        }
                         Measured::Nothing => None,
                         Measured::Unavailable(why) => {
                             self.open_loop(Some(device), why);

@@ -18,42 +18,19 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use thiserror::Error;
 
 use crate::config::MAX_DEVICES;
 
-const MAGIC: u64 = u64::from_le_bytes(*b"VGPUSHR1");
-/// 2: reservations announce then check without the lock (`reserve`); a process of version 1
-/// sums then adds under the lock, and the two would not exclude each other.
-const VERSION: u32 = 2;
-/// Processes of one claim that can use a GPU at once.
-pub const SLOTS: usize = 128;
-const SLOTS_OFFSET: usize = 4096;
-const SLOT_SIZE: usize = std::mem::size_of::<Slot>();
-pub const FILE_SIZE: usize = SLOTS_OFFSET + SLOTS * SLOT_SIZE;
-/// The slot's process throttles open loop: NVML could not report the claim's utilization.
-pub const FLAG_THROTTLE_OPEN_LOOP: u32 = 1;
+// The library's bound and the file's must agree.
+const _: () = assert!(MAX_DEVICES == vgpu_accounting::MAX_DEVICES);
 
-#[repr(C)]
-struct Header {
-    magic: AtomicU64,
-    version: AtomicU32,
-    slots: AtomicU32,
-}
-
-#[repr(C)]
-struct Slot {
-    in_use: AtomicU32,
-    /// The PID in the process's own namespace, for people reading the file.
-    pid: AtomicU32,
-    /// The PID NVML reports for the process (the host's), 0 until known.
-    host_pid: AtomicU32,
-    /// `FLAG_*`: conditions a watcher of the file may want to export.
-    flags: AtomicU32,
-    used: [AtomicU64; MAX_DEVICES],
-}
+// The layout is the contract with the kubelet plugin, which reads the file for its metrics:
+// defined once, in vgpu-accounting.
+pub use vgpu_accounting::{FILE_SIZE, FLAG_THROTTLE_OPEN_LOOP, SLOTS};
+use vgpu_accounting::{Header, MAGIC, SLOT_SIZE, Slot, VERSION, slot_offset};
 
 #[derive(Debug, Error)]
 pub enum SharedError {
@@ -177,6 +154,7 @@ impl SharedRegion {
             slot.pid.store(std::process::id(), Ordering::Relaxed);
             slot.host_pid.store(0, Ordering::Relaxed);
             slot.flags.store(0, Ordering::Relaxed);
+            slot.set_host_name(&host_name());
             if set_lock(
                 &self.file,
                 libc::F_RDLCK,
@@ -217,6 +195,11 @@ impl SharedRegion {
         if locked {
             self.unlock_global();
         }
+        if result.is_err() {
+            self.counters(device)
+                .cap_failures
+                .fetch_add(1, Ordering::Relaxed);
+        }
         result
     }
 
@@ -225,6 +208,12 @@ impl SharedRegion {
         own.fetch_add(bytes, Ordering::SeqCst);
         let used = self.sum(device);
         if used <= limit {
+            // The sum counts every reservation that passed, so the largest one seen is the
+            // claim's peak (one racing reservation may be in it and then refused: a peak that
+            // is at most one allocation high, never low).
+            self.counters(device)
+                .peak_bytes
+                .fetch_max(used, Ordering::Relaxed);
             return Ok(());
         }
         let _ = own.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| {
@@ -290,6 +279,38 @@ impl SharedRegion {
             .map(|s| s.host_pid.load(Ordering::Acquire))
             .filter(|&p| p != 0)
             .collect()
+    }
+
+    /// Adds time a launch on `device` waited for the compute cap.
+    pub fn add_throttled(&self, device: usize, waited: std::time::Duration) {
+        if device < MAX_DEVICES {
+            let ns = u64::try_from(waited.as_nanos()).unwrap_or(u64::MAX);
+            self.counters(device)
+                .throttled_ns
+                .fetch_add(ns, Ordering::Relaxed);
+        }
+    }
+
+    /// Records the claim's utilization of `device` as just measured, in percent.
+    pub fn set_utilization(&self, device: usize, percent: f64) {
+        if device >= MAX_DEVICES {
+            return;
+        }
+        let centi = (percent.clamp(0.0, 100.0) * 100.0).round() as u64;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let counters = self.counters(device);
+        counters
+            .utilization_centi_percent
+            .store(centi, Ordering::Relaxed);
+        counters
+            .utilization_unix_ms
+            .store(now.max(1), Ordering::Release);
+    }
+
+    fn counters(&self, device: usize) -> &vgpu_accounting::DeviceCounters {
+        &self.header().devices[device]
     }
 
     fn sum(&self, device: usize) -> u64 {
@@ -365,8 +386,15 @@ impl Drop for SharedRegion {
     }
 }
 
-fn slot_offset(index: usize) -> usize {
-    SLOTS_OFFSET + index * SLOT_SIZE
+/// This process's host name: in a pod, the pod's name, which the plugin exports as a label.
+fn host_name() -> Vec<u8> {
+    let mut buf = [0u8; vgpu_accounting::HOST_NAME_LEN + 1];
+    // SAFETY: the buffer is as long as the length given.
+    if unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } != 0 {
+        return Vec::new();
+    }
+    let len = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    buf[..len].to_vec()
 }
 
 fn flock(kind: i32, start: usize, len: usize) -> libc::flock {
@@ -623,6 +651,51 @@ mod tests {
         ));
         drop(held);
         SharedRegion::open(&path).unwrap();
+    }
+
+    /// The contract with the kubelet plugin: what this side writes, its reader reads.
+    #[test]
+    fn the_plugins_reader_sees_what_the_processes_wrote() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("claim.cache");
+        let a = SharedRegion::open(&path).unwrap();
+        let b = SharedRegion::open(&path).unwrap();
+        a.reserve(1, 3 * GIB, 4 * GIB).unwrap();
+        b.reserve(1, GIB, 4 * GIB).unwrap();
+        assert!(b.reserve(1, 1, 4 * GIB).is_err());
+        assert!(a.reserve(1, GIB, 4 * GIB).is_err());
+        b.release(1, GIB);
+        a.add_throttled(1, std::time::Duration::from_millis(1500));
+        b.add_throttled(1, std::time::Duration::from_millis(500));
+        b.set_utilization(1, 42.5);
+        b.set_host_pid(777);
+        b.set_flags(FLAG_THROTTLE_OPEN_LOOP);
+
+        let usage = vgpu_accounting::read(&path).unwrap();
+        let d = usage.devices[1];
+        assert_eq!(d.used_bytes, 3 * GIB);
+        assert_eq!(d.peak_bytes, 4 * GIB);
+        assert_eq!(d.cap_failures, 2);
+        assert_eq!(d.throttled_ns, 2_000_000_000);
+        let (util, at) = d.utilization.unwrap();
+        assert_eq!(util, 0.425);
+        assert!(at > 1_600_000_000_000, "Unix ms: {at}");
+        assert_eq!(usage.devices[0], vgpu_accounting::DeviceUsage::default());
+        assert_eq!(usage.processes.len(), 2);
+        let own = std::process::id();
+        assert!(usage.processes.iter().all(|p| p.pid == own));
+        let host = String::from_utf8(host_name()).unwrap();
+        assert!(!host.is_empty());
+        assert!(usage.processes.iter().all(|p| p.host_name == host));
+        let pb = usage.processes.iter().find(|p| p.slot == b.slot).unwrap();
+        assert_eq!((pb.host_pid, pb.flags), (777, FLAG_THROTTLE_OPEN_LOOP));
+
+        // A process gone: its bytes go with it, the claim's counters stay.
+        drop(a);
+        let usage = vgpu_accounting::read(&path).unwrap();
+        assert_eq!(usage.devices[1].used_bytes, 0);
+        assert_eq!(usage.devices[1].peak_bytes, 4 * GIB);
+        assert_eq!(usage.processes.len(), 1);
     }
 
     #[test]

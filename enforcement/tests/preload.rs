@@ -437,3 +437,36 @@ fn malformed_variables_are_reported_once_and_never_crash_the_process() {
         }
     }
 }
+
+#[test]
+fn the_plugins_reader_sees_a_real_claims_use_refusals_and_processes() {
+    // The contract between the library and the kubelet plugin, across processes: what the
+    // preloaded library writes, vgpu-accounting reads as the plugin's metrics do.
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("claim.cache");
+    let mut holder = shared_env(Probe::new("direct", &["hold", "3072"]), &cache).spawn();
+    wait_for_line(&mut holder, "held=1");
+    let refused = shared_env(Probe::new("procaddr", &["try", "2048"]), &cache).output();
+    assert_eq!(refused.int("rc"), CUDA_ERROR_OUT_OF_MEMORY);
+    let usage = vgpu_accounting::read(&cache).unwrap();
+    let gpu = usage.devices[0];
+    assert_eq!(gpu.used_bytes, 3 << 30);
+    assert_eq!(gpu.peak_bytes, 3 << 30);
+    assert_eq!(gpu.cap_failures, 1);
+    assert_eq!(usage.processes.len(), 1, "the refused process is gone");
+    assert_eq!(usage.processes[0].pid, holder.id());
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    assert_eq!(usage.processes[0].host_name, host.trim());
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    let usage = vgpu_accounting::read(&cache).unwrap();
+    assert_eq!(
+        usage.devices[0].used_bytes, 0,
+        "a killed process holds nothing"
+    );
+    assert_eq!(
+        usage.devices[0].peak_bytes,
+        3 << 30,
+        "the claim's peak stays"
+    );
+}

@@ -39,6 +39,12 @@ pub fn device_name(claim_uid: &str, request: &str, share_id: Option<&str>) -> St
     }
 }
 
+/// The accounting file of a request's containers in the claim's shared directory: the
+/// enforcement library writes it, the plugin's usage metrics read it.
+pub fn accounting_file_name(request: &str) -> String {
+    format!("{request}.cache")
+}
+
 /// The content of the plugin-written preload file.
 pub fn preload_file_content() -> String {
     format!("{CONTAINER_LIBRARY_PATH}\n")
@@ -126,8 +132,8 @@ pub fn request_edits(params: &ClaimSpecParams<'_>, request: &RequestDevices) -> 
         let cores = request.gpus.first().map_or(0, |g| g.cores);
         env.push(format!("CUDA_DEVICE_SM_LIMIT={cores}"));
         env.push(format!(
-            "CUDA_DEVICE_MEMORY_SHARED_CACHE={CONTAINER_SHARED_DIR}/{}.cache",
-            request.request
+            "CUDA_DEVICE_MEMORY_SHARED_CACHE={CONTAINER_SHARED_DIR}/{}",
+            accounting_file_name(&request.request)
         ));
         mounts.push(Mount {
             host_path: params.shared_dir.display().to_string(),

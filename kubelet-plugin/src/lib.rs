@@ -14,3 +14,4 @@ pub mod plugin;
 pub mod prepare;
 pub mod publish;
 pub mod uninstall;
+pub mod usage;

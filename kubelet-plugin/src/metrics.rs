@@ -2,6 +2,7 @@
 //! `/healthz` and `/readyz`).
 
 use crate::discovery::Snapshot;
+use crate::usage::UsageCollector;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -57,7 +58,19 @@ fn label(ok: bool) -> ResultLabels {
 
 impl Metrics {
     pub fn new() -> Self {
+        Self::build(None)
+    }
+
+    /// With the usage metrics of prepared claims, read on each scrape.
+    pub fn with_usage(usage: UsageCollector) -> Self {
+        Self::build(Some(usage))
+    }
+
+    fn build(usage: Option<UsageCollector>) -> Self {
         let mut registry = Registry::with_prefix("vgpu_kubelet_plugin");
+        if let Some(usage) = usage {
+            registry.register_collector(Box::new(usage));
+        }
         let prepare = Family::<ResultLabels, Counter>::default();
         let unprepare = Family::<ResultLabels, Counter>::default();
         // 1 ms to ~16 s: preparing is file I/O plus one API GET.

@@ -185,7 +185,12 @@ pub async fn start(
     let (preparer, report) = preparer;
     tracing::info!(removed = ?report.removed, rewritten = ?report.rewritten, "reconciled CDI specs with the checkpoint");
     let preparer = Arc::new(preparer);
-    let metrics = Metrics::new();
+    let metrics = {
+        let preparer = preparer.clone();
+        Metrics::with_usage(crate::usage::UsageCollector::new(move || {
+            preparer.watched()
+        }))
+    };
     metrics.set_prepared_claims(preparer.prepared().len());
     metrics.set_gpu_health(&gpus.current());
 

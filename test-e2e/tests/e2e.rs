@@ -999,3 +999,158 @@ fn a10_the_wire_conversion_is_the_api_servers_own() {
     }
     let _ = cluster.run(&["delete", "deviceclass", &class]);
 }
+
+/// The kubelet plugin's Prometheus exposition on the cluster's node (its launcher's
+/// METRICS_ADDR), by a plain HTTP/1.0 GET: the test needs no HTTP client for one page.
+fn plugin_metrics() -> String {
+    use std::io::{Read, Write};
+    let mut stream =
+        std::net::TcpStream::connect("127.0.0.1:19402").expect("connect to the plugin's metrics");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read /metrics");
+    assert!(
+        response.starts_with("HTTP/1.1 200") || response.starts_with("HTTP/1.0 200"),
+        "{response}"
+    );
+    response
+}
+
+/// The value of the sample of `metric` whose labels include every `name="value"` of `labels`.
+fn sample(text: &str, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix(metric)?.strip_prefix('{'))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+#[test]
+fn a11_a_slices_memory_use_shows_in_the_plugins_metrics_with_its_claims_labels() {
+    let install = Installation::ensure(SharingMode::Controller);
+    let cluster = &install.cluster;
+    let ns = cluster.namespace("e2e-usage");
+    cluster.apply(
+        &ns.name,
+        &slice_template(cluster, "slice-4gi-30", "4Gi", 30, ""),
+    );
+    // The container's main process allocates 1 GiB under the library and holds it.
+    let manifest = pod("usage", "slice-4gi-30").replace(
+        "command: [sleep, '3600']",
+        "command: [probe, direct, hold, '1024']",
+    );
+    assert!(manifest.contains("hold"), "{manifest}");
+    cluster.apply(&ns.name, &manifest);
+    wait_running(cluster, &ns.name, "usage");
+    let claim = claim_of(cluster, &ns.name, "usage");
+    let name = claim["metadata"]["name"].as_str().unwrap().to_string();
+    let device = allocated_devices(&claim)[0].clone();
+    let labels = [
+        ("namespace", ns.name.as_str()),
+        ("claim", name.as_str()),
+        ("request", "gpu"),
+        ("device", device.as_str()),
+    ];
+    let gib = f64::from(1u32 << 30);
+    let text = cluster.wait_for("the held GiB in the plugin's metrics", MINUTE, || {
+        let text = plugin_metrics();
+        (sample(
+            &text,
+            "vgpu_kubelet_plugin_claim_memory_used_bytes",
+            &labels,
+        ) == Some(gib))
+        .then_some(text)
+    });
+    assert_eq!(
+        sample(
+            &text,
+            "vgpu_kubelet_plugin_claim_memory_limit_bytes",
+            &labels
+        ),
+        Some(4.0 * gib),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "vgpu_kubelet_plugin_claim_compute_limit_ratio",
+            &labels
+        ),
+        Some(0.3),
+        "{text}"
+    );
+    let mut pod_labels = labels.to_vec();
+    pod_labels.push(("pod", "usage"));
+    assert_eq!(
+        sample(
+            &text,
+            "vgpu_kubelet_plugin_pod_memory_used_bytes",
+            &pod_labels
+        ),
+        Some(gib),
+        "the processes' host name is the pod's: {text}"
+    );
+    assert_eq!(
+        sample(&text, "vgpu_kubelet_plugin_claim_processes", &labels[..3]),
+        Some(1.0),
+        "{text}"
+    );
+
+    // A second process of the claim asks for more than is left: refused at the cap, counted.
+    let tried = parse_env(&exec(
+        cluster,
+        &ns.name,
+        "usage",
+        &["probe", "direct", "try", "3584"],
+    ));
+    assert_eq!(tried.get("rc").map(String::as_str), Some("2"), "{tried:?}");
+    let text = plugin_metrics();
+    assert_eq!(
+        sample(
+            &text,
+            "vgpu_kubelet_plugin_claim_memory_refused_allocations_total",
+            &labels
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "vgpu_kubelet_plugin_claim_memory_peak_bytes",
+            &labels
+        ),
+        Some(gib),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "vgpu_kubelet_plugin_claim_memory_used_bytes",
+            &labels
+        ),
+        Some(gib),
+        "the refused process took nothing: {text}"
+    );
+
+    delete_pod(cluster, &ns.name, "usage");
+    assert_released(cluster, &ns.name, &claim);
+    let text = plugin_metrics();
+    assert_eq!(
+        sample(
+            &text,
+            "vgpu_kubelet_plugin_claim_memory_limit_bytes",
+            &labels
+        ),
+        None,
+        "an unprepared claim leaves the metrics: {text}"
+    );
+}

@@ -391,6 +391,15 @@ impl Preparer {
         }
     }
 
+    /// The requests of prepared claims whose containers keep an accounting file, and where.
+    pub fn watched(&self) -> Vec<crate::usage::Watched> {
+        let state = self.lock();
+        crate::usage::watched(&state.claims, |uid, request| {
+            self.claim_dir(uid)
+                .join(cdi_spec::accounting_file_name(request))
+        })
+    }
+
     fn claims_dir(&self) -> PathBuf {
         self.cfg.plugin_dir.join("claims")
     }
