@@ -3,6 +3,7 @@
 //! constraints. Pure: the controller loop and the simulator run the same code.
 
 pub mod state;
+pub mod topology;
 
 use crate::cel::{CelError, Selector};
 use crate::model::{
@@ -542,18 +543,10 @@ impl Engine {
         }
         let gpus = &self.state.gpus;
         let clique = || -> Option<Vec<(usize, SliceLimits)>> {
-            for (i, seed) in candidates.iter().enumerate() {
-                let mut chosen = vec![*seed];
-                for c in &candidates[i + 1..] {
-                    if chosen.iter().all(|(g, _)| gpus[*g].peers.contains(&c.0)) {
-                        chosen.push(*c);
-                        if chosen.len() == count {
-                            return Some(chosen);
-                        }
-                    }
-                }
-            }
-            None
+            let found = topology::first_clique(candidates.len(), count, |a, b| {
+                gpus[candidates[a].0].peers.contains(&candidates[b].0)
+            })?;
+            Some(found.into_iter().map(|i| candidates[i]).collect())
         };
         let one_numa = || -> Option<Vec<(usize, SliceLimits)>> {
             let mut groups: BTreeMap<i64, Vec<(usize, SliceLimits)>> = BTreeMap::new();
