@@ -5,7 +5,7 @@
 pub mod state;
 pub mod topology;
 
-use crate::cel::{CelError, Selector};
+use crate::cel::{CelEnv, CelError, LibraryError, Selector};
 use crate::model::{
     ClaimView, ClassView, Count, NodeView, PodView, matches_node_selector, tolerates,
 };
@@ -109,6 +109,8 @@ pub struct Engine {
     mode: Mode,
     selector_ids: HashMap<String, usize>,
     selectors: Vec<Result<Selector, CelError>>,
+    /// One CEL library for every evaluation of this engine.
+    cel: Result<CelEnv, LibraryError>,
     /// Per selector, per GPU: 0 not evaluated, 1 matches, 2 does not, 3 failed.
     matches: Vec<Vec<u8>>,
 }
@@ -137,6 +139,7 @@ impl Engine {
             mode: Mode::Controller,
             selector_ids: HashMap::new(),
             selectors: Vec::new(),
+            cel: CelEnv::new(),
             matches: Vec::new(),
         }
     }
@@ -189,10 +192,15 @@ impl Engine {
             NO => return Ok(false),
             _ => {}
         }
-        let selector_result = &self.selectors[selector];
-        let outcome = match selector_result {
-            Ok(s) => s.matches(&self.state.gpus[gpu].device.name, &self.state.gpus[gpu].cel),
-            Err(e) => Err(e.clone()),
+        let device = &self.state.gpus[gpu];
+        let outcome = match (&self.selectors[selector], &self.cel) {
+            (Ok(s), Ok(env)) => s.evaluate(env, &device.cel),
+            (Ok(s), Err(e)) => Err(CelError::Runtime {
+                expression: s.expression.clone(),
+                device: device.device.name.clone(),
+                message: e.to_string(),
+            }),
+            (Err(e), _) => Err(e.clone()),
         };
         self.matches[selector][gpu] = match &outcome {
             Ok(true) => YES,

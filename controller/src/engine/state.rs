@@ -1,7 +1,7 @@
 //! The cluster as the allocator sees it: nodes with their GPUs, and what every allocated claim
 //! holds of each GPU, rebuilt from the API objects alone.
 
-use crate::cel::device_value;
+use crate::cel::CelDevice;
 use crate::model::{ClaimView, NodeView, PodView};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use vgpu_driver::capacity::{CORES, MEMORY};
@@ -14,8 +14,8 @@ pub struct GpuState {
     pub node: usize,
     pub pool: String,
     pub device: PublishedDevice,
-    /// The CEL `device` variable, built once.
-    pub cel: cel::objects::Value,
+    /// The CEL `device` variable, built and converted once.
+    pub cel: CelDevice,
     pub total: Capacity,
     pub used: Capacity,
     /// Claims holding a part of this GPU (admin access excluded).
@@ -194,7 +194,7 @@ impl ClusterState {
                 state.gpus.push(GpuState {
                     node: node_idx,
                     pool: pool.to_string(),
-                    cel: device_value(driver, d),
+                    cel: CelDevice::of(driver, d),
                     device: d.clone(),
                     total: Capacity {
                         memory_bytes: memory,
