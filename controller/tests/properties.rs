@@ -347,3 +347,93 @@ proptest! {
         }
     }
 }
+
+/// Everything a decision reads from the cluster state, per GPU and per node.
+fn books(
+    e: &Engine,
+) -> (
+    Vec<(Capacity, u32, bool)>,
+    Vec<(u64, u32, i128, i128)>,
+    Vec<(u64, usize)>,
+) {
+    let gpus = e
+        .state
+        .gpus
+        .iter()
+        .map(|g| (g.used, g.holders, g.exclusive))
+        .collect();
+    let nodes = e
+        .state
+        .nodes
+        .iter()
+        .map(|n| {
+            (
+                n.max_free_memory,
+                n.max_free_cores,
+                n.cpu_requested,
+                n.memory_requested,
+            )
+        })
+        .collect();
+    (
+        gpus,
+        nodes,
+        e.state.by_utilisation.iter().copied().collect(),
+    )
+}
+
+fn bound_pods(spec: &[Vec<(u64, bool)>], cpus: &[i128]) -> Vec<controller::model::PodView> {
+    cpus.iter()
+        .enumerate()
+        .map(|(i, cpu)| controller::model::PodView {
+            namespace: "ml".into(),
+            name: format!("p{i}"),
+            uid: format!("pod-{i}"),
+            node_name: Some(format!("node-{}", i % spec.len())),
+            cpu_millis: *cpu,
+            ..Default::default()
+        })
+        .collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn a_resynced_engine_equals_a_rebuilt_one(
+        spec in cluster_spec(),
+        claims in prop::collection::vec(claim_spec(), 1..30),
+        keep in prop::collection::vec(any::<bool>(), 30),
+        cpus in prop::collection::vec(0i128..4000, 0..6),
+        cpus_later in prop::collection::vec(0i128..4000, 0..6),
+    ) {
+        let mut inputs = build(&spec);
+        inputs.pods = bound_pods(&spec, &cpus);
+        let (mut kept, allocations) = run(&inputs, &claims, Policies::default());
+        let mut views: Vec<controller::model::ClaimView> = allocations.iter().enumerate().map(|(i, (s, a))| {
+            let mut v = to_claim(i, s);
+            v.uid = a.uid.clone();
+            v.allocation = Some(a.clone());
+            v
+        }).collect();
+        // Some claims released, one moved to where another claim is, pods changed.
+        let mut later: Vec<controller::model::ClaimView> = views.iter().zip(&keep).filter(|(_, k)| **k).map(|(v, _)| v.clone()).collect();
+        if later.len() >= 2 {
+            let other = later[1].allocation.clone();
+            later[0].allocation = other.map(|mut a| { a.uid = later[0].uid.clone(); a });
+        }
+        let pods_later = bound_pods(&spec, &cpus_later);
+        kept.resync(&later, &pods_later);
+        let mut fresh_inputs = inputs.clone();
+        fresh_inputs.claims = later.clone();
+        fresh_inputs.pods = pods_later;
+        let fresh = engine(&fresh_inputs, Policies::default());
+        prop_assert_eq!(books(&kept), books(&fresh));
+        // And back to every allocation.
+        views.sort_by(|a, b| a.uid.cmp(&b.uid));
+        kept.resync(&views, &inputs.pods);
+        let mut all_inputs = inputs.clone();
+        all_inputs.claims = views;
+        prop_assert_eq!(books(&kept), books(&engine(&all_inputs, Policies::default())));
+    }
+}

@@ -162,6 +162,11 @@ impl Engine {
         self.mode
     }
 
+    /// Distinct selector expressions compiled so far, each with a result slot per GPU.
+    pub fn selector_count(&self) -> usize {
+        self.selectors.len()
+    }
+
     /// Whether the claim uses one of our (controller-allocated) classes.
     pub fn is_ours(&self, claim: &ClaimView) -> bool {
         claim
@@ -802,6 +807,14 @@ impl Engine {
     pub fn commit(&mut self, allocation: &ClaimAllocation) {
         let holdings: Vec<Holding> = self.state.holdings_of(allocation);
         self.state.charge(&allocation.uid, holdings);
+    }
+
+    /// Bring the engine up to the allocated `claims` and `pods` of a cluster whose nodes,
+    /// slices and classes are those it was built from: charges and releases only what
+    /// changed, and keeps the compiled selectors and their results per GPU, which stay true
+    /// while the devices are the same.
+    pub fn resync(&mut self, claims: &[ClaimView], pods: &[PodView]) {
+        self.state.resync(claims, pods);
     }
 
     /// Give back what a claim held (deallocated or deleted).
