@@ -348,14 +348,15 @@ proptest! {
     }
 }
 
-/// Everything a decision reads from the cluster state, per GPU and per node.
-fn books(
-    e: &Engine,
-) -> (
+/// Everything a decision reads from the cluster state: per GPU (used, holders, exclusive),
+/// per node (roomiest GPU's memory and cores, CPU and memory requested), the node order.
+type Books = (
     Vec<(Capacity, u32, bool)>,
     Vec<(u64, u32, i128, i128)>,
     Vec<(u64, usize)>,
-) {
+);
+
+fn books(e: &Engine) -> Books {
     let gpus = e
         .state
         .gpus
