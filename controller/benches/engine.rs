@@ -1,11 +1,19 @@
-//! The engine at cluster scale: 1,000 nodes × 8 H100 with 20,000 live slices. Measures one
-//! allocation decision, and a full allocate + commit + release cycle (claims per second).
+//! The engine at cluster scale, two workloads:
+//! - `mixed/…`: 1,000 nodes × 8 GPUs of three NVLink layouts (H100 NVSwitch, V100 DGX-1
+//!   cube-mesh, A100 pairs) and 20,000 claims, 20 % with CEL selectors, multi-GPU Required and
+//!   Preferred, exclusive (see `cluster/mod.rs`), each decided with its pod: the whole stream,
+//!   and single decisions on the filled cluster.
+//! - the original: 1,000 nodes × 8 H100 with 20,000 live selector-free slices; one decision
+//!   on a prebuilt engine.
 //!
 //! `cargo bench -p controller --bench engine`
 
+mod cluster;
+
 use controller::engine::{Engine, Inputs, Policies};
+use controller::model::PodView;
 use controller::model::{Alternative, ClaimView, ClassView, Count, NodeView, RequestView};
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use serde_json::json;
 use std::collections::BTreeSet;
 use std::hint::black_box;
@@ -91,6 +99,79 @@ fn cluster() -> Engine {
     engine
 }
 
+/// The mixed workload as engine inputs, its claims and the pod of each claim.
+fn mixed() -> (Inputs, Vec<ClaimView>, Vec<PodView>) {
+    use k8s_openapi::api::core::v1::{Node, Pod};
+    use k8s_openapi::api::resource::v1;
+    let mut inputs = Inputs::default();
+    let (mut claims, mut pods) = (Vec::new(), Vec::new());
+    for o in cluster::objects(NODES, LIVE_SLICES) {
+        match o["kind"].as_str() {
+            Some("Node") => inputs.nodes.push(NodeView::from_node(
+                &serde_json::from_value::<Node>(o).unwrap(),
+            )),
+            Some("ResourceSlice") => inputs.slices.push(SliceView::of(
+                &serde_json::from_value::<v1::ResourceSlice>(o).unwrap(),
+            )),
+            Some("DeviceClass") => inputs.classes.push(ClassView::of(
+                &serde_json::from_value::<v1::DeviceClass>(o).unwrap(),
+            )),
+            Some("ResourceClaim") => claims.push(
+                ClaimView::of(&serde_json::from_value::<v1::ResourceClaim>(o).unwrap()).unwrap(),
+            ),
+            Some("Pod") => pods.push(PodView::from_pod(
+                &serde_json::from_value::<Pod>(o).unwrap(),
+            )),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    (inputs, claims, pods)
+}
+
+/// Decide and commit every claim in order; how many were placed.
+fn decide_all(engine: &mut Engine, claims: &[ClaimView], pods: &[PodView]) -> usize {
+    let avoid = BTreeSet::new();
+    let mut placed = 0;
+    for (claim, pod) in claims.iter().zip(pods) {
+        if let Ok(a) = engine.allocate(claim, Some(pod), &avoid) {
+            engine.commit(&a);
+            placed += 1;
+        }
+    }
+    placed
+}
+
+fn bench_mixed(c: &mut Criterion) {
+    let (inputs, claims, pods) = mixed();
+    let mut filled = Engine::new(DRIVER, &inputs, Policies::default());
+    let placed = decide_all(&mut filled, &claims, &pods);
+    eprintln!("mixed workload: {placed} of {} claims placed", claims.len());
+    c.bench_function(
+        "mixed: decide + commit 20,000 claims on 1000 nodes x 8 GPUs (20% CEL, multi-GPU, exclusive)",
+        |b| {
+            b.iter_batched(
+                || Engine::new(DRIVER, &inputs, Policies::default()),
+                |mut engine| black_box(decide_all(&mut engine, &claims, &pods)),
+                BatchSize::PerIteration,
+            )
+        },
+    );
+    let avoid = BTreeSet::new();
+    let mut probe = claims[12].clone();
+    probe.uid = "probe-selector".into();
+    probe.name = "probe-selector".into();
+    c.bench_function(
+        "mixed: one decision with a CEL selector, filled cluster",
+        |b| b.iter(|| filled.allocate(black_box(&probe), Some(&pods[12]), &avoid)),
+    );
+    let mut quad = claims[17].clone();
+    quad.uid = "probe-quad".into();
+    quad.name = "probe-quad".into();
+    c.bench_function("mixed: one 4-GPU Required decision, filled cluster", |b| {
+        b.iter(|| filled.allocate(black_box(&quad), Some(&pods[17]), &avoid))
+    });
+}
+
 fn bench(c: &mut Criterion) {
     let mut engine = cluster();
     let avoid = BTreeSet::new();
@@ -135,6 +216,6 @@ fn bench(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(10).measurement_time(std::time::Duration::from_secs(5));
-    targets = bench
+    targets = bench_mixed, bench
 }
 criterion_main!(benches);

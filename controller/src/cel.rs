@@ -3,6 +3,8 @@
 //! `compareTo`, `isGreaterThan`, `isLessThan`, `asInteger`), versions as semver values, and the
 //! `quantity()` and `semver()` constructors.
 
+use cel::common::value::{CowVal, Val};
+use cel::context::VariableResolver;
 use cel::extractors::This;
 use cel::objects::{Opaque, Value};
 use cel::{Context, ExecutionError, Program, ResolveResult};
@@ -251,30 +253,24 @@ impl Selector {
         }
     }
 
-    /// Evaluate against a device built by [`device_value`].
+    /// Evaluate against a device built by [`device_value`]: declares the library for this one
+    /// evaluation, so callers that evaluate many times keep a [`CelEnv`] and a [`CelDevice`]
+    /// per device and call [`Selector::evaluate`].
     pub fn matches(&self, device_name: &str, device: &Value) -> Result<bool, CelError> {
-        let mut ctx = Context::default();
-        let declared = [
-            ctx.add_function("quantity", quantity_fn),
-            ctx.add_function("semver", semver_fn),
-            ctx.add_function("isQuantity", is_quantity_fn),
-            ctx.add_function("isSemver", is_semver_fn),
-            ctx.add_function("compareTo", compare_to),
-            ctx.add_function("isGreaterThan", is_greater_than),
-            ctx.add_function("isLessThan", is_less_than),
-            ctx.add_function("asInteger", as_integer),
-            ctx.add_function("major", major),
-            ctx.add_function("minor", minor),
-            ctx.add_function("patch", patch),
-        ];
-        if let Some(Err(e)) = declared.into_iter().find(Result::is_err) {
-            return Err(CelError::Runtime {
-                expression: self.expression.clone(),
-                device: device_name.to_string(),
-                message: format!("declaring the Kubernetes CEL library: {e:?}"),
-            });
-        }
-        ctx.add_variable_from_value("device", device.clone());
+        let env = CelEnv::new().map_err(|e| self.runtime(device_name, e.to_string()))?;
+        self.evaluate(&env, &CelDevice::new(device_name, device.clone()))
+    }
+
+    /// Evaluate against a prepared device with the shared library: nothing is declared,
+    /// converted or cloned per evaluation.
+    pub fn evaluate(&self, env: &CelEnv, device: &CelDevice) -> Result<bool, CelError> {
+        let value = device
+            .value
+            .as_ref()
+            .map_err(|e| self.runtime(&device.name, e.clone()))?;
+        let resolver = DeviceResolver(value.as_ref());
+        let mut ctx = env.root.new_inner_scope();
+        ctx.set_variable_resolver(&resolver);
         let program = &self.program;
         let result =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| program.execute(&ctx)));
@@ -282,20 +278,93 @@ impl Selector {
             Ok(Ok(Value::Bool(b))) => Ok(b),
             Ok(Ok(other)) => Err(CelError::NotBool {
                 expression: self.expression.clone(),
-                device: device_name.to_string(),
+                device: device.name.clone(),
                 value: format!("{other:?}"),
             }),
-            Ok(Err(e)) => Err(CelError::Runtime {
-                expression: self.expression.clone(),
-                device: device_name.to_string(),
-                message: e.to_string(),
-            }),
-            Err(_) => Err(CelError::Runtime {
-                expression: self.expression.clone(),
-                device: device_name.to_string(),
-                message: "the CEL interpreter failed".into(),
-            }),
+            Ok(Err(e)) => Err(self.runtime(&device.name, e.to_string())),
+            Err(_) => Err(self.runtime(&device.name, "the CEL interpreter failed".into())),
         }
+    }
+
+    fn runtime(&self, device: &str, message: String) -> CelError {
+        CelError::Runtime {
+            expression: self.expression.clone(),
+            device: device.to_string(),
+            message,
+        }
+    }
+}
+
+/// The Kubernetes CEL library (quantities, semantic versions) declared once: building the
+/// standard environment and declaring eleven functions cost more than evaluating a typical
+/// selector, so an allocator keeps one for all its evaluations.
+pub struct CelEnv {
+    root: Context<'static, 'static>,
+}
+
+impl std::fmt::Debug for CelEnv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CelEnv").finish_non_exhaustive()
+    }
+}
+
+/// Why the Kubernetes CEL library could not be declared.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("declaring the Kubernetes CEL library: {0}")]
+pub struct LibraryError(String);
+
+impl CelEnv {
+    pub fn new() -> Result<CelEnv, LibraryError> {
+        let mut root = Context::default();
+        let declared = [
+            root.add_function("quantity", quantity_fn),
+            root.add_function("semver", semver_fn),
+            root.add_function("isQuantity", is_quantity_fn),
+            root.add_function("isSemver", is_semver_fn),
+            root.add_function("compareTo", compare_to),
+            root.add_function("isGreaterThan", is_greater_than),
+            root.add_function("isLessThan", is_less_than),
+            root.add_function("asInteger", as_integer),
+            root.add_function("major", major),
+            root.add_function("minor", minor),
+            root.add_function("patch", patch),
+        ];
+        match declared.into_iter().find_map(Result::err) {
+            Some(e) => Err(LibraryError(format!("{e:?}"))),
+            None => Ok(CelEnv { root }),
+        }
+    }
+}
+
+/// A device's `device` variable in the interpreter's own representation, converted once:
+/// binding a [`Value`] map converts it (deep-copying every nested map) on each binding.
+#[derive(Debug)]
+pub struct CelDevice {
+    name: String,
+    /// A conversion failure is kept and reported by every selector evaluated on the device.
+    value: Result<Box<dyn Val>, String>,
+}
+
+impl CelDevice {
+    pub fn new(name: &str, value: Value) -> CelDevice {
+        CelDevice {
+            name: name.to_string(),
+            value: Box::<dyn Val>::try_from(value).map_err(|e| e.to_string()),
+        }
+    }
+
+    /// The device of `driver` as selectors see it.
+    pub fn of(driver: &str, device: &PublishedDevice) -> CelDevice {
+        CelDevice::new(&device.name, device_value(driver, device))
+    }
+}
+
+/// Answers `device` from a prepared value, lent rather than copied into the context.
+struct DeviceResolver<'a>(&'a dyn Val);
+
+impl VariableResolver for DeviceResolver<'_> {
+    fn resolve<'b>(&'b self, variable: &str) -> Option<CowVal<'b, 'b>> {
+        (variable == "device").then_some(CowVal::Borrowed(self.0))
     }
 }
 
@@ -433,6 +502,40 @@ mod tests {
             eval(r#"semver("1.2.3-rc.1").isLessThan(semver("1.2.3"))"#),
             Ok(true)
         );
+    }
+
+    #[test]
+    fn one_library_serves_every_device() {
+        let inv =
+            vgpu_driver::Inventory::from_yaml(include_str!("../../driver/testdata/hgx-h100.yaml"))
+                .unwrap();
+        let devices: Vec<CelDevice> = gpu_devices(&inv.gpus)
+            .unwrap()
+            .iter()
+            .map(|d| CelDevice::of("vgpu.hami.io", d))
+            .collect();
+        let env = CelEnv::new().unwrap();
+        let numa = Selector::compile(r#"device.attributes["vgpu.hami.io"].numaNode == 1"#).unwrap();
+        let got: Vec<bool> = devices
+            .iter()
+            .map(|d| numa.evaluate(&env, d).unwrap())
+            .collect();
+        assert_eq!(got, [false, false, false, false, true, true, true, true]);
+        // A comprehension variable named `device` shadows the device, as in cel-go.
+        let shadow = Selector::compile("[1].exists(device, device == 1)").unwrap();
+        assert_eq!(shadow.evaluate(&env, &devices[0]), Ok(true));
+        // The library is declared once and used by every evaluation.
+        let q = Selector::compile(
+            r#"device.capacity["vgpu.hami.io"].memory.isGreaterThan(quantity("40Gi"))"#,
+        )
+        .unwrap();
+        assert!(devices.iter().all(|d| q.evaluate(&env, d) == Ok(true)));
+        // A device value the interpreter cannot hold fails every selector on it, naming it.
+        let odd = CelDevice::new("gpu-x", Value::Function(Arc::new("f".into()), None));
+        assert!(matches!(
+            numa.evaluate(&env, &odd),
+            Err(CelError::Runtime { device, .. }) if device == "gpu-x"
+        ));
     }
 
     #[test]

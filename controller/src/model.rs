@@ -143,6 +143,76 @@ impl PodView {
     }
 }
 
+/// Keep only what [`PodView::from_pod`] and change detection read of a Pod, so a watch cache
+/// holds a few hundred bytes per pod instead of the whole object (images, environment,
+/// volumes, probes, managedFields, annotations, status conditions: usually several KiB).
+pub fn slim_pod(pod: &mut Pod) {
+    use k8s_openapi::api::core::v1::{
+        Affinity, Container, PodSpec, PodStatus, ResourceRequirements,
+    };
+    let slim_container = |c: &Container| Container {
+        name: c.name.clone(),
+        resources: c.resources.as_ref().map(|r| ResourceRequirements {
+            requests: r.requests.clone(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    pod.metadata = kube::api::ObjectMeta {
+        name: pod.metadata.name.take(),
+        namespace: pod.metadata.namespace.take(),
+        uid: pod.metadata.uid.take(),
+        resource_version: pod.metadata.resource_version.take(),
+        ..Default::default()
+    };
+    pod.spec = pod.spec.take().map(|spec| PodSpec {
+        containers: spec.containers.iter().map(slim_container).collect(),
+        init_containers: spec
+            .init_containers
+            .as_ref()
+            .map(|cs| cs.iter().map(slim_container).collect()),
+        node_name: spec.node_name,
+        node_selector: spec.node_selector,
+        affinity: spec
+            .affinity
+            .and_then(|a| a.node_affinity)
+            .map(|node_affinity| Affinity {
+                node_affinity: Some(node_affinity),
+                ..Default::default()
+            }),
+        tolerations: spec.tolerations,
+        resource_claims: spec.resource_claims,
+        ..Default::default()
+    });
+    pod.status = pod.status.take().map(|status| PodStatus {
+        phase: status.phase,
+        resource_claim_statuses: status.resource_claim_statuses,
+        ..Default::default()
+    });
+}
+
+/// Keep only what [`NodeView::from_node`] and change detection read of a Node: images,
+/// conditions, addresses and managedFields are most of a Node object.
+pub fn slim_node(node: &mut Node) {
+    use k8s_openapi::api::core::v1::{NodeSpec, NodeStatus};
+    node.metadata = kube::api::ObjectMeta {
+        name: node.metadata.name.take(),
+        uid: node.metadata.uid.take(),
+        resource_version: node.metadata.resource_version.take(),
+        labels: node.metadata.labels.take(),
+        ..Default::default()
+    };
+    node.spec = node.spec.take().map(|spec| NodeSpec {
+        taints: spec.taints,
+        unschedulable: spec.unschedulable,
+        ..Default::default()
+    });
+    node.status = node.status.take().map(|status| NodeStatus {
+        allocatable: status.allocatable,
+        ..Default::default()
+    });
+}
+
 /// A DeviceClass: its selectors (the controller marker removed) and opaque configuration.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ClassView {
@@ -496,6 +566,64 @@ mod tests {
             e.to_string()
                 .starts_with("ResourceClaim ml/c: spec.devices.requests[empty]: "),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn slimmed_pods_and_nodes_read_the_same_and_weigh_less() {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "namespace": "ml", "uid": "u", "resourceVersion": "7",
+                "labels": {"app": "x"}, "annotations": {"a": "b".repeat(2000)},
+                "managedFields": [{"manager": "kubectl", "operation": "Apply", "fieldsType": "FieldsV1", "fieldsV1": {"f:spec": {}}}]},
+            "spec": {
+                "nodeName": "n1", "nodeSelector": {"gpu": "h100"},
+                "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}]}},
+                             "podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [{"topologyKey": "kubernetes.io/hostname"}]}},
+                "tolerations": [{"key": "gpu", "operator": "Exists"}],
+                "initContainers": [{"name": "init", "image": "busybox", "resources": {"requests": {"cpu": "3", "memory": "1Gi"}}}],
+                "containers": [{"name": "main", "image": "registry.example.com/app:1", "command": ["run"],
+                    "env": [{"name": "A", "value": "x".repeat(1000)}],
+                    "resources": {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"cpu": "4"}}}],
+                "resourceClaims": [{"name": "gpu", "resourceClaimTemplateName": "t"}],
+                "volumes": [{"name": "v", "emptyDir": {}}]
+            },
+            "status": {"phase": "Running", "podIP": "10.0.0.1",
+                "conditions": [{"type": "Ready", "status": "True"}],
+                "resourceClaimStatuses": [{"name": "gpu", "resourceClaimName": "p-gpu-abc"}]}
+        }))
+        .unwrap();
+        let mut slim = pod.clone();
+        slim_pod(&mut slim);
+        assert_eq!(PodView::from_pod(&slim), PodView::from_pod(&pod));
+        assert_eq!(PodView::from_pod(&slim).claims, ["p-gpu-abc"]);
+        assert_eq!(slim.metadata.resource_version.as_deref(), Some("7"));
+        let size = |v: &Pod| serde_json::to_vec(v).unwrap().len();
+        assert!(
+            size(&slim) * 4 < size(&pod),
+            "{} vs {}",
+            size(&slim),
+            size(&pod)
+        );
+
+        let node: Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "n1", "uid": "nu", "resourceVersion": "3", "labels": {"zone": "a"},
+                "annotations": {"a": "b".repeat(2000)}},
+            "spec": {"unschedulable": true, "podCIDR": "10.0.0.0/24",
+                     "taints": [{"key": "gpu", "effect": "NoSchedule"}]},
+            "status": {"allocatable": {"cpu": "96", "memory": "1Ti"}, "capacity": {"cpu": "96"},
+                       "images": [{"names": ["registry.example.com/big:1"], "sizeBytes": 1}]}
+        }))
+        .unwrap();
+        let mut slim = node.clone();
+        slim_node(&mut slim);
+        assert_eq!(NodeView::from_node(&slim), NodeView::from_node(&node));
+        assert_eq!(slim.metadata.resource_version.as_deref(), Some("3"));
+        let size = |v: &Node| serde_json::to_vec(v).unwrap().len();
+        assert!(
+            size(&slim) * 4 < size(&node),
+            "{} vs {}",
+            size(&slim),
+            size(&node)
         );
     }
 

@@ -234,6 +234,67 @@ fn required_topology_takes_nvlink_peers_only() {
     );
 }
 
+/// A DGX-1 hybrid cube-mesh: GPUs 0-3 and 4-7 fully linked quads, GPU i linked to i + 4.
+fn cube_mesh_peers(i: u32) -> Vec<u32> {
+    (0..8)
+        .filter(|&p| p != i && (p / 4 == i / 4 || p % 4 == i % 4))
+        .collect()
+}
+
+#[test]
+fn required_topology_finds_the_free_quad_of_a_cube_mesh() {
+    let gpus = (0..8)
+        .map(|i| gpu_with(i, 80, Some(i / 4), &cube_mesh_peers(i)))
+        .collect();
+    let inputs = cluster(&[("n1", gpus)]);
+    let mut e = engine(&inputs, Policies::default());
+    let mut hold = |name: &str, count: u32, selector: &str, config: serde_json::Value| {
+        let c = claim_with(
+            name,
+            vec![request("gpu", SLICE, count, &[selector])],
+            vec![(vec![], config)],
+        );
+        let a = e.allocate(&c, None, &none()).unwrap();
+        e.commit(&a);
+        a
+    };
+    let index = |op: &str| format!(r#"device.attributes["vgpu.hami.io"].index {op}"#);
+    hold("x", 3, &index(">= 5"), json!({"exclusive": true}));
+    for i in 1..=3 {
+        hold(
+            &format!("s{i}"),
+            1,
+            &index(&format!("== {i}")),
+            json!({"memory": "10Gi"}),
+        );
+    }
+    // The smallest slice on GPU 4: spread puts it right after the free GPU 0, and 4 is a
+    // peer of 0 but of none of 1-3.
+    hold("s4", 1, &index("== 4"), json!({"memory": "1Gi"}));
+    let quad = claim(
+        "q",
+        4,
+        json!({"memory": "1Gi", "scheduling": {"topology": "Required"}}),
+    );
+    let got = e.allocate(&quad, None, &none()).unwrap();
+    let mut names: Vec<String> = got.results.iter().map(|r| r.device.clone()).collect();
+    names.sort();
+    assert_eq!(names, ["gpu-0", "gpu-1", "gpu-2", "gpu-3"]);
+    // Five linked GPUs do not exist: refused, with the candidates counted.
+    let five = claim(
+        "f",
+        5,
+        json!({"memory": "1Gi", "scheduling": {"topology": "Required"}}),
+    );
+    let err = e.allocate(&five, None, &none()).unwrap_err().to_string();
+    assert!(
+        err.contains(
+            "1 node: request gpu needs 5 GPU(s) with 1Gi and 0 cores free as NVLink peers, 5 found"
+        ),
+        "{err}"
+    );
+}
+
 #[test]
 fn preferred_topology_falls_back_to_one_numa_node() {
     // No NVLink at all: GPUs 0,1 on NUMA 0 and 2,3 on NUMA 1.

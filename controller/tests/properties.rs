@@ -250,3 +250,191 @@ proptest! {
         }
     }
 }
+
+/// NVLink layouts of `n` GPUs as a symmetric adjacency matrix: random links, a DGX-1 hybrid
+/// cube-mesh, NVLink bridges in pairs, a full NVSwitch mesh, or none.
+fn topology(n: usize) -> impl Strategy<Value = Vec<Vec<bool>>> {
+    let from = move |linked: fn(usize, usize) -> bool| {
+        (0..n)
+            .map(|a| (0..n).map(|b| a != b && linked(a, b)).collect())
+            .collect::<Vec<Vec<bool>>>()
+    };
+    let random = prop::collection::vec(prop::bool::weighted(0.6), n * n).prop_map(move |bits| {
+        (0..n)
+            .map(|a| {
+                (0..n)
+                    .map(|b| a != b && bits[a.min(b) * n + a.max(b)])
+                    .collect()
+            })
+            .collect::<Vec<Vec<bool>>>()
+    });
+    prop_oneof![
+        3 => random,
+        1 => Just(from(|a, b| a / 4 == b / 4 || a % 4 == b % 4)),
+        1 => Just(from(|a, b| a / 2 == b / 2)),
+        1 => Just(from(|_, _| true)),
+        1 => Just(from(|_, _| false)),
+    ]
+}
+
+/// Every `count`-subset of the GPUs with room, in lexicographic order, that is pairwise linked.
+fn brute_force(links: &[Vec<bool>], room: &[bool], count: usize) -> Vec<Vec<usize>> {
+    let n = links.len();
+    let mut out = Vec::new();
+    for mask in 0u32..(1 << n) {
+        let set: Vec<usize> = (0..n).filter(|i| mask & (1 << i) != 0).collect();
+        if set.len() == count
+            && set.iter().all(|&g| room[g])
+            && set
+                .iter()
+                .all(|&a| set.iter().all(|&b| a == b || links[a][b]))
+        {
+            out.push(set);
+        }
+    }
+    out.sort();
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn the_topology_search_finds_the_first_linked_set_brute_force_finds(
+        (links, room, count) in (1usize..=10).prop_flat_map(|n| (topology(n), prop::collection::vec(prop::bool::weighted(0.7), n), 1..=n))
+    ) {
+        let candidates: Vec<usize> = (0..links.len()).filter(|&g| room[g]).collect();
+        let found = controller::engine::topology::first_clique(candidates.len(), count, |a, b| links[candidates[a]][candidates[b]])
+            .map(|set| set.into_iter().map(|i| candidates[i]).collect::<Vec<_>>());
+        prop_assert_eq!(found, brute_force(&links, &room, count).into_iter().next());
+    }
+
+    #[test]
+    fn required_topology_is_refused_only_when_no_linked_set_has_room(
+        links in topology(8),
+        used in prop::collection::vec(prop_oneof![Just(0u64), Just(30), Just(75)], 8),
+        count in 2usize..=5,
+    ) {
+        let gpus = (0..8u32)
+            .map(|i| {
+                let peers: Vec<u32> = (0..8u32).filter(|&p| links[i as usize][p as usize]).collect();
+                gpu_with(i, 80, Some(i / 4), &peers)
+            })
+            .collect();
+        let inputs = cluster(&[("n1", gpus)]);
+        let mut e = engine(&inputs, Policies::default());
+        for (i, gib) in used.iter().enumerate().filter(|(_, g)| **g > 0) {
+            let selector = format!(r#"device.attributes["vgpu.hami.io"].index == {i}"#);
+            let c = claim_with(&format!("u{i}"), vec![request("gpu", SLICE, 1, &[&selector])], vec![(vec![], json!({"memory": format!("{gib}Gi")}))]);
+            let a = e.allocate(&c, None, &BTreeSet::new()).unwrap();
+            e.commit(&a);
+        }
+        let room: Vec<bool> = used.iter().map(|&g| g + 10 <= 80).collect();
+        let want = claim("w", count as u32, json!({"memory": "10Gi", "scheduling": {"topology": "Required"}}));
+        let got = e.allocate(&want, None, &BTreeSet::new());
+        let exists = !brute_force(&links, &room, count).is_empty();
+        prop_assert_eq!(got.is_ok(), exists, "{:?}", got);
+        if let Ok(a) = got {
+            let chosen: Vec<usize> = a.results.iter().map(|r| r.device.trim_start_matches("gpu-").parse().unwrap()).collect();
+            let distinct: BTreeSet<usize> = chosen.iter().copied().collect();
+            prop_assert_eq!(distinct.len(), count);
+            for &x in &chosen {
+                prop_assert!(room[x], "GPU {} has no room", x);
+                for &y in &chosen {
+                    prop_assert!(x == y || links[x][y], "GPUs {} and {} are not linked", x, y);
+                }
+            }
+        }
+    }
+}
+
+/// Everything a decision reads from the cluster state: per GPU (used, holders, exclusive),
+/// per node (roomiest GPU's memory and cores, CPU and memory requested), the node order.
+type Books = (
+    Vec<(Capacity, u32, bool)>,
+    Vec<(u64, u32, i128, i128)>,
+    Vec<(u64, usize)>,
+);
+
+fn books(e: &Engine) -> Books {
+    let gpus = e
+        .state
+        .gpus
+        .iter()
+        .map(|g| (g.used, g.holders, g.exclusive))
+        .collect();
+    let nodes = e
+        .state
+        .nodes
+        .iter()
+        .map(|n| {
+            (
+                n.max_free_memory,
+                n.max_free_cores,
+                n.cpu_requested,
+                n.memory_requested,
+            )
+        })
+        .collect();
+    (
+        gpus,
+        nodes,
+        e.state.by_utilisation.iter().copied().collect(),
+    )
+}
+
+fn bound_pods(spec: &[Vec<(u64, bool)>], cpus: &[i128]) -> Vec<controller::model::PodView> {
+    cpus.iter()
+        .enumerate()
+        .map(|(i, cpu)| controller::model::PodView {
+            namespace: "ml".into(),
+            name: format!("p{i}"),
+            uid: format!("pod-{i}"),
+            node_name: Some(format!("node-{}", i % spec.len())),
+            cpu_millis: *cpu,
+            ..Default::default()
+        })
+        .collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn a_resynced_engine_equals_a_rebuilt_one(
+        spec in cluster_spec(),
+        claims in prop::collection::vec(claim_spec(), 1..30),
+        keep in prop::collection::vec(any::<bool>(), 30),
+        cpus in prop::collection::vec(0i128..4000, 0..6),
+        cpus_later in prop::collection::vec(0i128..4000, 0..6),
+    ) {
+        let mut inputs = build(&spec);
+        inputs.pods = bound_pods(&spec, &cpus);
+        let (mut kept, allocations) = run(&inputs, &claims, Policies::default());
+        let mut views: Vec<controller::model::ClaimView> = allocations.iter().enumerate().map(|(i, (s, a))| {
+            let mut v = to_claim(i, s);
+            v.uid = a.uid.clone();
+            v.allocation = Some(a.clone());
+            v
+        }).collect();
+        // Some claims released, one moved to where another claim is, pods changed.
+        let mut later: Vec<controller::model::ClaimView> = views.iter().zip(&keep).filter(|(_, k)| **k).map(|(v, _)| v.clone()).collect();
+        if later.len() >= 2 {
+            let other = later[1].allocation.clone();
+            later[0].allocation = other.map(|mut a| { a.uid = later[0].uid.clone(); a });
+        }
+        let pods_later = bound_pods(&spec, &cpus_later);
+        kept.resync(&later, &pods_later);
+        let mut fresh_inputs = inputs.clone();
+        fresh_inputs.claims = later.clone();
+        fresh_inputs.pods = pods_later;
+        let fresh = engine(&fresh_inputs, Policies::default());
+        prop_assert_eq!(books(&kept), books(&fresh));
+        // And back to every allocation.
+        views.sort_by(|a, b| a.uid.cmp(&b.uid));
+        kept.resync(&views, &inputs.pods);
+        let mut all_inputs = inputs.clone();
+        all_inputs.claims = views;
+        prop_assert_eq!(books(&kept), books(&engine(&all_inputs, Policies::default())));
+    }
+}

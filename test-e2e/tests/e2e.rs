@@ -537,12 +537,14 @@ fn a5_the_admission_policy_keeps_each_plugin_to_its_own_node() {
     let install = Installation::ensure(SharingMode::Controller);
     let cluster = &install.cluster;
     let node = cluster.local.node().to_string();
-    let slice = |name: &str, node: &str| {
+    let slice_of = |name: &str, node: &str, pool: &str, driver: &str| {
         format!(
-            "apiVersion: {}\nkind: ResourceSlice\nmetadata:\n  name: {name}\nspec:\n  driver: {DRIVER}\n  nodeName: {node}\n  pool:\n    name: {name}\n    generation: 1\n    resourceSliceCount: 1\n",
+            "apiVersion: {}\nkind: ResourceSlice\nmetadata:\n  name: {name}\nspec:\n  driver: {driver}\n  nodeName: {node}\n  pool:\n    name: {pool}\n    generation: 1\n    resourceSliceCount: 1\n",
             api_version(cluster)
         )
     };
+    // The plugin's own pool is named after its node.
+    let slice = |name: &str, node: &str| slice_of(name, node, node, DRIVER);
     let plugin = cluster.as_user(install.plugin_kubeconfig.clone());
     // Its own node: allowed (the plugin's RBAC and the policy agree).
     plugin
@@ -571,6 +573,21 @@ fn a5_the_admission_policy_keeps_each_plugin_to_its_own_node() {
             && err.contains("some-other-node"),
         "{err}"
     );
+    // Its own node, but another pool or another driver: refused, naming the field.
+    let err = plugin
+        .run_with_input(
+            &["create", "-f", "-"],
+            &slice_of("e2e-other-pool", &node, "some-pool", DRIVER),
+        )
+        .expect_err("a plugin must not write a pool not named after its node");
+    assert!(err.contains("spec.pool.name") && err.contains("some-pool"), "{err}");
+    let err = plugin
+        .run_with_input(
+            &["create", "-f", "-"],
+            &slice_of("e2e-other-driver", &node, &node, "gpu.example.com"),
+        )
+        .expect_err("a plugin must not publish another driver's devices");
+    assert!(err.contains("spec.driver") && err.contains("gpu.example.com"), "{err}");
     // A token of the plugin's ServiceAccount that is bound to no node: refused too.
     let unbound = cluster.local.dir().join("vgpu/unbound.kubeconfig");
     write_kubeconfig(cluster, &unbound, &install.token(PLUGIN, &[]));

@@ -3,8 +3,9 @@
 //! constraints. Pure: the controller loop and the simulator run the same code.
 
 pub mod state;
+pub mod topology;
 
-use crate::cel::{CelError, Selector};
+use crate::cel::{CelEnv, CelError, LibraryError, Selector};
 use crate::model::{
     ClaimView, ClassView, Count, NodeView, PodView, matches_node_selector, tolerates,
 };
@@ -108,6 +109,8 @@ pub struct Engine {
     mode: Mode,
     selector_ids: HashMap<String, usize>,
     selectors: Vec<Result<Selector, CelError>>,
+    /// One CEL library for every evaluation of this engine.
+    cel: Result<CelEnv, LibraryError>,
     /// Per selector, per GPU: 0 not evaluated, 1 matches, 2 does not, 3 failed.
     matches: Vec<Vec<u8>>,
 }
@@ -136,6 +139,7 @@ impl Engine {
             mode: Mode::Controller,
             selector_ids: HashMap::new(),
             selectors: Vec::new(),
+            cel: CelEnv::new(),
             matches: Vec::new(),
         }
     }
@@ -156,6 +160,11 @@ impl Engine {
 
     pub fn mode(&self) -> Mode {
         self.mode
+    }
+
+    /// Distinct selector expressions compiled so far, each with a result slot per GPU.
+    pub fn selector_count(&self) -> usize {
+        self.selectors.len()
     }
 
     /// Whether the claim uses one of our (controller-allocated) classes.
@@ -188,10 +197,15 @@ impl Engine {
             NO => return Ok(false),
             _ => {}
         }
-        let selector_result = &self.selectors[selector];
-        let outcome = match selector_result {
-            Ok(s) => s.matches(&self.state.gpus[gpu].device.name, &self.state.gpus[gpu].cel),
-            Err(e) => Err(e.clone()),
+        let device = &self.state.gpus[gpu];
+        let outcome = match (&self.selectors[selector], &self.cel) {
+            (Ok(s), Ok(env)) => s.evaluate(env, &device.cel),
+            (Ok(s), Err(e)) => Err(CelError::Runtime {
+                expression: s.expression.clone(),
+                device: device.device.name.clone(),
+                message: e.to_string(),
+            }),
+            (Err(e), _) => Err(e.clone()),
         };
         self.matches[selector][gpu] = match &outcome {
             Ok(true) => YES,
@@ -542,18 +556,10 @@ impl Engine {
         }
         let gpus = &self.state.gpus;
         let clique = || -> Option<Vec<(usize, SliceLimits)>> {
-            for (i, seed) in candidates.iter().enumerate() {
-                let mut chosen = vec![*seed];
-                for c in &candidates[i + 1..] {
-                    if chosen.iter().all(|(g, _)| gpus[*g].peers.contains(&c.0)) {
-                        chosen.push(*c);
-                        if chosen.len() == count {
-                            return Some(chosen);
-                        }
-                    }
-                }
-            }
-            None
+            let found = topology::first_clique(candidates.len(), count, |a, b| {
+                gpus[candidates[a].0].peers.contains(&candidates[b].0)
+            })?;
+            Some(found.into_iter().map(|i| candidates[i]).collect())
         };
         let one_numa = || -> Option<Vec<(usize, SliceLimits)>> {
             let mut groups: BTreeMap<i64, Vec<(usize, SliceLimits)>> = BTreeMap::new();
@@ -801,6 +807,14 @@ impl Engine {
     pub fn commit(&mut self, allocation: &ClaimAllocation) {
         let holdings: Vec<Holding> = self.state.holdings_of(allocation);
         self.state.charge(&allocation.uid, holdings);
+    }
+
+    /// Bring the engine up to the allocated `claims` and `pods` of a cluster whose nodes,
+    /// slices and classes are those it was built from: charges and releases only what
+    /// changed, and keeps the compiled selectors and their results per GPU, which stay true
+    /// while the devices are the same.
+    pub fn resync(&mut self, claims: &[ClaimView], pods: &[PodView]) {
+        self.state.resync(claims, pods);
     }
 
     /// Give back what a claim held (deallocated or deleted).

@@ -1,7 +1,7 @@
 //! The cluster as the allocator sees it: nodes with their GPUs, and what every allocated claim
 //! holds of each GPU, rebuilt from the API objects alone.
 
-use crate::cel::device_value;
+use crate::cel::CelDevice;
 use crate::model::{ClaimView, NodeView, PodView};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use vgpu_driver::capacity::{CORES, MEMORY};
@@ -14,13 +14,16 @@ pub struct GpuState {
     pub node: usize,
     pub pool: String,
     pub device: PublishedDevice,
-    /// The CEL `device` variable, built once.
-    pub cel: cel::objects::Value,
+    /// The CEL `device` variable, built and converted once.
+    pub cel: CelDevice,
     pub total: Capacity,
     pub used: Capacity,
     /// Claims holding a part of this GPU (admin access excluded).
     pub holders: u32,
     pub exclusive: bool,
+    /// Exclusive holdings: more than one only when the API shows an overbooked GPU, and then
+    /// releasing one must leave the GPU exclusive, as a rebuild would.
+    exclusive_holders: u32,
     pub numa: Option<i64>,
     /// NVLink peers on the same node (indices into the GPU table).
     pub peers: Vec<usize>,
@@ -194,7 +197,7 @@ impl ClusterState {
                 state.gpus.push(GpuState {
                     node: node_idx,
                     pool: pool.to_string(),
-                    cel: device_value(driver, d),
+                    cel: CelDevice::of(driver, d),
                     device: d.clone(),
                     total: Capacity {
                         memory_bytes: memory,
@@ -203,6 +206,7 @@ impl ClusterState {
                     used: Capacity::default(),
                     holders: 0,
                     exclusive: false,
+                    exclusive_holders: 0,
                     numa,
                     peers: Vec::new(),
                 });
@@ -225,16 +229,7 @@ impl ClusterState {
                 .collect();
             state.gpus[g].peers = peers;
         }
-        for pod in pods.iter().filter(|p| !p.finished) {
-            if let Some(&n) = pod
-                .node_name
-                .as_deref()
-                .and_then(|n| state.node_index.get(n))
-            {
-                state.nodes[n].cpu_requested += pod.cpu_millis;
-                state.nodes[n].memory_requested += pod.memory_bytes;
-            }
-        }
+        state.count_pods(pods);
         state.node_utilisation = vec![0; state.nodes.len()];
         for n in 0..state.nodes.len() {
             state.by_utilisation.insert((0, n));
@@ -247,6 +242,54 @@ impl ClusterState {
             }
         }
         state
+    }
+
+    /// The CPU and memory the pods bound to each node request, counted afresh.
+    fn count_pods(&mut self, pods: &[PodView]) {
+        for node in &mut self.nodes {
+            node.cpu_requested = 0;
+            node.memory_requested = 0;
+        }
+        for pod in pods.iter().filter(|p| !p.finished) {
+            if let Some(&n) = pod
+                .node_name
+                .as_deref()
+                .and_then(|n| self.node_index.get(n))
+            {
+                self.nodes[n].cpu_requested += pod.cpu_millis;
+                self.nodes[n].memory_requested += pod.memory_bytes;
+            }
+        }
+    }
+
+    /// Bring the holdings up to `claims` and the pods' requests up to `pods` without
+    /// rebuilding the GPU table: the state [`ClusterState::build`] would make from the same
+    /// nodes and slices with these claims and pods. Only claims whose holdings changed are
+    /// charged or released.
+    pub fn resync(&mut self, claims: &[ClaimView], pods: &[PodView]) {
+        let mut current: HashMap<&str, Vec<Holding>> = HashMap::new();
+        for claim in claims {
+            if let Some(allocation) = &claim.allocation {
+                let holdings = self.holdings_of(allocation);
+                // A UID listed twice: the last wins, as in a build, where a charge replaces.
+                current.insert(claim.uid.as_str(), holdings);
+            }
+        }
+        let gone: Vec<String> = self
+            .holdings
+            .keys()
+            .filter(|uid| !current.contains_key(uid.as_str()))
+            .cloned()
+            .collect();
+        for uid in gone {
+            self.release(&uid);
+        }
+        for (uid, holdings) in current {
+            if self.holdings.get(uid) != Some(&holdings) {
+                self.charge(uid, holdings);
+            }
+        }
+        self.count_pods(pods);
     }
 
     /// What an allocation holds of our GPUs.
@@ -276,6 +319,7 @@ impl ClusterState {
             let gpu = &mut self.gpus[h.gpu];
             if h.limits.exclusive {
                 gpu.used = gpu.used.saturating_add(&gpu.total);
+                gpu.exclusive_holders += 1;
                 gpu.exclusive = true;
             } else {
                 gpu.used = gpu.used.saturating_add(&Capacity {
@@ -302,7 +346,8 @@ impl ClusterState {
             let gpu = &mut self.gpus[h.gpu];
             if h.limits.exclusive {
                 gpu.used = gpu.used.saturating_sub(&gpu.total);
-                gpu.exclusive = false;
+                gpu.exclusive_holders = gpu.exclusive_holders.saturating_sub(1);
+                gpu.exclusive = gpu.exclusive_holders > 0;
             } else {
                 gpu.used = gpu.used.saturating_sub(&Capacity {
                     memory_bytes: h.limits.memory_bytes,

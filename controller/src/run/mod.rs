@@ -9,7 +9,7 @@ pub mod metrics;
 pub mod reconcile;
 
 use crate::engine::Policies;
-use crate::model::{ClassView, NodeView, PodView};
+use crate::model::{ClassView, NodeView, PodView, slim_node, slim_pod};
 use dra::events::EventSink;
 use dra::{ApiVersion, DiscoveryError, DraApi, DraObject};
 use futures::{Stream, StreamExt};
@@ -136,8 +136,9 @@ impl Controller {
         let classes: Store<v1::DeviceClass> = watch_dra(&self.client, version, &notify, &mut tasks);
         let slices: Store<v1::ResourceSlice> =
             watch_dra(&self.client, version, &notify, &mut tasks);
-        let nodes: Store<Node> = watch_core(&self.client, &notify, &mut tasks);
-        let pods: Store<Pod> = watch_core(&self.client, &notify, &mut tasks);
+        // Pods and Nodes are most of the cache: only the fields placement reads are kept.
+        let nodes: Store<Node> = watch_core(&self.client, &notify, &mut tasks, slim_node);
+        let pods: Store<Pod> = watch_core(&self.client, &notify, &mut tasks, slim_pod);
 
         let leadership = match &self.options.leader_election {
             Some(le) => {
@@ -264,12 +265,21 @@ fn watch_dra<K: DraObject>(
     notify: &Arc<Notify>,
     tasks: &mut AbortOnDrop,
 ) -> Store<K> {
-    let stream = DraApi::<K>::all(client.clone(), version).watch(watcher::Config::default());
+    // managedFields are never read, and an update without them leaves the stored ones
+    // alone; everything else is kept, as claims are written back whole.
+    let stream = DraApi::<K>::all(client.clone(), version)
+        .watch(watcher::Config::default())
+        .modify(|o: &mut K| o.meta_mut().managed_fields = None);
     reflect(stream, notify, tasks)
 }
 
-/// Start a reflector for a core resource.
-fn watch_core<K>(client: &Client, notify: &Arc<Notify>, tasks: &mut AbortOnDrop) -> Store<K>
+/// Start a reflector for a core resource, storing each object as `slim` leaves it.
+fn watch_core<K>(
+    client: &Client,
+    notify: &Arc<Notify>,
+    tasks: &mut AbortOnDrop,
+    slim: fn(&mut K),
+) -> Store<K>
 where
     K: kube::Resource<DynamicType = ()>
         + k8s_openapi::Resource
@@ -280,7 +290,7 @@ where
         + Sync
         + 'static,
 {
-    let stream = watcher(Api::<K>::all(client.clone()), watcher::Config::default());
+    let stream = watcher(Api::<K>::all(client.clone()), watcher::Config::default()).modify(slim);
     reflect(stream, notify, tasks)
 }
 

@@ -2,10 +2,14 @@
 //! survives between passes: retry back-off, nodes the scheduler rejected, and allocations we
 //! wrote that the caches have not shown yet.
 //!
-//! Every pass rebuilds the engine from the objects (the API server is the source of truth, so
+//! Every pass brings the engine up to the objects (the API server is the source of truth, so
 //! a restarted or newly elected replica decides exactly as the previous one would have), then
 //! allocates the pending claims of our classes oldest first, charging each allocation before
-//! deciding the next.
+//! deciding the next. The engine of the previous pass is kept while the nodes, slices and
+//! classes are unchanged (same names and resourceVersions): only the claims whose allocation
+//! changed are charged or released, and compiled selectors with their per-GPU results
+//! survive. Any change to those objects rebuilds it, as does an engine that has compiled
+//! [`MAX_KEPT_SELECTORS`] expressions.
 //!
 //! A pass has two halves: [`Selection`] decides (which claims are ours, pending and waiting,
 //! in which order, and where each goes) from the snapshot and the [`Book`] alone, and
@@ -36,6 +40,34 @@ pub const DELETE_PROTECTION: &str = "resource.kubernetes.io/delete-protection";
 const ASSUME_FOR: Duration = Duration::from_secs(120);
 /// Conflicts on one claim retried within a pass before giving up until the next.
 const MAX_WRITE_ATTEMPTS: usize = 5;
+/// Selector expressions a kept engine may hold before the next pass rebuilds it: each keeps a
+/// result per GPU (a byte each), and claims come and go with expressions of their own, so a
+/// kept engine would otherwise grow for as long as the controller runs.
+pub const MAX_KEPT_SELECTORS: usize = 1024;
+
+/// The engine of a pass, kept for the next one with the objects it was built from.
+pub struct KeptEngine {
+    key: u64,
+    engine: Engine,
+}
+
+/// What an engine's GPU table and classes are built from: `None` when an object has no
+/// resourceVersion, as then a change could not be seen.
+fn engine_key(snapshot: &Snapshot) -> Option<u64> {
+    let all = [
+        &snapshot.slice_versions,
+        &snapshot.node_versions,
+        &snapshot.class_versions,
+    ];
+    if all.iter().any(|v| v.iter().any(|(_, rv)| rv.is_empty())) {
+        return None;
+    }
+    let mut h = DefaultHasher::new();
+    for versions in all {
+        hash_of(versions.iter().cloned()).hash(&mut h);
+    }
+    Some(h.finish())
+}
 
 /// Retry back-off for claims that could not be allocated.
 #[derive(Clone, Copy, Debug)]
@@ -317,6 +349,8 @@ pub struct Selection {
     /// (claim, node) for each allocation the scheduler cleared since the last pass.
     pub cleared: Vec<(String, String)>,
     engine: Engine,
+    /// What the engine was built from, when it may be kept.
+    key: Option<u64>,
 }
 
 impl Selection {
@@ -326,6 +360,19 @@ impl Selection {
         driver: &str,
         policies: Policies,
         now: Instant,
+    ) -> Selection {
+        Selection::with_engine(snapshot, book, driver, policies, now, None)
+    }
+
+    /// As [`Selection::new`], reusing `kept` when it was built from the same nodes, slices
+    /// and classes.
+    pub fn with_engine(
+        snapshot: Snapshot,
+        book: &mut Book,
+        driver: &str,
+        policies: Policies,
+        now: Instant,
+        kept: Option<KeptEngine>,
     ) -> Selection {
         let mut views = Vec::with_capacity(snapshot.claims.len());
         let mut objects = HashMap::new();
@@ -396,18 +443,35 @@ impl Selection {
         // Oldest first, then by name: deterministic, and fair to claims that waited longest.
         pending.sort();
 
-        let inputs = Inputs {
-            nodes: snapshot.nodes,
-            slices: snapshot.slices,
-            classes: snapshot.classes,
-            claims: views
-                .iter()
-                .filter(|v| v.allocation.is_some())
-                .cloned()
-                .collect(),
-            pods: snapshot.pods,
+        let key = engine_key(&snapshot);
+        let allocated: Vec<ClaimView> = views
+            .iter()
+            .filter(|v| v.allocation.is_some())
+            .cloned()
+            .collect();
+        let engine = match kept {
+            Some(KeptEngine {
+                key: was,
+                mut engine,
+            }) if Some(was) == key
+                && engine.driver() == driver
+                && engine.policies() == policies
+                && engine.selector_count() < MAX_KEPT_SELECTORS =>
+            {
+                engine.resync(&allocated, &snapshot.pods);
+                engine
+            }
+            _ => {
+                let inputs = Inputs {
+                    nodes: snapshot.nodes,
+                    slices: snapshot.slices,
+                    classes: snapshot.classes,
+                    claims: allocated,
+                    pods: snapshot.pods,
+                };
+                Engine::new(driver, &inputs, policies)
+            }
         };
-        let engine = Engine::new(driver, &inputs, policies);
         Selection {
             views,
             objects,
@@ -415,7 +479,16 @@ impl Selection {
             pending: pending.into_iter().map(|(_, _, i)| i).collect(),
             cleared,
             engine,
+            key,
         }
+    }
+
+    /// The engine, for the next pass, when it can be kept.
+    pub fn into_kept(self) -> Option<KeptEngine> {
+        self.key.map(|key| KeptEngine {
+            key,
+            engine: self.engine,
+        })
     }
 
     /// The claims to try, in order, as indices for [`Selection::view`].
@@ -514,6 +587,7 @@ pub struct Allocator {
     metrics: Arc<Metrics>,
     leadership: Leadership,
     pub book: Book,
+    kept: Option<KeptEngine>,
 }
 
 impl Allocator {
@@ -538,6 +612,7 @@ impl Allocator {
             metrics,
             leadership,
             book: Book::default(),
+            kept: None,
         }
     }
 
@@ -545,8 +620,14 @@ impl Allocator {
     pub async fn pass(&mut self, snapshot: Snapshot) -> PassReport {
         let now = Instant::now();
         let mut report = PassReport::default();
-        let mut selection =
-            Selection::new(snapshot, &mut self.book, &self.driver, self.policies, now);
+        let mut selection = Selection::with_engine(
+            snapshot,
+            &mut self.book,
+            &self.driver,
+            self.policies,
+            now,
+            self.kept.take(),
+        );
         for (claim, node) in &selection.cleared {
             tracing::info!(claim = %claim, node = %node, "the scheduler cleared our allocation; avoiding the node for this claim");
         }
@@ -633,6 +714,7 @@ impl Allocator {
         self.metrics.observe_state(&selection.engine().state);
         report.usage = selection.usage();
         report.next_retry = self.book.next_retry();
+        self.kept = selection.into_kept();
         report
     }
 
@@ -932,6 +1014,50 @@ mod tests {
             }
         ));
         assert!(book.fingerprint.is_some());
+    }
+
+    fn snapshot_with(slice_version: &str) -> Snapshot {
+        Snapshot {
+            claims: vec![claim_object("a", 1, "slice")],
+            classes: vec![ClassView {
+                name: "slice".into(),
+                selectors: vec!["device.driver == \"vgpu.hami.io\"".into()],
+                config: vec![],
+                ours: true,
+            }],
+            slices: vec![],
+            nodes: vec![],
+            pods: vec![pod_of("p", "a", None)],
+            slice_versions: vec![("s1".into(), slice_version.into())],
+            node_versions: vec![],
+            class_versions: vec![("slice".into(), "1".into())],
+        }
+    }
+
+    #[test]
+    fn the_engine_is_kept_while_nodes_slices_and_classes_are_unchanged() {
+        let mut book = Book::default();
+        let select = |book: &mut Book, version: &str, kept: Option<KeptEngine>| {
+            Selection::with_engine(
+                snapshot_with(version),
+                book,
+                "vgpu.hami.io",
+                Policies::default(),
+                Instant::now(),
+                kept,
+            )
+        };
+        let mut first = select(&mut book, "1", None);
+        first.decide(first.pending()[0], &BTreeSet::new());
+        assert_eq!(first.engine().selector_count(), 1);
+        // Same objects: the compiled selector survives into the next pass.
+        let second = select(&mut book, "1", first.into_kept());
+        assert_eq!(second.engine().selector_count(), 1);
+        // A slice changed: rebuilt.
+        let third = select(&mut book, "2", second.into_kept());
+        assert_eq!(third.engine().selector_count(), 0);
+        // Without resourceVersions a change could go unseen: never kept.
+        assert!(select(&mut book, "", None).into_kept().is_none());
     }
 
     #[test]

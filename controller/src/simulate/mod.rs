@@ -6,8 +6,9 @@ pub mod input;
 pub mod report;
 
 use crate::engine::{Engine, Mode, Policies, Refusal};
+use crate::model::PodView;
 use input::{ClaimObject, Workload};
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use vgpu_driver::ClaimAllocation;
 
 /// What happened to one claim.
@@ -41,16 +42,25 @@ pub fn run(driver: &str, workload: Workload, policies: Policies, mode: Mode) -> 
         .filter(|c| c.allocation.is_some())
         .collect();
     let mut engine = Engine::new(driver, &inputs, policies).with_mode(mode);
+    // The first pod (in document order) that uses each claim, by namespace and claim name:
+    // a scan of every pod per claim is quadratic at cluster scale.
+    let mut pod_of: HashMap<(&str, &str), &PodView> = HashMap::new();
+    for pod in &inputs.pods {
+        for claim in &pod.claims {
+            pod_of
+                .entry((pod.namespace.as_str(), claim.as_str()))
+                .or_insert(pod);
+        }
+    }
     let mut claims = Vec::new();
     for object in workload.claims {
         let outcome = match object.view() {
             Err(e) => Outcome::Refused(e.to_string()),
             Ok(view) if view.allocation.is_some() => Outcome::AlreadyAllocated,
             Ok(view) => {
-                let pod = inputs
-                    .pods
-                    .iter()
-                    .find(|p| p.namespace == view.namespace && p.claims.contains(&view.name));
+                let pod = pod_of
+                    .get(&(view.namespace.as_str(), view.name.as_str()))
+                    .copied();
                 match engine.allocate(&view, pod, &BTreeSet::new()) {
                     Ok(allocation) => {
                         engine.commit(&allocation);
