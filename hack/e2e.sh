@@ -46,7 +46,7 @@ hack/cluster/up.sh "$release"
 
 step "test-e2e"
 status=0
-VGPU_CLUSTER_ENV=$state/cluster.env cargo test -p test-e2e -- --test-threads=1 "$@" || status=$?
+VGPU_CLUSTER_ENV=$state/cluster.env cargo test -p test-e2e --no-fail-fast -- --test-threads=1 "$@" || status=$?
 if [ $status -ne 0 ]; then
   echo "=== e2e $release FAILED; the last lines of each component's log:" >&2
   for f in "$state"/logs/*.log; do

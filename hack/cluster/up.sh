@@ -248,7 +248,7 @@ start_node() {
   "name": "vgpu-e2e",
   "plugins": [
     {
-      "type": "bridge", "bridge": "vgpu-cni$idx", "isGateway": true, "ipMasq": false,
+      "type": "bridge", "bridge": "vgpu-cni$idx", "isGateway": true, "isDefaultGateway": true, "ipMasq": false,
       "ipam": {"type": "host-local", "dataDir": "$cni/ipam",
                "ranges": [[{"subnet": "10.244.$idx.0/24"}]]}
     }

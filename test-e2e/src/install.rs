@@ -225,6 +225,8 @@ impl Installation {
                 ("REGISTRAR_DIR", &s(&kubelet_root.join("plugins_registry"))),
                 ("ENFORCEMENT_LIBRARY", &s(&library)),
                 ("METRICS_ADDR", metrics),
+                // Both nodes' plugins run on this one host: each its own health port.
+                ("HEALTHCHECK_PORT", &health_port(metrics)),
                 ("SHARING_MODE", mode.flag()),
                 ("RUST_LOG", "info"),
             ],
@@ -266,6 +268,15 @@ impl Installation {
             .trim()
             .to_string()
     }
+}
+
+/// The gRPC health port of a host-process plugin: ten above its metrics port.
+fn health_port(metrics: &str) -> String {
+    let port: u16 = metrics
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse().ok())
+        .unwrap_or_else(|| panic!("metrics address {metrics} has no port"));
+    (port + 10).to_string()
 }
 
 /// Identifies a build of binary `name`: its size and modification time.

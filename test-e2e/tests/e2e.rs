@@ -580,14 +580,20 @@ fn a5_the_admission_policy_keeps_each_plugin_to_its_own_node() {
             &slice_of("e2e-other-pool", &node, "some-pool", DRIVER),
         )
         .expect_err("a plugin must not write a pool not named after its node");
-    assert!(err.contains("spec.pool.name") && err.contains("some-pool"), "{err}");
+    assert!(
+        err.contains("spec.pool.name") && err.contains("some-pool"),
+        "{err}"
+    );
     let err = plugin
         .run_with_input(
             &["create", "-f", "-"],
             &slice_of("e2e-other-driver", &node, &node, "gpu.example.com"),
         )
         .expect_err("a plugin must not publish another driver's devices");
-    assert!(err.contains("spec.driver") && err.contains("gpu.example.com"), "{err}");
+    assert!(
+        err.contains("spec.driver") && err.contains("gpu.example.com"),
+        "{err}"
+    );
     // A token of the plugin's ServiceAccount that is bound to no node: refused too.
     let unbound = cluster.local.dir().join("vgpu/unbound.kubeconfig");
     write_kubeconfig(cluster, &unbound, &install.token(PLUGIN, &[]));
