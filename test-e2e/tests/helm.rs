@@ -208,11 +208,13 @@ fn the_chart_installs_upgrades_with_surge_and_uninstalls_leaving_nothing_on_the_
 
     // The plugin: one pod, on the labelled node, ready (its gRPC health probe), registered with
     // the kubelet through the host's registry directory, its GPUs published.
-    let plugins = plugin_pods(&cluster);
-    assert_eq!(plugins.len(), 1, "one plugin pod: {plugins:?}");
-    let first_plugin = plugins[0].clone();
+    // (helm's --wait counts a DaemonSet with maxUnavailable 1, as on 1.32, ready with none of
+    // its pods ready: the test waits for the pod itself.)
+    let first_plugin = cluster.wait_for("the plugin pod to be ready", 2 * MINUTE, || {
+        let p = plugin_pods(&cluster);
+        (p.len() == 1 && ready(&p[0])).then(|| p[0].clone())
+    });
     assert_eq!(first_plugin["spec"]["nodeName"], node.as_str());
-    assert!(ready(&first_plugin), "{first_plugin}");
     assert!(
         image_of(&first_plugin).ends_with(":v0.1.0"),
         "{}",
