@@ -97,12 +97,7 @@ pub fn bind(path: &Path) -> Result<(Incoming, SocketGuard), UdsError> {
         Err(e) => return Err(io("inspect", path)(e)),
     }
     remove_stale_staging(parent);
-    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let staging = parent.join(format!(
-        "{STAGING_PREFIX}{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    ));
+    let staging = parent.join(format!("{STAGING_PREFIX}{}", staging_token()));
     let _ = std::fs::remove_dir_all(&staging);
     std::fs::DirBuilder::new()
         .mode(0o700)
@@ -130,19 +125,48 @@ pub fn bind(path: &Path) -> Result<(Incoming, SocketGuard), UdsError> {
 
 const STAGING_PREFIX: &str = ".uds-bind-";
 
-/// Staging directories of binds a crash interrupted: removed when their process is gone.
+/// A bind's staging directory lives a few microseconds; one older than this was left by a
+/// process killed mid-bind.
+const STAGING_STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// A staging name no other process will pick: the plugin directories are shared by every
+/// plugin container on the host, and each of those is pid 1 in its own PID namespace, so
+/// neither the pid nor a pid check in /proc tells processes apart.
+fn staging_token() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let mut random = [0u8; 8];
+    // Without the random part the name is still unique within this process.
+    let _ = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut random));
+    format!(
+        "{}-{nanos:x}-{:x}-{}",
+        std::process::id(),
+        u64::from_ne_bytes(random),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Staging directories of binds a crash interrupted: removed once old enough that no live
+/// bind can still be using them, whichever process (or container) made them.
 fn remove_stale_staging(parent: &Path) {
     let Ok(entries) = std::fs::read_dir(parent) else {
         return;
     };
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(STAGING_PREFIX)) else {
+        if !name.to_str().is_some_and(|n| n.starts_with(STAGING_PREFIX)) {
             continue;
-        };
-        let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
-        let alive = pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
-        if !alive {
+        }
+        let age = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok());
+        if age.is_some_and(|a| a > STAGING_STALE_AFTER) {
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }
@@ -205,15 +229,27 @@ mod tests {
     async fn a_socket_appears_0600_replaces_a_stale_one_and_leaves_nothing_else() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("dra.sock");
-        // A stale socket of a killed run, and the staging directory of a bind that a crash
-        // interrupted (pid 0 is never a process).
+        // A stale socket of a killed run, the staging directory of a bind that a crash
+        // interrupted two minutes ago, and one of a bind in flight in another container (its
+        // pid, 1, means nothing here).
         drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
-        std::fs::create_dir(dir.path().join(format!("{STAGING_PREFIX}0-3"))).unwrap();
+        let crashed = dir.path().join(format!("{STAGING_PREFIX}1-abc-def-0"));
+        std::fs::create_dir(&crashed).unwrap();
+        std::fs::File::open(&crashed)
+            .unwrap()
+            .set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(120))
+            .unwrap();
+        let in_flight = format!("{STAGING_PREFIX}1-123-456-0");
+        std::fs::create_dir(dir.path().join(&in_flight)).unwrap();
         let (_incoming, guard) = bind(&path).unwrap();
         let meta = std::fs::symlink_metadata(&path).unwrap();
         assert!(meta.file_type().is_socket());
         assert_eq!(meta.permissions().mode() & 0o777, 0o600);
-        assert_eq!(names(dir.path()), vec!["dra.sock"]);
+        assert_eq!(
+            names(dir.path()),
+            vec![in_flight.clone(), "dra.sock".into()]
+        );
+        std::fs::remove_dir(dir.path().join(&in_flight)).unwrap();
         std::os::unix::net::UnixStream::connect(&path).expect("the renamed socket accepts");
         drop(guard);
         assert!(names(dir.path()).is_empty());
