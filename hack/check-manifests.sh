@@ -97,6 +97,9 @@ for v in ["1.32.0", "1.33.0", "1.34.0", "1.35.0"]:
     plugin = pod["containers"][0]
     assert "--driver-name=vgpu.hami.io" in plugin["args"], plugin["args"]
     assert plugin["livenessProbe"]["grpc"]["port"] == 51515, plugin
+    # Readiness is the kubelet's registration (dra::kubeletplugin::REGISTERED_SERVICE).
+    assert plugin["readinessProbe"]["grpc"] == {"port": 51515, "service": "kubelet-registration"}, plugin
+    assert "service" not in plugin["livenessProbe"]["grpc"], plugin
     env = {e["name"]: e for e in plugin["env"]}
     assert env["POD_UID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.uid"
     assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"

@@ -86,9 +86,16 @@ struct Args {
     rolling_update_uid: Option<String>,
 
     /// TCP port of the gRPC health service (grpc.health.v1) for the kubelet's grpc probes;
-    /// SERVING while the DRA and registration sockets are served. 0 turns it off.
+    /// SERVING while the DRA and registration sockets are served (liveness), and for the
+    /// service "kubelet-registration" only while the kubelet has registered the plugin
+    /// (readiness). 0 turns it off.
     #[arg(long, env = "HEALTHCHECK_PORT", default_value_t = 51515)]
     healthcheck_port: u16,
+
+    /// Seconds to wait for the kubelet to register the plugin before its registration socket
+    /// is offered again (the wait doubles each time, up to 300 s); also after a rejection.
+    #[arg(long, env = "REGISTRATION_TIMEOUT", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=300))]
+    registration_timeout: u64,
 
     /// Name of this plugin's DaemonSet: on SIGTERM, a DaemonSet that is gone or being deleted
     /// means an uninstall, and the plugin removes its files from the host (needs --namespace).
@@ -135,6 +142,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         },
         resync: Duration::from_secs(300),
         rolling_update_uid: args.rolling_update_uid.clone(),
+        registration_patience: Duration::from_secs(args.registration_timeout),
         healthcheck_addr: (args.healthcheck_port != 0)
             .then(|| SocketAddr::from(([0, 0, 0, 0], args.healthcheck_port))),
     };
@@ -148,6 +156,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             registrar_dir: cfg.registrar_dir.clone(),
             rolling_update_uid: cfg.rolling_update_uid.clone(),
             healthcheck_addr: None,
+            registration_patience: cfg.registration_patience,
         }
         .registration_socket(),
         enforcement_library: cfg.enforcement_library.clone(),

@@ -41,6 +41,8 @@ pub struct PluginConfig {
     pub rolling_update_uid: Option<String>,
     /// Where the kubelet's `grpc:` probes reach the health service (TCP); `None`: not served.
     pub healthcheck_addr: Option<std::net::SocketAddr>,
+    /// How long to wait for the kubelet's registration before offering the socket again.
+    pub registration_patience: Duration,
 }
 
 /// Why the plugin could not start or stopped with an error.
@@ -219,6 +221,7 @@ pub async fn start(
             registrar_dir: cfg.registrar_dir.clone(),
             rolling_update_uid: cfg.rolling_update_uid.clone(),
             healthcheck_addr: cfg.healthcheck_addr,
+            registration_patience: cfg.registration_patience,
         },
     )
     .await;

@@ -61,7 +61,8 @@ async fn registration_after_dra_socket_and_sockets_removed_on_stop() {
             supported_versions: vec!["v1.DRAPlugin".into(), "v1beta1.DRAPlugin".into()],
         }
     );
-    // A rejection is logged loudly and acknowledged.
+    // A rejection is logged loudly and acknowledged, and the socket is offered again: a new
+    // registration on a new connection is accepted.
     client
         .notify_registration_status(reg::RegistrationStatus {
             plugin_registered: false,
@@ -69,13 +70,33 @@ async fn registration_after_dra_socket_and_sockets_removed_on_stop() {
         })
         .await
         .unwrap();
-    client
-        .notify_registration_status(reg::RegistrationStatus {
-            plugin_registered: true,
-            error: String::new(),
-        })
-        .await
-        .unwrap();
+    drop(client);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let accepted = async {
+            let mut client = reg::registration_client::RegistrationClient::new(
+                vgpu_proto::uds::connect(h.registration_socket())
+                    .await
+                    .ok()?,
+            );
+            client.get_info(reg::InfoRequest {}).await.ok()?;
+            client
+                .notify_registration_status(reg::RegistrationStatus {
+                    plugin_registered: true,
+                    error: String::new(),
+                })
+                .await
+                .ok()
+        };
+        if accepted.await.is_some() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the socket was not offered again"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     running.shutdown().await.unwrap();
     assert!(!h.dra_socket().exists(), "DRA socket left behind");

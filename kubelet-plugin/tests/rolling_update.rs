@@ -5,15 +5,18 @@
 mod common;
 
 use common::*;
+use dra::kubeletplugin::REGISTERED_SERVICE;
 use fake_apiserver::DraVersions;
 use kubelet_plugin::discovery::GpuSource;
 use kubelet_plugin::discovery::fake::FakeSource;
 use kubelet_plugin::plugin::{self, PluginConfig};
+use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::time::Duration;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 use vgpu_proto::dra::v1;
+use vgpu_proto::pluginregistration as reg;
 use vgpu_proto::uds;
 
 const OLD: &str = "0b6f3c1e-5d2a-4c7b-9e8f-1a2b3c4d5e6f";
@@ -205,6 +208,11 @@ async fn the_tcp_health_endpoint_serves_only_while_the_sockets_do() {
             "{service:?}"
         );
     }
+    // No kubelet has registered it: alive, not ready.
+    assert_eq!(
+        health(addr, REGISTERED_SERVICE).await,
+        Ok(ServingStatus::NotServing)
+    );
     let unknown = health(addr, "no.such.Service").await.unwrap_err();
     assert!(
         unknown.contains("NotFound") || unknown.contains("not found"),
@@ -233,4 +241,99 @@ async fn a_taken_health_port_fails_the_start_with_its_address() {
     );
     // Nothing is left for the kubelet to dial.
     assert!(!dra_socket(&h, NEW).exists() && !registration_socket(&h, NEW).exists());
+}
+
+/// The registration socket's identity: a new one means the socket was offered again (the
+/// change time too, as a freed inode number may be reused at once).
+fn inode(path: &std::path::Path) -> Option<(u64, i64, i64)> {
+    std::fs::metadata(path)
+        .ok()
+        .map(|m| (m.ino(), m.ctime(), m.ctime_nsec()))
+}
+
+async fn eventually<T>(what: &str, mut check: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// What the kubelet's plugin watcher does with a registration socket: GetInfo, then its
+/// verdict.
+async fn kubelet_verdict(socket: &std::path::Path, registered: bool) {
+    let mut client =
+        reg::registration_client::RegistrationClient::new(uds::connect(socket).await.unwrap());
+    client.get_info(reg::InfoRequest {}).await.unwrap();
+    client
+        .notify_registration_status(reg::RegistrationStatus {
+            plugin_registered: registered,
+            error: if registered {
+                String::new()
+            } else {
+                "endpoint already registered".into()
+            },
+        })
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_only_once_registered_and_an_ignored_or_rejected_registration_is_offered_again() {
+    let h = Harness::new(DraVersions::V1Only, &example("fake-gpus-hgx-h100.yaml")).await;
+    let mut cfg = instance(&h, NEW);
+    cfg.healthcheck_addr = Some("127.0.0.1:0".parse().unwrap());
+    cfg.registration_patience = Duration::from_millis(300);
+    let running = h.start_with(cfg).await;
+    let addr = running.healthcheck_addr().unwrap();
+    let socket = registration_socket(&h, NEW);
+    let ready = async || health(addr, REGISTERED_SERVICE).await;
+
+    // No kubelet answers: the socket is offered again, a new file for the plugin watcher.
+    let first = inode(&socket).expect("the registration socket is served");
+    assert_eq!(ready().await, Ok(ServingStatus::NotServing));
+    let second = eventually("the socket offered again", async || {
+        inode(&socket).filter(|i| *i != first)
+    })
+    .await;
+
+    // The kubelet registers it: ready, and it stays where it is.
+    kubelet_verdict(&socket, true).await;
+    eventually("readiness", async || {
+        (ready().await == Ok(ServingStatus::Serving)).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert_eq!(
+        inode(&socket),
+        Some(second),
+        "a registered socket is left alone"
+    );
+    assert_eq!(health(addr, "").await, Ok(ServingStatus::Serving));
+
+    // A restarted kubelet rejects it: not ready, and offered again at once.
+    kubelet_verdict(&socket, false).await;
+    eventually("not ready after the rejection", async || {
+        (ready().await == Ok(ServingStatus::NotServing)).then_some(())
+    })
+    .await;
+    let third = eventually("the socket offered again", async || {
+        inode(&socket).filter(|i| *i != second)
+    })
+    .await;
+    kubelet_verdict(&socket, true).await;
+    eventually("ready again", async || {
+        (ready().await == Ok(ServingStatus::Serving)).then_some(())
+    })
+    .await;
+    assert_eq!(inode(&socket), Some(third));
+
+    running.shutdown().await.unwrap();
+    assert!(!socket.exists() && !dra_socket(&h, NEW).exists());
 }

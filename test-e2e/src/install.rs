@@ -159,8 +159,10 @@ impl Installation {
     }
 
     fn binary(name: &str) -> PathBuf {
+        // Where cargo put them: CI keeps its target directory outside the work tree.
         let dir = std::env::var_os("VGPU_BIN_DIR")
             .map(PathBuf::from)
+            .or_else(|| std::env::var_os("CARGO_TARGET_DIR").map(|t| repo().join(t).join("debug")))
             .unwrap_or_else(|| repo().join("target/debug"));
         let path = dir.join(name);
         assert!(

@@ -87,7 +87,18 @@ impl Cluster {
         &self,
         what: &str,
         timeout: Duration,
+        check: impl FnMut() -> Option<T>,
+    ) -> T {
+        self.wait_or_explain(what, timeout, check, String::new)
+    }
+
+    /// [`Cluster::wait_for`], with what `explain` gathers (logs, object states) in the panic.
+    pub fn wait_or_explain<T>(
+        &self,
+        what: &str,
+        timeout: Duration,
         mut check: impl FnMut() -> Option<T>,
+        explain: impl FnOnce() -> String,
     ) -> T {
         let start = Instant::now();
         loop {
@@ -95,7 +106,10 @@ impl Cluster {
                 return value;
             }
             if start.elapsed() > timeout {
-                panic!("timed out after {timeout:?} waiting for {what}");
+                panic!(
+                    "timed out after {timeout:?} waiting for {what}\n{}",
+                    explain()
+                );
             }
             std::thread::sleep(Duration::from_millis(500));
         }

@@ -44,6 +44,48 @@ fn plugin_pods(cluster: &Cluster) -> Vec<Value> {
     pods(cluster, NS, "app.kubernetes.io/name=vgpu-kubelet-plugin")
 }
 
+/// The plugin pods' state and logs and the kubelet's plugin-watcher lines, for a failed wait.
+fn why_the_plugin_waits(cluster: &Cluster) -> String {
+    let mut out = cluster
+        .run(&[
+            "describe",
+            "pods",
+            "-n",
+            NS,
+            "-l",
+            "app.kubernetes.io/name=vgpu-kubelet-plugin",
+        ])
+        .unwrap_or_else(|e| e);
+    for pod in plugin_pods(cluster) {
+        let name = pod["metadata"]["name"].as_str().unwrap_or_default();
+        for previous in [false, true] {
+            let mut args = vec!["logs", "-n", NS, name, "--tail=60"];
+            if previous {
+                args.push("--previous");
+            }
+            out += &format!("\n--- kubectl {}\n", args.join(" "));
+            out += &cluster.run(&args).unwrap_or_else(|e| e);
+        }
+    }
+    out += "\n--- the kubelet's plugin registration lines\n";
+    let kubelet = cluster.local.log("kubelet");
+    let lines: Vec<&str> = kubelet
+        .lines()
+        .filter(|l| {
+            [
+                "plugin_watcher",
+                "RegisterPlugin",
+                "DRA plugin",
+                "reconciler.go",
+            ]
+            .iter()
+            .any(|k| l.contains(k))
+        })
+        .collect();
+    out += &lines[lines.len().saturating_sub(40)..].join("\n");
+    out
+}
+
 fn image_of(pod: &Value) -> String {
     pod["spec"]["containers"][0]["image"]
         .as_str()
@@ -210,10 +252,16 @@ fn the_chart_installs_upgrades_with_surge_and_uninstalls_leaving_nothing_on_the_
     // the kubelet through the host's registry directory, its GPUs published.
     // (helm's --wait counts a DaemonSet with maxUnavailable 1, as on 1.32, ready with none of
     // its pods ready: the test waits for the pod itself.)
-    let first_plugin = cluster.wait_for("the plugin pod to be ready", 2 * MINUTE, || {
-        let p = plugin_pods(&cluster);
-        (p.len() == 1 && ready(&p[0])).then(|| p[0].clone())
-    });
+    // Ready means registered: the readiness probe asks for the kubelet's verdict.
+    let first_plugin = cluster.wait_or_explain(
+        "the plugin pod to be ready (registered with the kubelet)",
+        2 * MINUTE,
+        || {
+            let p = plugin_pods(&cluster);
+            (p.len() == 1 && ready(&p[0])).then(|| p[0].clone())
+        },
+        || why_the_plugin_waits(&cluster),
+    );
     assert_eq!(first_plugin["spec"]["nodeName"], node.as_str());
     assert!(
         image_of(&first_plugin).ends_with(":v0.1.0"),
@@ -224,10 +272,13 @@ fn the_chart_installs_upgrades_with_surge_and_uninstalls_leaving_nothing_on_the_
         .as_str()
         .unwrap()
         .to_string();
-    cluster.wait_for("the plugin pod's kubelet registration", MINUTE, || {
-        let logs = cluster.run(&["logs", "-n", NS, &plugin_name]).ok()?;
-        logs.contains("registered with the kubelet").then_some(())
-    });
+    let logs = cluster
+        .run(&["logs", "-n", NS, &plugin_name])
+        .unwrap_or_default();
+    assert!(
+        logs.contains("registered with the kubelet"),
+        "ready without the kubelet's registration:\n{logs}"
+    );
     cluster.wait_for("the GPUs of the node published", MINUTE, || {
         let slices = slices_of(&cluster, &node);
         (slices
@@ -298,11 +349,16 @@ fn the_chart_installs_upgrades_with_surge_and_uninstalls_leaving_nothing_on_the_
     .unwrap_or_else(|e| panic!("{e}"));
     cluster.apply(&ns.name, &slice_workload(&cluster, "during"));
     let mut most_plugins = 0;
-    cluster.wait_for("the plugin DaemonSet's rollout", 3 * MINUTE, || {
-        let p = plugin_pods(&cluster);
-        most_plugins = most_plugins.max(p.len());
-        (p.len() == 1 && ready(&p[0]) && image_of(&p[0]).ends_with(UPGRADE_TAG)).then_some(())
-    });
+    cluster.wait_or_explain(
+        "the plugin DaemonSet's rollout",
+        3 * MINUTE,
+        || {
+            let p = plugin_pods(&cluster);
+            most_plugins = most_plugins.max(p.len());
+            (p.len() == 1 && ready(&p[0]) && image_of(&p[0]).ends_with(UPGRADE_TAG)).then_some(())
+        },
+        || why_the_plugin_waits(&cluster),
+    );
     let new_plugin = plugin_pods(&cluster).remove(0);
     assert_ne!(
         new_plugin["metadata"]["uid"],

@@ -18,7 +18,8 @@ mod service;
 mod stale;
 
 pub use claims::{ClaimError, ClaimRef};
-pub use registration::Registrar;
+pub use registration::{Registrar, Verdict};
+pub use service::REGISTERED_SERVICE;
 pub use stale::remove_stale_sockets;
 
 use crate::client::DraApi;
@@ -121,9 +122,16 @@ pub struct Options {
     /// side during a rolling update (kubelet 1.33+): each gets its own socket names.
     pub rolling_update_uid: Option<String>,
     /// Serve `grpc.health.v1` over TCP here too (port 0: any free port); `SERVING` only
-    /// while both the DRA and the registration sockets are served.
+    /// while both the DRA and the registration sockets are served, and for the service
+    /// [`REGISTERED_SERVICE`] only while the kubelet has accepted the registration.
     pub healthcheck_addr: Option<SocketAddr>,
+    /// How long to wait for the kubelet to register the plugin before the registration socket
+    /// is offered again (doubling each time, up to 5 minutes); also after a rejection.
+    pub registration_patience: Duration,
 }
+
+/// The kubelet's plugin watcher registers a new socket within a second or two.
+pub const DEFAULT_REGISTRATION_PATIENCE: Duration = Duration::from_secs(30);
 
 impl Options {
     fn uid_part(&self) -> String {
@@ -222,6 +230,7 @@ impl Helper {
         let service = service::DraService::new(driver, reader);
         let registrar = Registrar::new(&options.driver_name, &options.kubelet_endpoint());
         let (dra, reg) = (options.dra_socket(), options.registration_socket());
+        let patience = options.registration_patience;
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(async move {
             service::serve(
@@ -234,6 +243,7 @@ impl Helper {
                 registrar,
                 ready_tx,
                 stop_rx,
+                patience,
             )
             .await
         });
@@ -280,6 +290,7 @@ mod tests {
             registrar_dir: "/var/lib/kubelet/plugins_registry".into(),
             rolling_update_uid: None,
             healthcheck_addr: None,
+            registration_patience: DEFAULT_REGISTRATION_PATIENCE,
         };
         assert_eq!(
             options.dra_socket(),

@@ -1,7 +1,7 @@
 //! The DRA gRPC service in both versions the kubelet speaks (v1beta1 for 1.32+, v1 for
 //! 1.34+) on one socket, over one [`Driver`], and the serving of both sockets.
 
-use super::{Call, ClaimReader, ClaimRef, Device, DeviceHealth, Driver, Registrar};
+use super::{Call, ClaimReader, ClaimRef, Device, DeviceHealth, Driver, Registrar, Verdict};
 use futures::StreamExt;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -257,8 +257,8 @@ pub(crate) struct Sockets<'a> {
     pub healthcheck: Option<tokio::net::TcpListener>,
 }
 
-/// Every service name the health statuses are kept for: the whole server ("") and each DRA
-/// version, as a client may ask for either.
+/// Every service name the liveness statuses are kept for: the whole server ("") and each DRA
+/// version, as a client may ask for either. `SERVING` while both sockets are served.
 fn health_names<D: Driver>() -> [&'static str; 3] {
     use tonic::server::NamedService;
     [
@@ -267,6 +267,11 @@ fn health_names<D: Driver>() -> [&'static str; 3] {
         <v1beta1::dra_plugin_server::DraPluginServer<DraService<D>> as NamedService>::NAME,
     ]
 }
+
+/// The `grpc.health.v1` service name for readiness: `SERVING` only while the kubelet has
+/// accepted the registration now served, so a rolling update does not retire the old pod
+/// before the kubelet can call the new one.
+pub const REGISTERED_SERVICE: &str = "kubelet-registration";
 
 async fn set_health<D: Driver>(
     reporter: &tonic_health::server::HealthReporter,
@@ -288,11 +293,15 @@ pub(crate) async fn serve<D: Driver>(
     registrar: Registrar,
     ready: tokio::sync::oneshot::Sender<()>,
     stop: tokio::sync::watch::Receiver<bool>,
+    patience: Duration,
 ) -> Result<(), uds::UdsError> {
     let (dra_path, registration_path) = (sockets.dra, sockets.registration);
     let (reporter, grpc_health) = tonic_health::server::health_reporter();
     // The reporter starts with "" SERVING; nothing is served yet.
     set_health::<D>(&reporter, tonic_health::ServingStatus::NotServing).await;
+    reporter
+        .set_service_status(REGISTERED_SERVICE, tonic_health::ServingStatus::NotServing)
+        .await;
     let healthcheck_task = sockets.healthcheck.map(|listener| {
         let service = tonic_health::pb::health_server::HealthServer::new(
             tonic_health::server::HealthService::from_health_reporter(reporter.clone()),
@@ -316,31 +325,73 @@ pub(crate) async fn serve<D: Driver>(
         .add_service(v1::dra_plugin_server::DraPluginServer::new(dra));
     let dra_task =
         tokio::spawn(router.serve_with_incoming_shutdown(dra_incoming, stopped(stop.clone())));
-    let (reg_incoming, reg_guard) = uds::bind(registration_path)?;
-    let reg_router = tonic::transport::Server::builder()
-        .add_service(reg::registration_server::RegistrationServer::new(registrar));
-    let reg_task =
-        tokio::spawn(reg_router.serve_with_incoming_shutdown(reg_incoming, stopped(stop.clone())));
+    let mut verdicts = registrar.verdicts();
+    let mut announcement = Some(Announcement::serve(registration_path, registrar.clone())?);
     set_health::<D>(&reporter, tonic_health::ServingStatus::Serving).await;
     tracing::info!(dra = %dra_path.display(), registration = %registration_path.display(), "serving the kubelet");
     let _ = ready.send(());
-    stopped(stop).await;
+    let mut wait = patience;
+    loop {
+        // The kubelet's verdict on this announcement, if it comes in time.
+        let verdict = tokio::select! {
+            _ = stopped(stop.clone()) => break,
+            v = tokio::time::timeout(wait, verdicts.wait_for(|v| *v != Verdict::Pending)) => {
+                v.ok().and_then(Result::ok).map(|v| v.clone())
+            }
+        };
+        let why = match verdict {
+            Some(Verdict::Registered) => {
+                reporter
+                    .set_service_status(REGISTERED_SERVICE, tonic_health::ServingStatus::Serving)
+                    .await;
+                wait = patience;
+                // Until the kubelet (restarted, say) rejects a later registration.
+                tokio::select! {
+                    _ = stopped(stop.clone()) => break,
+                    _ = verdicts.wait_for(|v| *v != Verdict::Registered) => {}
+                }
+                reporter
+                    .set_service_status(REGISTERED_SERVICE, tonic_health::ServingStatus::NotServing)
+                    .await;
+                continue;
+            }
+            Some(Verdict::Rejected(error)) => format!("the kubelet rejected it: {error}"),
+            Some(Verdict::Pending) | None => format!(
+                "the kubelet has not registered it within {wait:?} (is {} the kubelet's plugin registry directory?)",
+                registration_path
+                    .parent()
+                    .unwrap_or(registration_path)
+                    .display()
+            ),
+        };
+        tracing::warn!(registration = %registration_path.display(), "offering the registration socket again: {why}");
+        // Removed, then created anew: the kubelet's plugin watcher sees a new plugin.
+        if let Some(old) = announcement.take() {
+            old.withdraw().await;
+        }
+        registrar.announced();
+        announcement = Some(Announcement::serve(registration_path, registrar.clone())?);
+        wait = (wait * 2).min(MAX_PATIENCE);
+    }
     set_health::<D>(&reporter, tonic_health::ServingStatus::NotServing).await;
-    drop(reg_guard);
+    reporter
+        .set_service_status(REGISTERED_SERVICE, tonic_health::ServingStatus::NotServing)
+        .await;
+    if let Some(announcement) = announcement {
+        announcement.withdraw().await;
+    }
     drop(dra_guard);
     // Connections the kubelet keeps open must not hold the shutdown forever.
-    for (task, path) in [(reg_task, registration_path), (dra_task, dra_path)] {
-        match tokio::time::timeout(Duration::from_secs(5), task).await {
-            Ok(Ok(Err(source))) => {
-                return Err(uds::UdsError::Transport {
-                    path: path.to_path_buf(),
-                    source,
-                });
-            }
-            Ok(_) => {}
-            Err(_) => {
-                tracing::warn!(socket = %path.display(), "gRPC server did not stop within 5 s")
-            }
+    match tokio::time::timeout(Duration::from_secs(5), dra_task).await {
+        Ok(Ok(Err(source))) => {
+            return Err(uds::UdsError::Transport {
+                path: dra_path.to_path_buf(),
+                source,
+            });
+        }
+        Ok(_) => {}
+        Err(_) => {
+            tracing::warn!(socket = %dra_path.display(), "gRPC server did not stop within 5 s")
         }
     }
     if let Some(task) = healthcheck_task {
@@ -352,4 +403,43 @@ pub(crate) async fn serve<D: Driver>(
         }
     }
     Ok(())
+}
+
+/// The longest wait for the kubelet's verdict before the registration socket is offered again.
+const MAX_PATIENCE: Duration = Duration::from_secs(300);
+
+/// The registration socket, served.
+struct Announcement {
+    guard: uds::SocketGuard,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl Announcement {
+    fn serve(path: &Path, registrar: Registrar) -> Result<Announcement, uds::UdsError> {
+        let (incoming, guard) = uds::bind(path)?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let router = tonic::transport::Server::builder()
+            .add_service(reg::registration_server::RegistrationServer::new(registrar));
+        let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
+            let _ = stopped.await;
+        }));
+        Ok(Announcement { guard, stop, task })
+    }
+
+    /// The socket file goes first, so the kubelet deregisters; then the server stops.
+    async fn withdraw(self) {
+        let path = self.guard.path().to_path_buf();
+        drop(self.guard);
+        let _ = self.stop.send(());
+        match tokio::time::timeout(Duration::from_secs(5), self.task).await {
+            Ok(Ok(Err(e))) => {
+                tracing::warn!(socket = %path.display(), error = %e, "the registration server failed")
+            }
+            Ok(_) => {}
+            Err(_) => {
+                tracing::warn!(socket = %path.display(), "gRPC server did not stop within 5 s")
+            }
+        }
+    }
 }

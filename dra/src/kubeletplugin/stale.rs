@@ -155,6 +155,7 @@ mod tests {
             registrar_dir: registry.clone(),
             rolling_update_uid: Some(UID_NEW.into()),
             healthcheck_addr: None,
+            registration_patience: crate::kubeletplugin::DEFAULT_REGISTRATION_PATIENCE,
         };
         // A killed instance, and one from before rolling updates.
         let dead = [

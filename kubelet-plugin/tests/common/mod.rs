@@ -79,6 +79,7 @@ impl Harness {
             resync: Duration::from_secs(600),
             rolling_update_uid: None,
             healthcheck_addr: None,
+            registration_patience: dra::kubeletplugin::DEFAULT_REGISTRATION_PATIENCE,
         }
     }
 
