@@ -4,7 +4,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use controller::engine::{Mode, Policies};
 use controller::run;
-use controller::simulate::{self, default, input, report};
+use controller::simulate::{self, default, input, report, svg};
 use std::io::Write;
 use vgpu_driver::config::{Policy, Topology};
 
@@ -71,6 +71,52 @@ enum Output {
     Table,
     Yaml,
     Json,
+    /// A picture of every GPU's memory and core fill (with --compare: two runs side by side).
+    Svg,
+}
+
+/// The second run of `simulate --compare`: the first run's settings with these overrides.
+#[derive(Clone, Default)]
+struct Compare {
+    node: Option<PolicyArg>,
+    gpu: Option<PolicyArg>,
+    topology: Option<TopologyArg>,
+    mode: Option<ModeArg>,
+}
+
+/// `node=spread,gpu=binpack,topology=required,mode=native`, any subset, at least one.
+fn parse_compare(value: &str) -> Result<Compare, String> {
+    use clap::ValueEnum;
+    fn one<T: ValueEnum>(key: &str, v: &str) -> Result<T, String> {
+        T::from_str(v, true).map_err(|_| {
+            let allowed: Vec<String> = T::value_variants()
+                .iter()
+                .filter_map(|x| x.to_possible_value().map(|p| p.get_name().to_string()))
+                .collect();
+            format!("{key}={v}: expected one of {}", allowed.join(", "))
+        })
+    }
+    let mut c = Compare::default();
+    for part in value.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (key, v) = part
+            .split_once('=')
+            .ok_or_else(|| format!("{part:?}: expected KEY=VALUE (node, gpu, topology or mode)"))?;
+        match key {
+            "node" => c.node = Some(one(key, v)?),
+            "gpu" => c.gpu = Some(one(key, v)?),
+            "topology" => c.topology = Some(one(key, v)?),
+            "mode" => c.mode = Some(one(key, v)?),
+            other => {
+                return Err(format!(
+                    "{other:?}: not a setting to compare (node, gpu, topology or mode)"
+                ));
+            }
+        }
+    }
+    if c.node.is_none() && c.gpu.is_none() && c.topology.is_none() && c.mode.is_none() {
+        return Err("nothing to compare: give node=, gpu=, topology= or mode=".into());
+    }
+    Ok(c)
 }
 
 #[derive(Subcommand)]
@@ -131,9 +177,15 @@ enum Command {
         /// ResourceClaimTemplates and Pods (several documents); the embedded default without it.
         #[arg(short = 'f', long = "filename")]
         file: Option<std::path::PathBuf>,
-        /// table: usage per node and GPU; yaml or json: the claims with status.allocation.
+        /// table: usage per node and GPU; yaml or json: the claims with status.allocation;
+        /// svg: a picture of every GPU's memory and core fill.
         #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
         output: Output,
+        /// Run the same cluster and workload a second time with these settings changed
+        /// (e.g. `node=spread,gpu=binpack`, `mode=native`) and show both: side by side with
+        /// `-o svg`, as a second summary line with `-o table`.
+        #[arg(long, value_parser = parse_compare)]
+        compare: Option<Compare>,
         /// Prefer the most used node that fits (binpack) or the least used (spread).
         #[arg(long, env = "NODE_POLICY", value_enum, default_value = "binpack")]
         node_policy: PolicyArg,
@@ -270,6 +322,7 @@ fn main() -> Result<()> {
             driver_name,
             mode,
             print_default,
+            compare,
         } => {
             if print_default {
                 return emit(|out| out.write_all(default::yaml().as_bytes()));
@@ -279,16 +332,46 @@ fn main() -> Result<()> {
                     .with_context(|| format!("reading {}", path.display()))?,
                 None => default::yaml(),
             };
-            let workload = input::parse(&text).with_context(|| match &file {
-                Some(path) => format!("in {}", path.display()),
-                None => "in the embedded default".into(),
-            })?;
+            let parse = || {
+                input::parse(&text).with_context(|| match &file {
+                    Some(path) => format!("in {}", path.display()),
+                    None => "in the embedded default".into(),
+                })
+            };
             let policies = Policies {
                 node: node_policy.into(),
                 gpu: gpu_policy.into(),
                 topology: topology.into(),
             };
-            let sim = simulate::run(&driver_name, workload, policies, mode.into());
+            let sim = simulate::run(&driver_name, parse()?, policies, mode.into());
+            let other = match &compare {
+                None => None,
+                Some(_) if matches!(output, Output::Yaml | Output::Json) => {
+                    anyhow::bail!(
+                        "--compare shows two runs with -o table or -o svg, not -o yaml|json"
+                    )
+                }
+                Some(c) => {
+                    let policies = Policies {
+                        node: c.node.unwrap_or(node_policy).into(),
+                        gpu: c.gpu.unwrap_or(gpu_policy).into(),
+                        topology: c.topology.unwrap_or(topology).into(),
+                    };
+                    let mode = c.mode.unwrap_or(mode).into();
+                    Some(simulate::run(&driver_name, parse()?, policies, mode))
+                }
+            };
+            if let (Output::Table, Some(other)) = (output, &other) {
+                return emit(|out| {
+                    out.write_all(report::table(&sim).as_bytes())?;
+                    writeln!(
+                        out,
+                        "\nCOMPARED WITH {}\n{}",
+                        svg::title(other),
+                        report::summary_line(&report::summary(other))
+                    )
+                });
+            }
             match output {
                 Output::Table => emit(|out| out.write_all(report::table(&sim).as_bytes())),
                 Output::Yaml => emit(|out| {
@@ -304,6 +387,11 @@ fn main() -> Result<()> {
                     serde_json::to_writer_pretty(&mut *out, &list)?;
                     writeln!(out)
                 }),
+                Output::Svg => {
+                    let runs: Vec<&simulate::Simulation> =
+                        std::iter::once(&sim).chain(other.as_ref()).collect();
+                    emit(|out| out.write_all(svg::render(&runs).as_bytes()))
+                }
             }
         }
     }

@@ -236,6 +236,7 @@ fn a_closed_stdout_ends_the_output_without_a_panic() {
         &["simulate", "-o", "yaml"],
         &["simulate", "-o", "json"],
         &["simulate", "--print-default"],
+        &["simulate", "-o", "svg", "--compare", "node=spread"],
     ] {
         // The read end is closed before the binary starts: its first write meets EPIPE.
         let (reader, writer) = std::io::pipe().unwrap();
@@ -407,4 +408,53 @@ fn every_native_example_is_allocatable_by_the_schedulers_rules() {
             .all(|r| r.consumed_capacity["memory"].to_bytes() == Some(8 << 30))
     );
     validate_k8s(&sim.claim_objects(), "1.34.0").unwrap();
+}
+
+/// The picture in the README is what the command draws today.
+#[test]
+fn the_readmes_picture_is_the_commands_output() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_controller"))
+        .args(["simulate", "-o", "svg", "--compare", "node=spread"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let committed = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../docs/simulate-binpack-vs-spread.svg");
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        std::fs::read_to_string(&committed).unwrap(),
+        "regenerate it: cargo run -q -p controller -- simulate -o svg --compare node=spread > docs/simulate-binpack-vs-spread.svg"
+    );
+}
+
+#[test]
+fn compare_names_what_it_cannot_do() {
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_controller"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["simulate", "--compare", "colour=blue"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("\"colour\": not a setting to compare"));
+    let out = run(&["simulate", "--compare", "node=diagonal"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("node=diagonal: expected one of binpack, spread")
+    );
+    let out = run(&["simulate", "-o", "yaml", "--compare", "node=spread"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not -o yaml|json"));
+    let out = run(&["simulate", "--compare", "node=spread"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("COMPARED WITH controller: node Spread, GPU Spread, topology Preferred"),
+        "{text}"
+    );
+    assert_eq!(text.matches("SUMMARY").count(), 2, "{text}");
 }

@@ -4,6 +4,7 @@
 pub mod default;
 pub mod input;
 pub mod report;
+pub mod svg;
 
 use crate::engine::{Engine, Mode, Policies, Refusal};
 use crate::model::PodView;

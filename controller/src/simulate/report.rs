@@ -53,6 +53,21 @@ pub fn summary(sim: &Simulation) -> Summary {
     s
 }
 
+/// The table's last line.
+pub fn summary_line(s: &Summary) -> String {
+    format!(
+        "SUMMARY claims placed {}, refused {}, already allocated {}, not ours {}; GPUs {} ({} in use, {} untouched); fragmentation {:.0}% of free memory is on partly used GPUs",
+        s.placed,
+        s.refused,
+        s.already_allocated,
+        s.not_ours,
+        s.gpus,
+        s.gpus_in_use,
+        s.gpus_untouched,
+        s.fragmentation * 100.0
+    )
+}
+
 /// The human-readable report.
 pub fn table(sim: &Simulation) -> String {
     let mut out = String::new();
@@ -128,19 +143,7 @@ pub fn table(sim: &Simulation) -> String {
         }
         let _ = writeln!(out);
     }
-    let s = summary(sim);
-    let _ = writeln!(
-        out,
-        "SUMMARY claims placed {}, refused {}, already allocated {}, not ours {}; GPUs {} ({} in use, {} untouched); fragmentation {:.0}% of free memory is on partly used GPUs",
-        s.placed,
-        s.refused,
-        s.already_allocated,
-        s.not_ours,
-        s.gpus,
-        s.gpus_in_use,
-        s.gpus_untouched,
-        s.fragmentation * 100.0
-    );
+    let _ = writeln!(out, "{}", summary_line(&summary(sim)));
     if !sim.ignored.is_empty() {
         let _ = writeln!(
             out,
