@@ -41,7 +41,7 @@ build=(--release --debug-assertions)
 if $ci; then
   # CI has 2 cores: skip AddressSanitizer (the fuzzed code is safe Rust; the panics it looks
   # for need no sanitizer) and keep the optimised build that the corpus replay needs anyway.
-  build+=(--sanitizer none --target-dir target/ci)
+  build+=(--sanitizer none --target-dir "${CARGO_TARGET_DIR:-target}/fuzz-ci")
 fi
 
 failed=()

@@ -36,7 +36,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 
 say "== build"
 cargo build -q --release -p libvgpu
-LIB=$ROOT/target/release/libvgpu.so
+LIB=${CARGO_TARGET_DIR:-$ROOT/target}/release/libvgpu.so
 # Discovery through the plugin's own code: a throwaway binary over its library.
 mkdir -p "$WORK/discover/src"
 cat >"$WORK/discover/Cargo.toml" <<TOML
@@ -63,10 +63,10 @@ RS
 # The workspace's lock file: the same versions as the plugin's own build (and no registry
 # look-up beyond what building the workspace needs).
 cp "$ROOT/Cargo.lock" "$WORK/discover/"
-CARGO_TARGET_DIR=$ROOT/target cargo build -q --release --manifest-path "$WORK/discover/Cargo.toml"
+CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target} cargo build -q --release --manifest-path "$WORK/discover/Cargo.toml"
 
 say "== 1. NVML discovery by the plugin"
-disc=$("$ROOT/target/release/gpu-check-discover" 2>&1) || true
+disc=$("${CARGO_TARGET_DIR:-$ROOT/target}/release/gpu-check-discover" 2>&1) || true
 echo "$disc" | tee -a "$REPORT"
 gpus=$(nvidia-smi -L | wc -l)
 published=$(echo "$disc" | sed -n 's/^published=//p')
