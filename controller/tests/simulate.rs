@@ -410,13 +410,18 @@ fn every_native_example_is_allocatable_by_the_schedulers_rules() {
     validate_k8s(&sim.claim_objects(), "1.34.0").unwrap();
 }
 
+/// The `controller` binary, run to the end.
+fn controller(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_controller"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
 /// The picture in the README is what the command draws today.
 #[test]
 fn the_readmes_picture_is_the_commands_output() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_controller"))
-        .args(["simulate", "-o", "svg", "--compare", "node=spread"])
-        .output()
-        .unwrap();
+    let out = controller(&["simulate", "-o", "svg", "--compare", "node=spread"]);
     assert!(
         out.status.success(),
         "{}",
@@ -433,24 +438,18 @@ fn the_readmes_picture_is_the_commands_output() {
 
 #[test]
 fn compare_names_what_it_cannot_do() {
-    let run = |args: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_controller"))
-            .args(args)
-            .output()
-            .unwrap()
-    };
-    let out = run(&["simulate", "--compare", "colour=blue"]);
+    let out = controller(&["simulate", "--compare", "colour=blue"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("\"colour\": not a setting to compare"));
-    let out = run(&["simulate", "--compare", "node=diagonal"]);
+    let out = controller(&["simulate", "--compare", "node=diagonal"]);
     assert!(
         String::from_utf8_lossy(&out.stderr)
             .contains("node=diagonal: expected one of binpack, spread")
     );
-    let out = run(&["simulate", "-o", "yaml", "--compare", "node=spread"]);
+    let out = controller(&["simulate", "-o", "yaml", "--compare", "node=spread"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not -o yaml|json"));
-    let out = run(&["simulate", "--compare", "node=spread"]);
+    let out = controller(&["simulate", "--compare", "node=spread"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains("COMPARED WITH controller: node Spread, GPU Spread, topology Preferred"),
