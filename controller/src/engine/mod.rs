@@ -117,7 +117,7 @@ pub struct NoRoom {
 /// whole number of KiB is printed in bytes with the unit spelt out.
 pub fn format_bytes(bytes: u64) -> String {
     for (shift, unit) in [(40, "Ti"), (30, "Gi"), (20, "Mi"), (10, "Ki")] {
-        if bytes >= 1 << shift && bytes % (1 << shift) == 0 {
+        if bytes >= 1 << shift && bytes.is_multiple_of(1 << shift) {
             return format!("{}{unit}", bytes >> shift);
         }
     }
@@ -507,11 +507,11 @@ impl Engine {
                 let (mut roomy, mut most_roomy) = (0usize, 0usize);
                 let mut clique = false;
                 let mut scratch = None;
-                for n in 0..self.state.nodes.len() {
+                for (n, &eligible) in eligible.iter().enumerate() {
                     let m = self.matching_count(n, alt, &none);
                     matching += m;
                     most_matching = most_matching.max(m);
-                    if !eligible[n] || m == 0 {
+                    if !eligible || m == 0 {
                         continue;
                     }
                     matching_eligible += m;
