@@ -172,6 +172,10 @@ pub struct Engine {
     cel: Result<CelEnv, LibraryError>,
     /// Per selector, per GPU: 0 not evaluated, 1 matches, 2 does not, 3 failed.
     matches: Vec<Vec<u8>>,
+    /// Per set of selectors, per node: how many of its GPUs match them all, free or not.
+    /// Explaining a refusal needs it for every node; it holds as long as the GPU table, which
+    /// is the engine's whole life.
+    match_counts: HashMap<Vec<usize>, Vec<u32>>,
 }
 
 const UNKNOWN: u8 = 0;
@@ -200,6 +204,7 @@ impl Engine {
             selectors: Vec::new(),
             cel: CelEnv::new(),
             matches: Vec::new(),
+            match_counts: HashMap::new(),
         }
     }
 
@@ -491,6 +496,14 @@ impl Engine {
             .map(|n| self.node_rejects(n, pod, avoid).is_none())
             .collect();
         let none = BTreeSet::new();
+        for alt in plans.iter().flat_map(|p| &p.alternatives) {
+            if !self.match_counts.contains_key(&alt.selectors) {
+                let counts = (0..self.state.nodes.len())
+                    .map(|n| self.matching_count(n, alt, &none) as u32)
+                    .collect();
+                self.match_counts.insert(alt.selectors.clone(), counts);
+            }
+        }
         let mut worst: Option<(WaitReason, String)> = None;
         for plan in plans {
             // The most hopeful alternative speaks for the request: the first that fits alone,
@@ -507,15 +520,26 @@ impl Engine {
                 let (mut roomy, mut most_roomy) = (0usize, 0usize);
                 let mut clique = false;
                 let mut scratch = None;
-                for (n, &eligible) in eligible.iter().enumerate() {
-                    let m = self.matching_count(n, alt, &none);
+                let (need_memory, need_cores) = alt_need(alt);
+                let counts = self
+                    .match_counts
+                    .get(&alt.selectors)
+                    .cloned()
+                    .unwrap_or_default();
+                for (n, m) in counts.into_iter().enumerate() {
+                    let m = m as usize;
                     matching += m;
                     most_matching = most_matching.max(m);
-                    if !eligible || m == 0 {
+                    if !eligible.get(n).copied().unwrap_or(false) || m == 0 {
                         continue;
                     }
                     matching_eligible += m;
                     most_eligible = most_eligible.max(m);
+                    // The per-node index: no GPU of the node has room, without looking.
+                    let node = &self.state.nodes[n];
+                    if node.max_free_memory < need_memory || node.max_free_cores < need_cores {
+                        continue;
+                    }
                     let mut candidates = self.candidates(n, alt, &none, &mut scratch);
                     roomy += candidates.len();
                     most_roomy = most_roomy.max(candidates.len());
@@ -1090,19 +1114,23 @@ fn native_consumption(limits: &SliceLimits) -> BTreeMap<String, vgpu_driver::qua
 fn minimum_need(plan: &RequestPlan) -> (u64, u32) {
     plan.alternatives
         .iter()
-        .map(|alt| {
-            if alt.admin_access || alt.config.exclusive == Some(true) {
-                return (0, 0);
-            }
-            let memory = match alt.config.memory {
-                Some(vgpu_driver::config::MemoryRequest::Bytes(b)) => b,
-                _ => 0,
-            };
-            (memory, u32::from(alt.config.cores.unwrap_or(0)))
-        })
+        .map(alt_need)
         // Component-wise: any alternative may be the one that fits.
         .reduce(|a, b| (a.0.min(b.0), a.1.min(b.1)))
         .unwrap_or((0, 0))
+}
+
+/// What any GPU must have free for one alternative to fit on it: a lower bound, (0, 0) when
+/// it depends on the GPU.
+fn alt_need(alt: &AltPlan) -> (u64, u32) {
+    if alt.admin_access || alt.config.exclusive == Some(true) {
+        return (0, 0);
+    }
+    let memory = match alt.config.memory {
+        Some(vgpu_driver::config::MemoryRequest::Bytes(b)) => b,
+        _ => 0,
+    };
+    (memory, u32::from(alt.config.cores.unwrap_or(0)))
 }
 
 /// `1 GPU`, `4 GPUs`, `all matching GPUs`.
