@@ -740,6 +740,8 @@ impl Allocator {
                     self.book.succeeded(&uid);
                 }
                 Decision::Refuse { label, reason } => {
+                    // Remembered as counted: the leader counts this episode, and a takeover
+                    // must not count it a second time in a sum over replicas.
                     self.book.refused(&uid, label, &reason, self.backoff, now);
                 }
                 Decision::NotOurs => {}
@@ -1116,6 +1118,34 @@ mod tests {
         assert!(book.due("a", t0));
         book.succeeded("a");
         assert_eq!(book.next_retry(), None);
+    }
+
+    #[test]
+    fn a_refusal_counts_once_per_reason_and_its_event_is_refreshed() {
+        let mut book = Book::default();
+        let backoff = Backoff::default();
+        let refresh = Duration::from_secs(300);
+        let t0 = Instant::now();
+        assert!(book.refused("a", "insufficient_capacity", "full", backoff, t0));
+        // Retried and refused again for the same reason: not a new claim to count.
+        assert!(!book.refused("a", "insufficient_capacity", "full", backoff, t0));
+        assert!(book.refused("a", "topology", "no peers", backoff, t0));
+        assert_eq!(book.refusal("a"), Some("topology"));
+        assert!(book.event_due("a", "no peers", refresh, t0));
+        assert!(!book.event_due("a", "no peers", refresh, t0 + refresh / 2));
+        // A new text is published at once, and then refreshed from then on.
+        let t1 = t0 + refresh / 2;
+        assert!(book.event_due("a", "full", refresh, t1));
+        assert!(!book.event_due("a", "full", refresh, t1 + refresh / 2));
+        assert!(book.event_due("a", "full", refresh, t1 + refresh));
+        // Allocated, then refused again: a new episode.
+        book.succeeded("a");
+        assert_eq!(book.refusal("a"), None);
+        assert!(book.refused("a", "topology", "no peers", backoff, t0));
+        // A claim that only failed to be written has no refusal reason.
+        book.failed("b", "write conflicts", backoff, t0);
+        assert_eq!(book.refusal("b"), None);
+        assert!(!book.event_due("c", "never refused", refresh, t0));
     }
 
     fn claim_object(name: &str, second: u32, class: &str) -> Arc<v1::ResourceClaim> {
