@@ -3,7 +3,7 @@
 
 mod support;
 
-use controller::engine::{Policies, Refusal};
+use controller::engine::{NoRoom, Policies, Refusal, WaitReason};
 use controller::model::{Alternative, ConstraintView, Count, RequestView};
 use k8s_openapi::api::core::v1::{Taint, Toleration};
 use serde_json::json;
@@ -122,7 +122,7 @@ fn slices_never_exceed_memory_or_cores() {
         )
         .unwrap_err();
     assert!(matches!(err, Refusal::Unschedulable(_)), "{err}");
-    assert!(err.to_string().contains("20Gi and 30 cores free"), "{err}");
+    assert!(err.to_string().contains("20Gi and 30% cores free"), "{err}");
     let fits = e
         .allocate(
             &claim("c4", 1, json!({"memory": "20Gi", "cores": 10})),
@@ -288,9 +288,7 @@ fn required_topology_finds_the_free_quad_of_a_cube_mesh() {
     );
     let err = e.allocate(&five, None, &none()).unwrap_err().to_string();
     assert!(
-        err.contains(
-            "1 node: request gpu needs 5 GPU(s) with 1Gi and 0 cores free as NVLink peers, 5 found"
-        ),
+        err.contains("1 node: request gpu needs 5 GPU(s) with 1Gi free as NVLink peers, 5 found"),
         "{err}"
     );
 }
@@ -660,5 +658,165 @@ fn incomplete_and_stale_pools_are_ignored() {
         engine(&old, Policies::default()).state.gpus.len(),
         2,
         "older generations are ignored"
+    );
+}
+
+fn no_room(result: Result<ClaimAllocation, Refusal>) -> NoRoom {
+    match result {
+        Err(Refusal::Unschedulable(no_room)) => no_room,
+        other => panic!("expected no room, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_selector_no_gpu_matches_is_told_apart_from_a_full_cluster() {
+    let inputs = cluster(&[("n1", hgx(2, 80)), ("n2", hgx(2, 80))]);
+    let mut e = engine(&inputs, Policies::default());
+    let b200 = claim_with(
+        "b200",
+        vec![request(
+            "gpu",
+            SLICE,
+            1,
+            &[r#"device.attributes["vgpu.hami.io"].productName == "NVIDIA B200""#],
+        )],
+        vec![(vec![], json!({"memory": "2Gi"}))],
+    );
+    let r = no_room(e.allocate(&b200, None, &none()));
+    assert_eq!(r.reason, WaitReason::NoMatchingGpu, "{}", r.message);
+    assert!(
+        r.message.contains(
+            "NoMatchingGpu: request gpu: no GPU matches device class gpu-slice.vgpu.hami.io and the request's selectors (4 GPUs checked)"
+        ),
+        "{}",
+        r.message
+    );
+    // More GPUs than any node has matching: no wait helps either.
+    let r = no_room(e.allocate(&claim("many", 3, json!({"memory": "1Gi"})), None, &none()));
+    assert_eq!(r.reason, WaitReason::NoMatchingGpu, "{}", r.message);
+    assert!(
+        r.message
+            .contains("wants 3 GPUs matching device class gpu-slice.vgpu.hami.io and its selectors; 4 match, at most 2 on one node"),
+        "{}",
+        r.message
+    );
+    // Bigger than every GPU: GPUs match, none has room; the amount is printed with its unit.
+    let r = no_room(e.allocate(
+        &claim("huge", 1, json!({"memory": "96Gi", "cores": 20})),
+        None,
+        &none(),
+    ));
+    assert_eq!(r.reason, WaitReason::InsufficientCapacity, "{}", r.message);
+    assert!(
+        r.message.contains(
+            "InsufficientCapacity: request gpu needs 1 GPU with 96Gi and 20% cores free: 4 GPUs match on nodes the pod may run on, none has room"
+        ),
+        "{}",
+        r.message
+    );
+}
+
+#[test]
+fn a_full_cluster_says_how_many_gpus_match_and_have_room() {
+    let inputs = cluster(&[("n1", hgx(2, 80)), ("n2", hgx(2, 80))]);
+    let mut e = engine(&inputs, Policies::default());
+    // 60 GiB on three GPUs: one GPU has 80 GiB free, the others 20.
+    for i in 0..3 {
+        let a = e
+            .allocate(
+                &claim(&format!("c{i}"), 1, json!({"memory": "60Gi"})),
+                None,
+                &none(),
+            )
+            .unwrap();
+        e.commit(&a);
+    }
+    let r = no_room(e.allocate(&claim("two", 2, json!({"memory": "30Gi"})), None, &none()));
+    assert_eq!(r.reason, WaitReason::InsufficientCapacity, "{}", r.message);
+    assert!(
+        r.message.contains(
+            "request gpu needs 2 GPUs with 30Gi free: 4 GPUs match on nodes the pod may run on, 1 have room but at most 1 on one node"
+        ),
+        "{}",
+        r.message
+    );
+}
+
+#[test]
+fn a_pod_that_may_run_on_no_gpu_node_is_told_so() {
+    let mut inputs = cluster(&[("n1", hgx(2, 80)), ("n2", hgx(2, 80))]);
+    inputs.nodes[1].taints.push(Taint {
+        key: "dedicated".into(),
+        effect: "NoSchedule".into(),
+        ..Default::default()
+    });
+    let mut e = engine(&inputs, Policies::default());
+    let mut p = pod(&["c"]);
+    p.node_selector.insert("zone".into(), "b".into());
+    let r = no_room(e.allocate(&claim("c", 1, json!({"memory": "1Gi"})), Some(&p), &none()));
+    assert_eq!(r.reason, WaitReason::NoEligibleNode, "{}", r.message);
+    assert!(
+        r.message.contains(
+            "NoEligibleNode: request gpu: 4 GPUs match, but none on nodes the pod may run on"
+        ),
+        "{}",
+        r.message
+    );
+    // The per-node reasons follow.
+    assert!(r.message.contains("nodeSelector"), "{}", r.message);
+}
+
+#[test]
+fn required_nvlink_says_how_many_gpus_have_room_but_are_not_peers() {
+    // Six GPUs in three NVLink pairs: room on all six, no four mutual peers.
+    let pairs: Vec<vgpu_driver::Gpu> = (0..6u32)
+        .map(|i| gpu_with(i, 80, Some(0), &[i ^ 1]))
+        .collect();
+    let inputs = cluster(&[("n1", pairs)]);
+    let mut e = engine(&inputs, Policies::default());
+    let r = no_room(e.allocate(
+        &claim(
+            "four",
+            4,
+            json!({"memory": "2Gi", "scheduling": {"topology": "Required"}}),
+        ),
+        None,
+        &none(),
+    ));
+    assert_eq!(r.reason, WaitReason::Topology, "{}", r.message);
+    assert!(
+        r.message.contains(
+            "TopologyUnsatisfiable: request gpu: 6 GPUs on one node have 2Gi free, but no 4 of them are mutual NVLink peers"
+        ),
+        "{}",
+        r.message
+    );
+    // Preferred takes any four.
+    assert!(
+        e.allocate(&claim("four", 4, json!({"memory": "2Gi"})), None, &none())
+            .is_ok()
+    );
+}
+
+#[test]
+fn config_errors_number_the_claims_entries_from_its_own_list() {
+    let inputs = cluster(&[("n1", hgx(1, 80))]);
+    let mut e = engine(&inputs, Policies::default());
+    // The class adds an entry before the claim's: the claim's first is still config[0].
+    let bad = claim("bad", 1, json!({"cores": 300}));
+    let err = e.allocate(&bad, None, &none()).unwrap_err();
+    assert!(
+        matches!(&err, Refusal::Invalid(m) if m.contains("spec.devices.config[0].opaque.parameters.cores")),
+        "{err}"
+    );
+    let mut broken = inputs.clone();
+    broken.classes[0].config[0].parameters = params(json!({"memory": "lots"}));
+    let mut e = engine(&broken, Policies::default());
+    let err = e
+        .allocate(&claim("ok", 1, json!({"cores": 10})), None, &none())
+        .unwrap_err();
+    assert!(
+        matches!(&err, Refusal::Invalid(m) if m.contains("DeviceClass gpu-slice.vgpu.hami.io spec.config[0].opaque.parameters.memory")),
+        "{err}"
     );
 }

@@ -343,7 +343,7 @@ async fn allocation_is_written_finalizer_first_then_status_in_one_update() {
         "{text}"
     );
     assert!(
-        text.contains("vgpu_controller_gpu_allocated_memory_bytes{node=\"node-a\""),
+        text.contains("vgpu_controller_gpu_memory_allocated_bytes{node=\"node-a\""),
         "{text}"
     );
     running.task.abort();
@@ -416,8 +416,128 @@ async fn a_refused_claim_gets_an_event_and_is_retried_when_capacity_frees() {
         running
             .metrics
             .render()
-            .contains("vgpu_controller_claims_refused_total{reason=\"unschedulable\"}")
+            .contains("vgpu_controller_claims_refused_total{reason=\"insufficient_capacity\"}")
     );
+    running.task.abort();
+}
+
+/// The value of the sample `series` (name and labels, as rendered) in `text`.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Warning Events regarding a `kind` named `name`.
+fn warnings(fake: &FakeApi, kind: &str, name: &str) -> Vec<Value> {
+    fake.events()
+        .into_iter()
+        .filter(|e| {
+            e["type"] == "Warning"
+                && e["regarding"]["kind"] == kind
+                && e["regarding"]["name"] == name
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_pod_gets_the_event_kept_alive_as_a_series_and_is_counted_once() {
+    let fake = FakeApi::start(DraVersions::V1Only).await;
+    cluster(&fake, ApiVersion::V1, &["node-a"], 1);
+    let big = workload(&fake, ApiVersion::V1, "big", 60);
+    let mut o = options("replica-1");
+    // Retried every 100 ms and re-published every 300 ms: several refusals per refresh, and
+    // several refreshes within the Recorder's 6 minutes.
+    o.backoff = Backoff {
+        initial: Duration::from_millis(100),
+        max: Duration::from_millis(100),
+    };
+    o.resync = Duration::from_millis(100);
+    o.event_refresh = Duration::from_millis(300);
+    let running = start(&fake, o);
+    eventually("big is allocated", || allocation(&fake, &big).is_some()).await;
+    workload(&fake, ApiVersion::V1, "second", 40);
+    // `kubectl describe pod` shows the pod's Events: the pod has its own.
+    eventually("a FailedAllocation event on the pod", || {
+        warnings(&fake, "Pod", "second-pod").iter().any(|e| {
+            e["reason"] == "FailedAllocation"
+                && e["note"].as_str().is_some_and(|n| {
+                    n.contains("InsufficientCapacity: request gpu needs 1 GPU with 40Gi and 20% cores free: 1 GPUs match on nodes the pod may run on, none has room")
+                })
+        })
+    })
+    .await;
+    // Kept alive: the same Event updated as a series (count, lastObservedTime), which
+    // renews its TTL, rather than a new Event per retry.
+    eventually("the pod's and the claim's Events refreshed twice", || {
+        ["Pod:second-pod", "ResourceClaim:second"].iter().all(|k| {
+            let (kind, name) = k.split_once(':').unwrap();
+            warnings(&fake, kind, name)
+                .iter()
+                .any(|e| e["series"]["count"].as_i64().is_some_and(|c| c >= 3))
+        })
+    })
+    .await;
+    assert_eq!(warnings(&fake, "Pod", "second-pod").len(), 1);
+    assert_eq!(warnings(&fake, "ResourceClaim", "second").len(), 1);
+    let pod_event = &warnings(&fake, "Pod", "second-pod")[0];
+    assert_eq!(pod_event["regarding"]["apiVersion"], "v1");
+    assert_eq!(pod_event["regarding"]["namespace"], "ml");
+    // Many refusals, one claim refused: counted once.
+    assert!(running.status().passes >= 3);
+    let text = running.metrics.render();
+    assert_eq!(
+        sample(
+            &text,
+            "vgpu_controller_claims_refused_total{reason=\"insufficient_capacity\"}"
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "vgpu_controller_pending_claims{reason=\"insufficient_capacity\"}"
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "vgpu_controller_pending_claims{reason=\"no_matching_gpu\"}"
+        ),
+        Some(0.0),
+        "{text}"
+    );
+    running.task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_selector_no_gpu_matches_is_told_apart_on_the_pod() {
+    let fake = FakeApi::start(DraVersions::V1Only).await;
+    cluster(&fake, ApiVersion::V1, &["node-a"], 1);
+    let mut c = claim(ApiVersion::V1, "b200", 1);
+    c["spec"]["devices"]["requests"][0]["exactly"]["selectors"] = json!([{"cel": {
+        "expression": format!("device.attributes[\"{DRIVER}\"].productName == \"NVIDIA B200\"")}}]);
+    fake.create(c);
+    fake.create(pod("b200-pod", "b200"));
+    let running = start(&fake, options("replica-1"));
+    eventually("a NoMatchingGpu event on the pod", || {
+        warnings(&fake, "Pod", "b200-pod").iter().any(|e| {
+            e["reason"] == "FailedAllocation"
+                && e["note"].as_str().is_some_and(|n| {
+                    n.contains("NoMatchingGpu: request gpu: no GPU matches device class gpu-slice.vgpu.hami.io and the request's selectors (1 GPUs checked)")
+                })
+        })
+    })
+    .await;
+    eventually("counted as no_matching_gpu", || {
+        sample(
+            &running.metrics.render(),
+            "vgpu_controller_pending_claims{reason=\"no_matching_gpu\"}",
+        ) == Some(1.0)
+    })
+    .await;
     running.task.abort();
 }
 
@@ -575,6 +695,37 @@ async fn two_replicas_never_double_book_and_the_standby_takes_over() {
     );
     // Both replicas are ready: the standby can take over at once.
     assert!(a.synced.load(Ordering::SeqCst) && b.synced.load(Ordering::SeqCst));
+    // Both report capacity and the two waiting claims from their own caches, the standby
+    // too; only the leader counts refusals.
+    eventually("both replicas' capacity and pending metrics", || {
+        [&a, &b].iter().all(|r| {
+            let text = r.metrics.render();
+            let allocated: f64 = text
+                .lines()
+                .filter(|l| l.starts_with("vgpu_controller_gpu_memory_allocated_bytes{"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum();
+            allocated == (4 * 35 * GI) as f64
+                && sample(
+                    &text,
+                    "vgpu_controller_pending_claims{reason=\"insufficient_capacity\"}",
+                ) == Some(2.0)
+        })
+    })
+    .await;
+    let standby_text = if sa.allocated.is_empty() {
+        a.metrics.render()
+    } else {
+        b.metrics.render()
+    };
+    assert!(
+        !standby_text.contains("vgpu_controller_claims_refused_total{"),
+        "{standby_text}"
+    );
+    assert!(
+        standby_text.contains("vgpu_controller_gpu_memory_free_bytes{node=\"node-a\",device=\"gpu-0\",uuid=\"GPU-00000000\",index=\"0\",model=\"NVIDIA H100 80GB HBM3\"}"),
+        "{standby_text}"
+    );
     let (leader, standby, standby_name) = if sa.allocated.is_empty() {
         (b, a, "replica-a")
     } else {

@@ -43,9 +43,33 @@ fn the_default_places_everything_that_fits_and_outputs_valid_claims() {
         table.contains("NODE gpu-node-4") && table.contains("SUMMARY claims placed 60"),
         "{table}"
     );
-    assert!(table.contains("ml/too-big-memory: 0/4 nodes"), "{table}");
+    for line in [
+        "ml/too-big-memory: InsufficientCapacity: request gpu needs 1 GPU with 100Gi and 10% cores free",
+        "ml/too-many-peers: NoMatchingGpu: request gpu wants 9 GPUs",
+        "ml/wrong-model: NoMatchingGpu: request gpu: no GPU matches",
+    ] {
+        assert!(table.contains(line), "{line} missing from {table}");
+    }
     let objects = sim.claim_objects();
     assert_eq!(objects.len(), 64);
+    // yaml and json carry the reasons the table prints, word for word.
+    let reasons: Vec<(String, String)> = objects
+        .iter()
+        .filter_map(|o| {
+            let reason = o["metadata"]["annotations"][simulate::REFUSED_ANNOTATION].as_str()?;
+            Some((
+                o["metadata"]["name"].as_str()?.to_string(),
+                reason.to_string(),
+            ))
+        })
+        .collect();
+    assert_eq!(reasons.len(), 4, "{reasons:?}");
+    for (name, reason) in &reasons {
+        assert!(
+            table.contains(&format!("ml/{name}: {reason}\n")),
+            "{name}: {reason} is not the table's"
+        );
+    }
     assert!(
         objects
             .iter()

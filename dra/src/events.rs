@@ -2,7 +2,15 @@
 //! is shortened rather than refused.
 
 use k8s_openapi::api::core::v1::ObjectReference;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use k8s_openapi::jiff::Timestamp;
+use kube::Api;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::runtime::events::EventType;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// `note` is limited to 1 kB by the API server's validation.
 pub const MAX_NOTE_BYTES: usize = 1024;
@@ -37,10 +45,41 @@ pub fn reference<K: kube::Resource<DynamicType = ()>>(
     }
 }
 
+/// Events published again within this window update the first one as a series (count and
+/// lastObservedTime) instead of creating another: kube-rs' Recorder and client-go use 6
+/// minutes. A caller refreshing an Event more often than this keeps one Event alive.
+pub const SERIES_WINDOW: Duration = Duration::from_secs(6 * 60);
+
+/// What makes two Events the same series: kube's Recorder leaves the note out, so a changed
+/// note would only bump the count of an Event still showing the old one; and it keys on the
+/// object's resourceVersion, which a pod's status updates change under a waiting pod.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct SeriesKey {
+    kind: String,
+    namespace: String,
+    name: String,
+    uid: String,
+    type_: &'static str,
+    reason: String,
+    action: String,
+    note: String,
+}
+
+#[derive(Clone, Debug)]
+struct Series {
+    /// The Event's name in its namespace.
+    name: String,
+    count: i32,
+    last: Instant,
+}
+
 /// Publishes Events as one component (`reportingController`) and instance.
 #[derive(Clone)]
 pub struct EventSink {
-    recorder: Recorder,
+    client: kube::Client,
+    controller: String,
+    instance: String,
+    series: Arc<Mutex<HashMap<SeriesKey, Series>>>,
 }
 
 impl EventSink {
@@ -48,18 +87,16 @@ impl EventSink {
     /// the replica or node.
     pub fn new(client: kube::Client, controller: &str, instance: &str) -> Self {
         EventSink {
-            recorder: Recorder::new(
-                client,
-                Reporter {
-                    controller: controller.to_string(),
-                    instance: Some(instance.to_string()),
-                },
-            ),
+            client,
+            controller: controller.to_string(),
+            instance: instance.to_string(),
+            series: Arc::default(),
         }
     }
 
-    /// Publish one Event; a failure is logged, never fatal (Events are best effort in
-    /// Kubernetes too).
+    /// Publish one Event, or, for the same object, type, reason, action and note within
+    /// [`SERIES_WINDOW`] of the last, count it in that Event's series. A failure is logged,
+    /// never fatal (Events are best effort in Kubernetes too).
     pub async fn publish(
         &self,
         regarding: &ObjectReference,
@@ -68,20 +105,110 @@ impl EventSink {
         action: &str,
         note: &str,
     ) {
-        let event = Event {
-            type_,
-            reason: reason.to_string(),
-            note: Some(truncate_note(note)),
-            action: action.to_string(),
-            secondary: None,
-        };
-        if let Err(e) = self.recorder.publish(&event, regarding).await {
+        if let Err(e) = self
+            .try_publish(regarding, type_, reason, action, note)
+            .await
+        {
             tracing::warn!(
                 kind = regarding.kind.as_deref().unwrap_or(""),
                 name = regarding.name.as_deref().unwrap_or(""),
                 reason,
                 error = %e,
                 "publishing an Event failed"
+            );
+        }
+    }
+
+    async fn try_publish(
+        &self,
+        regarding: &ObjectReference,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: &str,
+    ) -> Result<(), kube::Error> {
+        let note = truncate_note(note);
+        let namespace = regarding
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
+        let key = SeriesKey {
+            kind: regarding.kind.clone().unwrap_or_default(),
+            namespace: namespace.clone(),
+            name: regarding.name.clone().unwrap_or_default(),
+            uid: regarding.uid.clone().unwrap_or_default(),
+            type_: match type_ {
+                EventType::Normal => "Normal",
+                EventType::Warning => "Warning",
+            },
+            reason: reason.to_string(),
+            action: action.to_string(),
+            note: note.clone(),
+        };
+        let now = Instant::now();
+        let existing = self.series.lock().ok().and_then(|mut series| {
+            series.retain(|_, s| now.duration_since(s.last) < SERIES_WINDOW);
+            series.get(&key).cloned()
+        });
+        let api: Api<Event> = Api::namespaced(self.client.clone(), &namespace);
+        if let Some(existing) = existing {
+            let count = existing.count + 1;
+            let patch = serde_json::json!({"series": {
+                "count": count,
+                "lastObservedTime": MicroTime(Timestamp::now()),
+            }});
+            match api
+                .patch(
+                    &existing.name,
+                    &PatchParams::default(),
+                    &Patch::Merge(&patch),
+                )
+                .await
+            {
+                Ok(_) => {
+                    self.remember(key, existing.name, count, now);
+                    return Ok(());
+                }
+                // Expired or deleted meanwhile: start a new one.
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let stamp = Timestamp::now();
+        let event = Event {
+            metadata: ObjectMeta {
+                name: Some(format!(
+                    "{}.{:x}",
+                    regarding.name.as_deref().unwrap_or(&self.controller),
+                    stamp.as_nanosecond()
+                )),
+                namespace: Some(namespace),
+                ..Default::default()
+            },
+            event_time: Some(MicroTime(stamp)),
+            type_: Some(key.type_.to_string()),
+            reason: Some(reason.to_string()),
+            action: Some(action.to_string()),
+            note: Some(note),
+            regarding: Some(regarding.clone()),
+            reporting_controller: Some(self.controller.clone()),
+            reporting_instance: Some(self.instance.clone()),
+            ..Default::default()
+        };
+        let created = api.create(&PostParams::default(), &event).await?;
+        self.remember(key, created.metadata.name.unwrap_or_default(), 1, now);
+        Ok(())
+    }
+
+    fn remember(&self, key: SeriesKey, name: String, count: i32, now: Instant) {
+        if let Ok(mut series) = self.series.lock() {
+            series.insert(
+                key,
+                Series {
+                    name,
+                    count,
+                    last: now,
+                },
             );
         }
     }

@@ -444,7 +444,7 @@ mod tests {
             .to_string();
         assert!(
             e.contains("ml/train-gpu")
-                && e.contains("config[1] (FromClaim).opaque.parameters.cores"),
+                && e.contains("config[0] (FromClaim).opaque.parameters.cores"),
             "{e}"
         );
         let mut claim = claim_v1(&allocation());

@@ -308,13 +308,39 @@ impl ConfigEntry {
 
 /// The effective configuration of one request: this driver's entries that apply to it, class
 /// entries first then claim entries, each in order, later winning field by field. Other
-/// drivers' parameters are ignored. Errors name the entry (`config[i] (FromClaim)`).
+/// drivers' parameters are ignored. Errors name the entry by its place in its own source's
+/// list (`config[0] (FromClaim)` is the claim's first entry, whatever the class adds).
 pub fn effective_config(
     entries: &[ConfigEntry],
     driver: &str,
     request: &str,
 ) -> Result<SliceConfig, ConfigError> {
-    let mut ordered: Vec<(usize, &ConfigEntry)> = entries.iter().enumerate().collect();
+    effective_config_named(entries, driver, request, |source, i| {
+        format!("config[{i}] ({source:?})")
+    })
+}
+
+/// [`effective_config`] with errors prefixed by `name(source, i)`, `i` counting the entries
+/// of that source only: a user reads the claim's `config[0]` as the first entry they wrote,
+/// not as its place after the class's entries.
+pub fn effective_config_named(
+    entries: &[ConfigEntry],
+    driver: &str,
+    request: &str,
+    name: impl Fn(ConfigSource, usize) -> String,
+) -> Result<SliceConfig, ConfigError> {
+    let (mut class_i, mut claim_i) = (0usize, 0usize);
+    let mut ordered: Vec<(usize, &ConfigEntry)> = entries
+        .iter()
+        .map(|e| {
+            let counter = match e.source {
+                ConfigSource::FromClass => &mut class_i,
+                ConfigSource::FromClaim => &mut claim_i,
+            };
+            *counter += 1;
+            (*counter - 1, e)
+        })
+        .collect();
     // Stable: keeps each source's own order, puts every class entry before any claim entry.
     ordered.sort_by_key(|(_, e)| e.source);
     let mut merged = SliceConfig::default();
@@ -323,7 +349,7 @@ pub fn effective_config(
             continue;
         }
         let decoded = SliceConfig::decode(&entry.parameters)
-            .map_err(|e| e.within(&format!("config[{i}] ({:?}).opaque", entry.source)))?;
+            .map_err(|e| e.within(&format!("{}.opaque", name(entry.source, i))))?;
         merged = merged.merge(decoded);
     }
     Ok(merged)
@@ -503,7 +529,9 @@ mod tests {
         bad[4].parameters = params(json!({"cores": 200}));
         let e = effective_config(&bad, "vgpu.hami.io", "gpu").unwrap_err();
         assert_eq!(
-            e.field, "config[4] (FromClaim).opaque.parameters.cores",
+            // The claim's third entry: the class's two do not shift its number.
+            e.field,
+            "config[2] (FromClaim).opaque.parameters.cores",
             "{e}"
         );
     }

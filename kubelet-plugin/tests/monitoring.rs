@@ -98,23 +98,45 @@ fn known_names() -> BTreeSet<String> {
         gpus: vec![test_support::gpu(0)],
         unhealthy: Default::default(),
     });
+    // A family renders only once it has a sample: one each.
     let controller = controller::run::metrics::Metrics::new();
     let gpu = controller::run::metrics::GpuLabels {
         node: "n".into(),
         device: "gpu-0".into(),
+        uuid: "GPU-0".into(),
+        index: "0".into(),
+        model: "H100".into(),
     };
     controller.allocated.inc();
     controller
         .refused
         .get_or_create(&controller::run::metrics::RefusalLabels {
-            reason: "unschedulable".into(),
+            reason: "insufficient_capacity".into(),
         })
         .inc();
     controller.conflicts.inc();
     controller.decision_seconds.observe(0.001);
-    controller.gpu_memory_bytes.get_or_create(&gpu).set(1);
-    controller.gpu_cores.get_or_create(&gpu).set(1);
+    controller
+        .gpu_memory_allocated_bytes
+        .get_or_create(&gpu)
+        .set(1);
+    controller
+        .gpu_cores_allocated_percent
+        .get_or_create(&gpu)
+        .set(1);
+    controller.gpu_memory_free_bytes.get_or_create(&gpu).set(1);
+    controller.gpu_cores_free_percent.get_or_create(&gpu).set(1);
     controller.gpu_claims.get_or_create(&gpu).set(1);
+    controller
+        .node_fragmentation
+        .get_or_create(&controller::run::metrics::NodeLabels { node: "n".into() })
+        .set(0.5);
+    controller
+        .pending
+        .get_or_create(&controller::run::metrics::PendingLabels {
+            reason: "insufficient_capacity".into(),
+        })
+        .set(1);
     controller.leader.set(1);
     let mut names = exposed(&plugin.encode());
     names.extend(exposed(&controller.render()));
@@ -295,6 +317,9 @@ fn the_registries_render_what_the_check_relies_on() {
         "vgpu_kubelet_plugin_prepare_duration_seconds_bucket",
         "vgpu_kubelet_plugin_gpu_healthy",
         "vgpu_controller_claims_refused_total",
+        "vgpu_controller_pending_claims",
+        "vgpu_controller_gpu_memory_free_bytes",
+        "vgpu_controller_node_memory_fragmentation_ratio",
     ] {
         assert!(known.contains(name), "{name} missing from {known:#?}");
     }

@@ -895,33 +895,84 @@ fn a9_an_oversized_claim_stays_pending_with_an_event() {
     let install = Installation::ensure(SharingMode::Controller);
     let cluster = &install.cluster;
     let ns = cluster.namespace("e2e-too-big");
-    // 64 slices: more GPUs than the node has.
-    let template = slice_template(cluster, "too-big", "1Gi", 10, "count: 64\n");
-    cluster.apply(&ns.name, &template);
-    cluster.apply(&ns.name, &pod("too-big", "too-big"));
-    let claim = claim_of(cluster, &ns.name, "too-big");
-    let name = claim["metadata"]["name"].as_str().unwrap().to_string();
-    let event = cluster.wait_for("a Warning Event on the oversized claim", 2 * MINUTE, || {
-        let events = cluster.get_json(&["events", "-n", &ns.name]).ok()?;
-        events["items"]
-            .as_array()?
-            .iter()
-            .find(|e| {
-                e["involvedObject"]["name"] == name.as_str()
-                    && e["involvedObject"]["kind"] == "ResourceClaim"
-            })
-            .cloned()
-    });
-    assert_eq!(event["type"], "Warning", "{event}");
-    let claim = get(cluster, "resourceclaim", &ns.name, &name).expect("claim");
-    assert!(
-        claim["status"]["allocation"].is_null(),
-        "an impossible claim must stay unallocated: {claim}"
-    );
-    assert_eq!(
-        phase(cluster, &ns.name, "too-big").as_deref(),
-        Some("Pending")
-    );
+    // Three claims that cannot be placed, for three reasons told apart: more GPUs than a node
+    // has, a selector no GPU matches, more memory than any GPU has free.
+    let cases = [
+        (
+            "too-big",
+            slice_template(cluster, "too-big", "1Gi", 10, "count: 64\n"),
+            "NoMatchingGpu: request gpu wants 64 GPUs matching device class gpu-slice.vgpu.hami.io",
+        ),
+        (
+            "no-such-gpu",
+            slice_template(
+                cluster,
+                "no-such-gpu",
+                "1Gi",
+                10,
+                &format!(
+                    "selectors:\n- cel:\n    expression: device.attributes[\"{DRIVER}\"].productName == \"NVIDIA B200\"\n"
+                ),
+            ),
+            "NoMatchingGpu: request gpu: no GPU matches device class gpu-slice.vgpu.hami.io and the request's selectors",
+        ),
+        (
+            "too-much-memory",
+            slice_template(cluster, "too-much-memory", "1000Gi", 10, ""),
+            "InsufficientCapacity: request gpu needs 1 GPU with 1000Gi and 10% cores free",
+        ),
+    ];
+    for (name, template, _) in &cases {
+        cluster.apply(&ns.name, template);
+        cluster.apply(&ns.name, &pod(name, name));
+    }
+    for (name, _, why) in &cases {
+        let claim = claim_of(cluster, &ns.name, name);
+        let claim_name = claim["metadata"]["name"].as_str().unwrap().to_string();
+        // core/v1's view of the controller's events.k8s.io Events: what `kubectl describe`
+        // lists under the object.
+        let warning_on = |kind: &str, object: &str| {
+            let events = cluster.get_json(&["events", "-n", &ns.name]).ok()?;
+            events["items"]
+                .as_array()?
+                .iter()
+                .find(|e| {
+                    e["involvedObject"]["name"] == object
+                        && e["involvedObject"]["kind"] == kind
+                        && e["reason"] == "FailedAllocation"
+                })
+                .cloned()
+        };
+        let event = cluster.wait_for(
+            &format!("a FailedAllocation Event on the claim of {name}"),
+            2 * MINUTE,
+            || warning_on("ResourceClaim", &claim_name),
+        );
+        assert_eq!(event["type"], "Warning", "{event}");
+        let event = cluster.wait_for(
+            &format!("a FailedAllocation Event on pod {name}"),
+            2 * MINUTE,
+            || warning_on("Pod", name),
+        );
+        assert_eq!(event["type"], "Warning", "{event}");
+        let message = event["message"].as_str().unwrap_or_default();
+        assert!(message.contains(why), "{name}: {why:?} not in {message:?}");
+        // Where a user looks first.
+        let described = cluster
+            .run(&["describe", "pod", name, "-n", &ns.name])
+            .unwrap();
+        assert!(
+            described.contains("FailedAllocation")
+                && described.contains(why.split(':').next().unwrap()),
+            "{described}"
+        );
+        let claim = get(cluster, "resourceclaim", &ns.name, &claim_name).expect("claim");
+        assert!(
+            claim["status"]["allocation"].is_null(),
+            "an impossible claim must stay unallocated: {claim}"
+        );
+        assert_eq!(phase(cluster, &ns.name, name).as_deref(), Some("Pending"));
+    }
 }
 
 /// Our wire conversion against the reference: the real API server keeps one object and serves

@@ -13,7 +13,7 @@ use state::{ClusterState, Holding};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use vgpu_driver::allocation::{AllocatedDevice, ClaimAllocation};
 use vgpu_driver::capacity::NATIVE_MEMORY_STEP;
-use vgpu_driver::config::{Policy, SliceConfig, Topology, effective_config};
+use vgpu_driver::config::{Policy, SliceConfig, Topology, effective_config_named};
 use vgpu_driver::slice::{AttributeValue, SliceView};
 use vgpu_driver::{Capacity, ConfigEntry, ConfigSource, SliceLimits};
 
@@ -62,7 +62,66 @@ pub enum Refusal {
     Invalid(String),
     /// No node has room now; retried when capacity changes.
     #[error("{0}")]
-    Unschedulable(String),
+    Unschedulable(NoRoom),
+}
+
+/// Why a valid claim waits: what an admin has to change differs for each, so Events, metrics
+/// and the simulator tell them apart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum WaitReason {
+    /// Some request has no node with enough GPUs matching its class and selectors, free or
+    /// not: no amount of waiting helps; the selector, class or count must change.
+    NoMatchingGpu,
+    /// GPUs match, but only on nodes the pod may not run on (node selector, affinity, taints,
+    /// cordon, CPU or memory, or nodes the scheduler rejected).
+    NoEligibleNode,
+    /// GPUs match on nodes the pod may use, but none has (or not enough have) the memory and
+    /// cores free: waiting for other claims to end helps.
+    InsufficientCapacity,
+    /// Enough GPUs have room, but not enough of them on one node are mutual NVLink peers, as
+    /// a Required topology demands.
+    Topology,
+}
+
+impl WaitReason {
+    /// The metric label value (Prometheus style).
+    pub fn label(self) -> &'static str {
+        match self {
+            WaitReason::NoMatchingGpu => "no_matching_gpu",
+            WaitReason::NoEligibleNode => "no_eligible_node",
+            WaitReason::InsufficientCapacity => "insufficient_capacity",
+            WaitReason::Topology => "topology",
+        }
+    }
+
+    /// The name that starts an Event's note and the simulator's reason (Kubernetes style).
+    pub fn name(self) -> &'static str {
+        match self {
+            WaitReason::NoMatchingGpu => "NoMatchingGpu",
+            WaitReason::NoEligibleNode => "NoEligibleNode",
+            WaitReason::InsufficientCapacity => "InsufficientCapacity",
+            WaitReason::Topology => "TopologyUnsatisfiable",
+        }
+    }
+}
+
+/// A claim that is valid but cannot be placed now.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct NoRoom {
+    pub reason: WaitReason,
+    pub message: String,
+}
+
+/// Bytes as people write them in a claim: `2Gi`, `512Mi`, `1536Mi`; an amount that is no
+/// whole number of KiB is printed in bytes with the unit spelt out.
+pub fn format_bytes(bytes: u64) -> String {
+    for (shift, unit) in [(40, "Ti"), (30, "Gi"), (20, "Mi"), (10, "Ki")] {
+        if bytes >= 1 << shift && bytes.is_multiple_of(1 << shift) {
+            return format!("{}{unit}", bytes >> shift);
+        }
+    }
+    format!("{bytes} bytes")
 }
 
 /// Inputs for one engine, version-neutral.
@@ -113,6 +172,10 @@ pub struct Engine {
     cel: Result<CelEnv, LibraryError>,
     /// Per selector, per GPU: 0 not evaluated, 1 matches, 2 does not, 3 failed.
     matches: Vec<Vec<u8>>,
+    /// Per set of selectors, per node: how many of its GPUs match them all, free or not.
+    /// Explaining a refusal needs it for every node; it holds as long as the GPU table, which
+    /// is the engine's whole life.
+    match_counts: HashMap<Vec<usize>, Vec<u32>>,
 }
 
 const UNKNOWN: u8 = 0;
@@ -141,6 +204,7 @@ impl Engine {
             selectors: Vec::new(),
             cel: CelEnv::new(),
             matches: Vec::new(),
+            match_counts: HashMap::new(),
         }
     }
 
@@ -260,7 +324,15 @@ impl Engine {
                     })
                     .collect();
                 entries.extend(claim.config.iter().cloned());
-                let mut config = effective_config(&entries, &driver, &alt.result_name)
+                let mut config =
+                    effective_config_named(&entries, &driver, &alt.result_name, |source, i| {
+                        match source {
+                            ConfigSource::FromClaim => format!("spec.devices.config[{i}]"),
+                            ConfigSource::FromClass => {
+                                format!("DeviceClass {} spec.config[{i}]", alt.class)
+                            }
+                        }
+                    })
                     .map_err(|e| Refusal::Invalid(format!("ResourceClaim {}: {e}", claim.key())))?;
                 apply_capacity_requests(&mut config, &alt.capacity).map_err(|e| {
                     Refusal::Invalid(format!(
@@ -399,10 +471,163 @@ impl Engine {
         if let Some(e) = first_error {
             message.push_str(&format!(" (selector error: {e})"));
         }
-        Err(Refusal::Unschedulable(format!(
-            "ResourceClaim {}: {message}",
-            claim.key()
-        )))
+        let (reason, headline) = self.explain(&plans, pod, avoid, policies);
+        Err(Refusal::Unschedulable(NoRoom {
+            reason,
+            message: format!(
+                "ResourceClaim {}: {}: {headline}. {message}",
+                claim.key(),
+                reason.name()
+            ),
+        }))
+    }
+
+    /// Why no node took the claim, in the terms an admin acts on. Runs on refusals only, so
+    /// it may look at every GPU; the search above stops at the first node that fits and
+    /// skips nodes wholesale, which leaves it no global view.
+    fn explain(
+        &mut self,
+        plans: &[RequestPlan],
+        pod: Option<&PodView>,
+        avoid: &BTreeSet<String>,
+        policies: Policies,
+    ) -> (WaitReason, String) {
+        let eligible: Vec<bool> = (0..self.state.nodes.len())
+            .map(|n| self.node_rejects(n, pod, avoid).is_none())
+            .collect();
+        let none = BTreeSet::new();
+        for alt in plans.iter().flat_map(|p| &p.alternatives) {
+            if !self.match_counts.contains_key(&alt.selectors) {
+                let counts = (0..self.state.nodes.len())
+                    .map(|n| self.matching_count(n, alt, &none) as u32)
+                    .collect();
+                self.match_counts.insert(alt.selectors.clone(), counts);
+            }
+        }
+        let mut worst: Option<(WaitReason, String)> = None;
+        for plan in plans {
+            // The most hopeful alternative speaks for the request: the first that fits alone,
+            // else the one that got furthest.
+            let mut best: Option<(WaitReason, String)> = None;
+            let mut fits_alone = false;
+            for alt in &plan.alternatives {
+                let need = match alt.count {
+                    Count::Exact(k) => k as usize,
+                    Count::All => 1,
+                };
+                let (mut matching, mut most_matching) = (0usize, 0usize);
+                let (mut matching_eligible, mut most_eligible) = (0usize, 0usize);
+                let (mut roomy, mut most_roomy) = (0usize, 0usize);
+                let mut clique = false;
+                let mut scratch = None;
+                let (need_memory, need_cores) = alt_need(alt);
+                let counts = self
+                    .match_counts
+                    .get(&alt.selectors)
+                    .cloned()
+                    .unwrap_or_default();
+                for (n, m) in counts.into_iter().enumerate() {
+                    let m = m as usize;
+                    matching += m;
+                    most_matching = most_matching.max(m);
+                    if !eligible.get(n).copied().unwrap_or(false) || m == 0 {
+                        continue;
+                    }
+                    matching_eligible += m;
+                    most_eligible = most_eligible.max(m);
+                    // The per-node index: no GPU of the node has room, without looking.
+                    let node = &self.state.nodes[n];
+                    if node.max_free_memory < need_memory || node.max_free_cores < need_cores {
+                        continue;
+                    }
+                    let mut candidates = self.candidates(n, alt, &none, &mut scratch);
+                    roomy += candidates.len();
+                    most_roomy = most_roomy.max(candidates.len());
+                    if candidates.len() >= need && !clique {
+                        self.order(&mut candidates, policies.gpu);
+                        clique = self.pick(&candidates, need, policies.topology).is_some();
+                    }
+                }
+                let class = &alt.class;
+                let found = if most_matching < need {
+                    (
+                        WaitReason::NoMatchingGpu,
+                        if matching == 0 {
+                            format!(
+                                "request {}: no GPU matches device class {class} and the request's selectors ({} GPUs checked)",
+                                alt.result_name,
+                                self.state.gpus.len()
+                            )
+                        } else {
+                            format!(
+                                "request {} wants {need} GPUs matching device class {class} and its selectors; {matching} match, at most {most_matching} on one node",
+                                alt.result_name
+                            )
+                        },
+                    )
+                } else if most_eligible < need {
+                    (
+                        WaitReason::NoEligibleNode,
+                        format!(
+                            "request {}: {matching} GPUs match, but {} on nodes the pod may run on",
+                            alt.result_name,
+                            if matching_eligible == 0 {
+                                "none".to_string()
+                            } else {
+                                format!("at most {most_eligible} on one node")
+                            }
+                        ),
+                    )
+                } else if most_roomy < need {
+                    (
+                        WaitReason::InsufficientCapacity,
+                        format!(
+                            "request {} needs {} with {}: {matching_eligible} GPUs match on nodes the pod may run on, {}",
+                            alt.result_name,
+                            gpus_wanted(alt.count),
+                            size_of(alt),
+                            match roomy {
+                                0 => "none has room".to_string(),
+                                _ => format!(
+                                    "{roomy} have room but at most {most_roomy} on one node"
+                                ),
+                            }
+                        ),
+                    )
+                } else if !clique {
+                    (
+                        WaitReason::Topology,
+                        format!(
+                            "request {}: {most_roomy} GPUs on one node have {}, but no {need} of them are mutual NVLink peers (topology Required)",
+                            alt.result_name,
+                            size_of(alt)
+                        ),
+                    )
+                } else {
+                    fits_alone = true;
+                    break;
+                };
+                // The alternative that got furthest speaks for the request.
+                if best.as_ref().is_none_or(|(r, _)| found.0 > *r) {
+                    best = Some(found);
+                }
+            }
+            if fits_alone {
+                continue;
+            }
+            // The request furthest from fitting speaks for the claim.
+            if let Some(found) = best
+                && worst.as_ref().is_none_or(|(r, _)| found.0 < *r)
+            {
+                worst = Some(found);
+            }
+        }
+        worst.unwrap_or_else(|| {
+            (
+                WaitReason::InsufficientCapacity,
+                "each request fits somewhere alone, but no node has room for all of them together under the claim's constraints".into(),
+            )
+        })
     }
 
     fn node_rejects(
@@ -889,19 +1114,48 @@ fn native_consumption(limits: &SliceLimits) -> BTreeMap<String, vgpu_driver::qua
 fn minimum_need(plan: &RequestPlan) -> (u64, u32) {
     plan.alternatives
         .iter()
-        .map(|alt| {
-            if alt.admin_access || alt.config.exclusive == Some(true) {
-                return (0, 0);
-            }
-            let memory = match alt.config.memory {
-                Some(vgpu_driver::config::MemoryRequest::Bytes(b)) => b,
-                _ => 0,
-            };
-            (memory, u32::from(alt.config.cores.unwrap_or(0)))
-        })
+        .map(alt_need)
         // Component-wise: any alternative may be the one that fits.
         .reduce(|a, b| (a.0.min(b.0), a.1.min(b.1)))
         .unwrap_or((0, 0))
+}
+
+/// What any GPU must have free for one alternative to fit on it: a lower bound, (0, 0) when
+/// it depends on the GPU.
+fn alt_need(alt: &AltPlan) -> (u64, u32) {
+    if alt.admin_access || alt.config.exclusive == Some(true) {
+        return (0, 0);
+    }
+    let memory = match alt.config.memory {
+        Some(vgpu_driver::config::MemoryRequest::Bytes(b)) => b,
+        _ => 0,
+    };
+    (memory, u32::from(alt.config.cores.unwrap_or(0)))
+}
+
+/// `1 GPU`, `4 GPUs`, `all matching GPUs`.
+fn gpus_wanted(count: Count) -> String {
+    match count {
+        Count::Exact(1) => "1 GPU".into(),
+        Count::Exact(k) => format!("{k} GPUs"),
+        Count::All => "all matching GPUs".into(),
+    }
+}
+
+/// What one GPU must have free: `2Gi and 20% cores free`, or `nothing else on it`.
+fn size_of(alt: &AltPlan) -> String {
+    if alt.config.exclusive == Some(true) {
+        return "nothing else on it (exclusive)".to_string();
+    }
+    let memory = match alt.config.memory {
+        Some(vgpu_driver::config::MemoryRequest::Bytes(b)) => format_bytes(b),
+        Some(vgpu_driver::config::MemoryRequest::Percent(p)) => format!("{p}% of its memory"),
+        None => "all its memory".into(),
+    };
+    match alt.config.cores {
+        Some(cores) if cores > 0 => format!("{memory} and {cores}% cores free"),
+        _ => format!("{memory} free"),
+    }
 }
 
 fn describe_shortfall(alt: &AltPlan, found: usize, topology: Topology) -> String {
@@ -912,14 +1166,7 @@ fn describe_shortfall(alt: &AltPlan, found: usize, topology: Topology) -> String
     let size = if alt.config.exclusive == Some(true) {
         "an unused GPU".to_string()
     } else {
-        let memory = match alt.config.memory {
-            Some(vgpu_driver::config::MemoryRequest::Bytes(b)) => {
-                vgpu_driver::Quantity::from_units(b as i64).to_string()
-            }
-            Some(vgpu_driver::config::MemoryRequest::Percent(p)) => format!("{p}% of memory"),
-            None => "all memory".into(),
-        };
-        format!("{memory} and {} cores free", alt.config.cores.unwrap_or(0))
+        size_of(alt)
     };
     let topo = match (alt.count, topology) {
         (Count::Exact(k), Topology::Required) if k > 1 => " as NVLink peers",

@@ -52,6 +52,9 @@ pub struct Options {
     pub resync: Duration,
     /// Publish Kubernetes Events about claims.
     pub events: bool,
+    /// How often the Warning Events of a claim that keeps waiting are published again
+    /// (at most as often as the claim is retried).
+    pub event_refresh: Duration,
 }
 
 impl Options {
@@ -65,6 +68,7 @@ impl Options {
             debounce: Duration::from_millis(100),
             resync: Duration::from_secs(30),
             events: true,
+            event_refresh: reconcile::EVENT_REFRESH,
         }
     }
 }
@@ -74,6 +78,8 @@ impl Options {
 pub struct Status {
     pub version: Option<ApiVersion>,
     pub passes: u64,
+    /// Dry passes made as a standby, for its metrics.
+    pub observed: u64,
     pub leading: bool,
     /// Every claim this replica allocated, (claim, node), in order.
     pub allocated: Vec<(String, String)>,
@@ -193,17 +199,25 @@ impl Controller {
                 self.metrics.clone(),
                 leadership.clone(),
             );
+            allocator.event_refresh = self.options.event_refresh;
             loop {
                 let leading = leadership.is_leading();
                 let mut next_retry = None;
+                let snapshot = snapshot(&claims, &classes, &slices, &nodes, &pods);
                 if leading {
-                    let snapshot = snapshot(&claims, &classes, &slices, &nodes, &pods);
                     let report = allocator.pass(snapshot).await;
                     next_retry = report.next_retry;
                     if let Ok(mut s) = self.status.lock() {
                         s.passes += 1;
                         s.allocated.extend(report.allocated.iter().cloned());
                         s.last = report;
+                    }
+                } else {
+                    // A standby's metrics come from its own caches: capacity and pending
+                    // claims stay visible whichever replica a scrape reaches.
+                    allocator.observe(snapshot);
+                    if let Ok(mut s) = self.status.lock() {
+                        s.observed += 1;
                     }
                 }
                 if let Ok(mut s) = self.status.lock() {

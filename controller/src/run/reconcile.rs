@@ -16,11 +16,12 @@
 //! [`Allocator`] writes those decisions and publishes Events about them.
 
 use super::leader::Leadership;
-use super::metrics::{Metrics, RefusalLabels};
+use super::metrics::{Metrics, PendingLabels, RefusalLabels};
 use crate::engine::{Engine, Inputs, Policies, Refusal};
 use crate::model::{ClaimView, ClassView, NodeView, PodView};
 use dra::events::{self, EventSink};
 use dra::{ApiVersion, ClientError, DraApi};
+use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::resource::v1;
 use kube::api::PostParams;
 use kube::runtime::events::EventType;
@@ -90,6 +91,14 @@ struct Retry {
     attempts: u32,
     not_before: Instant,
     last_reason: String,
+    /// The category of the last refusal (a [`Decision::Refuse`] label); `None` while the
+    /// claim only failed to be written.
+    refusal: Option<&'static str>,
+    /// The category last counted in `claims_refused_total`: a claim counts once per
+    /// episode of one category, not once per retry.
+    counted: Option<&'static str>,
+    /// The note last published about the claim, and when.
+    evented: Option<(String, Instant)>,
 }
 
 #[derive(Clone, Debug)]
@@ -278,6 +287,9 @@ impl Book {
             attempts: 0,
             not_before: now,
             last_reason: String::new(),
+            refusal: None,
+            counted: None,
+            evented: None,
         });
         let changed = retry.last_reason != reason;
         let delay = backoff
@@ -290,12 +302,59 @@ impl Book {
         changed || retry.attempts == 1
     }
 
-    /// Record a refusal; returns whether the reason changed (worth a new Event).
-    fn refused(&mut self, uid: &str, reason: &str, backoff: Backoff, now: Instant) -> bool {
+    /// Record a refusal of category `label`; returns whether it starts a new episode (the
+    /// claim's first refusal since it was last allocated or forgotten, or one of another
+    /// category), which is what `claims_refused_total` counts.
+    fn refused(
+        &mut self,
+        uid: &str,
+        label: &'static str,
+        reason: &str,
+        backoff: Backoff,
+        now: Instant,
+    ) -> bool {
         // Nodes the scheduler rejected may be the only ones left: forget them so the next
         // attempt can try them again rather than waiting forever.
         self.avoid.remove(uid);
-        self.failed(uid, reason, backoff, now)
+        self.failed(uid, reason, backoff, now);
+        let Some(retry) = self.retries.get_mut(uid) else {
+            return false;
+        };
+        retry.refusal = Some(label);
+        let new_episode = retry.counted != Some(label);
+        retry.counted = Some(label);
+        new_episode
+    }
+
+    /// Whether to publish `note` about a refused claim now: when it differs from the last
+    /// note published, or the last is `refresh` old. Events expire an hour after their last
+    /// update (the API server's TTL), so a claim that waits longer would otherwise lose its
+    /// explanation. Records the publication when it says yes.
+    fn event_due(&mut self, uid: &str, note: &str, refresh: Duration, now: Instant) -> bool {
+        let Some(retry) = self.retries.get_mut(uid) else {
+            return false;
+        };
+        let due = match &retry.evented {
+            Some((last, at)) => last != note || now.duration_since(*at) >= refresh,
+            None => true,
+        };
+        if due {
+            retry.evented = Some((note.to_string(), now));
+        }
+        due
+    }
+
+    /// The category of a pending claim's last refusal, if it was refused.
+    pub fn refusal(&self, uid: &str) -> Option<&'static str> {
+        self.retries.get(uid).and_then(|r| r.refusal)
+    }
+
+    /// Make every claim in back-off due now: a replica that just took over must not wait
+    /// out the back-off its dry runs as a standby accumulated.
+    fn retry_all_now(&mut self, now: Instant) {
+        for retry in self.retries.values_mut() {
+            retry.not_before = now;
+        }
     }
 
     fn succeeded(&mut self, uid: &str) {
@@ -313,7 +372,8 @@ impl Book {
 pub enum Decision {
     /// Write this allocation.
     Allocate(ClaimAllocation),
-    /// No room now (`unschedulable`, retried) or never as written (`invalid`); the reason.
+    /// No room now (a [`crate::engine::WaitReason`] label, retried) or never as written (`invalid`); the
+    /// reason.
     Refuse { label: &'static str, reason: String },
     /// Not a claim this controller allocates after all.
     NotOurs,
@@ -328,9 +388,9 @@ impl Decision {
                 label: "invalid",
                 reason,
             },
-            Err(Refusal::Unschedulable(reason)) => Decision::Refuse {
-                label: "unschedulable",
-                reason,
+            Err(Refusal::Unschedulable(no_room)) => Decision::Refuse {
+                label: no_room.reason.label(),
+                reason: no_room.message,
             },
         }
     }
@@ -514,6 +574,13 @@ impl Selection {
         Decision::of(self.engine.allocate(view, pod, avoid))
     }
 
+    /// The pod waiting for claim `i`, if any.
+    pub fn pod(&self, i: usize) -> Option<&PodView> {
+        let view = &self.views[i];
+        self.waiting
+            .get(&(view.namespace.clone(), view.name.clone()))
+    }
+
     /// Charge a stored allocation before the next decision.
     pub fn commit(&mut self, allocation: &ClaimAllocation) {
         self.engine.commit(allocation);
@@ -588,7 +655,31 @@ pub struct Allocator {
     leadership: Leadership,
     pub book: Book,
     kept: Option<KeptEngine>,
+    /// How often the Events of a claim that keeps waiting are published again.
+    pub event_refresh: Duration,
+    /// Whether the previous pass was the leader's (else a standby's dry run).
+    led: bool,
 }
+
+/// Every label `pending_claims` carries, so each series exists (at 0) from the first pass:
+/// an alert on one must not depend on it having been non-zero once.
+pub const PENDING_LABELS: [&str; 6] = [
+    "no_matching_gpu",
+    "no_eligible_node",
+    "insufficient_capacity",
+    "topology",
+    "invalid",
+    UNDECIDED,
+];
+
+/// Pending claims this replica has not refused (yet): about to be allocated, being written,
+/// or in a standby that has not tried them.
+pub const UNDECIDED: &str = "undecided";
+
+/// Events about a claim that keeps waiting are published again this often: well under the
+/// API server's one-hour Event TTL, and under the 6 minutes for which kube's Recorder keeps
+/// an Event to update it as a series (count and lastObservedTime) instead of creating another.
+pub const EVENT_REFRESH: Duration = Duration::from_secs(5 * 60);
 
 impl Allocator {
     #[allow(clippy::too_many_arguments)]
@@ -613,12 +704,84 @@ impl Allocator {
             leadership,
             book: Book::default(),
             kept: None,
+            event_refresh: EVENT_REFRESH,
+            led: false,
+        }
+    }
+
+    /// A standby's pass: the same decisions from its own watch caches, for its metrics (GPU
+    /// capacity, pending claims by reason), without writing a claim, an Event or a counter.
+    /// Decisions are charged to this pass's engine only, so claims decided later see the room
+    /// the leader would have used; the next pass's resync gives it back.
+    pub fn observe(&mut self, snapshot: Snapshot) {
+        let now = Instant::now();
+        self.led = false;
+        let mut selection = Selection::with_engine(
+            snapshot,
+            &mut self.book,
+            &self.driver,
+            self.policies,
+            now,
+            self.kept.take(),
+        );
+        // What the caches show, before any dry-run charge.
+        self.metrics.observe_state(&selection.engine().state);
+        let pending = selection.pending();
+        for &i in &pending {
+            let uid = selection.view(i).uid.clone();
+            if !self.book.due(&uid, now) {
+                continue;
+            }
+            let avoid = self.book.avoid(&uid);
+            match selection.decide(i, &avoid) {
+                Decision::Allocate(allocation) => {
+                    selection.commit(&allocation);
+                    // Not refused: still pending, as `undecided`, until the leader's write.
+                    self.book.succeeded(&uid);
+                }
+                Decision::Refuse { label, reason } => {
+                    // Remembered as counted: the leader counts this episode, and a takeover
+                    // must not count it a second time in a sum over replicas.
+                    self.book.refused(&uid, label, &reason, self.backoff, now);
+                }
+                Decision::NotOurs => {}
+            }
+        }
+        self.observe_pending(&selection, &pending, &HashSet::new());
+        self.kept = selection.into_kept();
+    }
+
+    /// Set `pending_claims` from the claims still pending after a pass (those in `gone` were
+    /// allocated by it).
+    fn observe_pending(&self, selection: &Selection, pending: &[usize], gone: &HashSet<String>) {
+        let mut counts: BTreeMap<&'static str, i64> =
+            PENDING_LABELS.iter().map(|l| (*l, 0)).collect();
+        for &i in pending {
+            let uid = &selection.view(i).uid;
+            if gone.contains(uid) {
+                continue;
+            }
+            *counts
+                .entry(self.book.refusal(uid).unwrap_or(UNDECIDED))
+                .or_default() += 1;
+        }
+        for (reason, count) in counts {
+            self.metrics
+                .pending
+                .get_or_create(&PendingLabels {
+                    reason: reason.to_string(),
+                })
+                .set(count);
         }
     }
 
     /// One pass: allocate every pending claim of our classes that is due.
     pub async fn pass(&mut self, snapshot: Snapshot) -> PassReport {
         let now = Instant::now();
+        if !self.led {
+            self.book.retry_all_now(now);
+            self.led = true;
+        }
         let mut report = PassReport::default();
         let mut selection = Selection::with_engine(
             snapshot,
@@ -631,7 +794,9 @@ impl Allocator {
         for (claim, node) in &selection.cleared {
             tracing::info!(claim = %claim, node = %node, "the scheduler cleared our allocation; avoiding the node for this claim");
         }
-        for i in selection.pending() {
+        let pending = selection.pending();
+        let mut allocated = HashSet::new();
+        for &i in &pending {
             let uid = selection.view(i).uid.clone();
             if !self.book.due(&uid, now) {
                 report.deferred += 1;
@@ -672,6 +837,7 @@ impl Allocator {
                             self.event(&object, EventType::Normal, "Allocated", &note)
                                 .await;
                             report.allocated.push((key, node));
+                            allocated.insert(uid.clone());
                         }
                         Ok(Written::AlreadyAllocated) | Ok(Written::Gone) => {
                             // The next pass sees the claim as it is now.
@@ -690,15 +856,16 @@ impl Allocator {
                 }
                 Decision::NotOurs => {}
                 Decision::Refuse { label, reason } => {
-                    self.metrics
-                        .refused
-                        .get_or_create(&RefusalLabels {
-                            reason: label.into(),
-                        })
-                        .inc();
-                    let new_reason = self.book.refused(&uid, &reason, self.backoff, now);
+                    if self.book.refused(&uid, label, &reason, self.backoff, now) {
+                        self.metrics
+                            .refused
+                            .get_or_create(&RefusalLabels {
+                                reason: label.into(),
+                            })
+                            .inc();
+                    }
                     tracing::info!(claim = %key, reason = %reason, "cannot allocate");
-                    if new_reason {
+                    if self.book.event_due(&uid, &reason, self.event_refresh, now) {
                         let event_reason = if label == "invalid" {
                             "InvalidClaim"
                         } else {
@@ -706,12 +873,19 @@ impl Allocator {
                         };
                         self.event(&object, EventType::Warning, event_reason, &reason)
                             .await;
+                        // `kubectl describe pod` shows the pod's Events, not its claims':
+                        // the pod is where a user looks first.
+                        if let Some(pod) = selection.pod(i) {
+                            self.pod_event(pod, EventType::Warning, event_reason, &reason)
+                                .await;
+                        }
                     }
                     report.refused.push((key, reason));
                 }
             }
         }
         self.metrics.observe_state(&selection.engine().state);
+        self.observe_pending(&selection, &pending, &allocated);
         report.usage = selection.usage();
         report.next_retry = self.book.next_retry();
         self.kept = selection.into_kept();
@@ -786,6 +960,22 @@ impl Allocator {
             }
         }
         Ok(Written::Conflicted)
+    }
+
+    async fn pod_event(&self, pod: &PodView, kind: EventType, reason: &str, note: &str) {
+        let Some(sink) = &self.events else {
+            return;
+        };
+        let regarding = ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            name: Some(pod.name.clone()),
+            namespace: Some(pod.namespace.clone()),
+            uid: Some(pod.uid.clone()).filter(|u| !u.is_empty()),
+            ..Default::default()
+        };
+        sink.publish(&regarding, kind, reason, "Allocate", note)
+            .await;
     }
 
     async fn event(&self, claim: &v1::ResourceClaim, kind: EventType, reason: &str, note: &str) {
@@ -930,6 +1120,34 @@ mod tests {
         assert_eq!(book.next_retry(), None);
     }
 
+    #[test]
+    fn a_refusal_counts_once_per_reason_and_its_event_is_refreshed() {
+        let mut book = Book::default();
+        let backoff = Backoff::default();
+        let refresh = Duration::from_secs(300);
+        let t0 = Instant::now();
+        assert!(book.refused("a", "insufficient_capacity", "full", backoff, t0));
+        // Retried and refused again for the same reason: not a new claim to count.
+        assert!(!book.refused("a", "insufficient_capacity", "full", backoff, t0));
+        assert!(book.refused("a", "topology", "no peers", backoff, t0));
+        assert_eq!(book.refusal("a"), Some("topology"));
+        assert!(book.event_due("a", "no peers", refresh, t0));
+        assert!(!book.event_due("a", "no peers", refresh, t0 + refresh / 2));
+        // A new text is published at once, and then refreshed from then on.
+        let t1 = t0 + refresh / 2;
+        assert!(book.event_due("a", "full", refresh, t1));
+        assert!(!book.event_due("a", "full", refresh, t1 + refresh / 2));
+        assert!(book.event_due("a", "full", refresh, t1 + refresh));
+        // Allocated, then refused again: a new episode.
+        book.succeeded("a");
+        assert_eq!(book.refusal("a"), None);
+        assert!(book.refused("a", "topology", "no peers", backoff, t0));
+        // A claim that only failed to be written has no refusal reason.
+        book.failed("b", "write conflicts", backoff, t0);
+        assert_eq!(book.refusal("b"), None);
+        assert!(!book.event_due("c", "never refused", refresh, t0));
+    }
+
     fn claim_object(name: &str, second: u32, class: &str) -> Arc<v1::ResourceClaim> {
         Arc::new(
             serde_json::from_value(serde_json::json!({
@@ -1009,7 +1227,7 @@ mod tests {
         assert!(matches!(
             selection.decide(first, &BTreeSet::new()),
             Decision::Refuse {
-                label: "unschedulable",
+                label: "no_matching_gpu",
                 ..
             }
         ));

@@ -12,6 +12,9 @@ use input::{ClaimObject, Workload};
 use std::collections::{BTreeSet, HashMap};
 use vgpu_driver::ClaimAllocation;
 
+/// Where `-o yaml|json` puts why a claim was refused.
+pub const REFUSED_ANNOTATION: &str = "simulate.vgpu.hami.io/refused";
+
 /// What happened to one claim.
 #[derive(Clone, Debug)]
 pub enum Outcome {
@@ -88,6 +91,20 @@ impl Simulation {
             .iter()
             .map(|(object, outcome)| {
                 let mut object = object.clone();
+                if let Outcome::Refused(reason) = outcome {
+                    // The claim has no status field for it: an annotation carries what the
+                    // table prints, so a script reading yaml or json sees why too.
+                    let key = format!("ResourceClaim {}: ", object.key());
+                    object
+                        .claim
+                        .metadata
+                        .annotations
+                        .get_or_insert_with(Default::default)
+                        .insert(
+                            REFUSED_ANNOTATION.to_string(),
+                            reason.strip_prefix(&key).unwrap_or(reason).to_string(),
+                        );
+                }
                 if let Outcome::Placed(a) = outcome {
                     let claim = &mut object.claim;
                     claim.status.get_or_insert_with(Default::default).allocation =
