@@ -6,12 +6,11 @@
 use crate::discovery::{GpuState, Snapshot};
 use crate::metrics::Metrics;
 use crate::prepare::{PrepareError, Preparer};
-use dra::kubeletplugin::{Call, ClaimRef, Device, DeviceHealth, Driver};
+use dra::kubeletplugin::{Call, ClaimRef, Device, DeviceHealth, Driver, Timing};
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use k8s_openapi::api::resource::v1::ResourceClaim;
 use std::sync::Arc;
-use std::time::Duration;
 use vgpu_driver::ClaimAllocation;
 
 /// Why the driver could not answer for a claim.
@@ -104,7 +103,7 @@ impl Driver for VgpuDriver {
         Some(updates.boxed())
     }
 
-    fn observe(&self, call: Call, outcomes: &[(ClaimRef, bool)], took: Duration) {
+    fn observe(&self, call: Call, outcomes: &[(ClaimRef, bool)], timing: Timing) {
         for (_, ok) in outcomes {
             match call {
                 Call::Prepare => self.metrics.prepared(*ok),
@@ -112,8 +111,8 @@ impl Driver for VgpuDriver {
             }
         }
         match call {
-            Call::Prepare => self.metrics.observe_prepare(took),
-            Call::Unprepare => self.metrics.observe_unprepare(took),
+            Call::Prepare => self.metrics.observe_prepare(timing.total, timing.api_reads),
+            Call::Unprepare => self.metrics.observe_unprepare(timing.total),
         }
         self.metrics
             .set_prepared_claims(self.preparer.prepared().len());

@@ -64,6 +64,16 @@ pub struct DeviceHealth {
     pub last_updated: i64,
 }
 
+/// Where the time of one kubelet call went.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Timing {
+    /// From the request to the answer, as the helper sees it.
+    pub total: Duration,
+    /// Of which reading claims from the API server: kept apart because it is the API server's
+    /// latency, not the node's, and would otherwise hide what the driver itself costs.
+    pub api_reads: Duration,
+}
+
 /// Which kubelet call an outcome belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Call {
@@ -100,9 +110,9 @@ pub trait Driver: Send + Sync + 'static {
         None
     }
 
-    /// One kubelet call finished: each claim's outcome and the call's duration (for metrics).
-    fn observe(&self, call: Call, outcomes: &[(ClaimRef, bool)], took: Duration) {
-        let _ = (call, outcomes, took);
+    /// One kubelet call finished: each claim's outcome and where the time went (for metrics).
+    fn observe(&self, call: Call, outcomes: &[(ClaimRef, bool)], timing: Timing) {
+        let _ = (call, outcomes, timing);
     }
 }
 

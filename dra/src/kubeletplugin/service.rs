@@ -1,7 +1,7 @@
 //! The DRA gRPC service in both versions the kubelet speaks (v1beta1 for 1.32+, v1 for
 //! 1.34+) on one socket, over one [`Driver`], and the serving of both sockets.
 
-use super::{Call, ClaimReader, ClaimRef, Device, DeviceHealth, Driver, Registrar};
+use super::{Call, ClaimReader, ClaimRef, Device, DeviceHealth, Driver, Registrar, Timing};
 use futures::StreamExt;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -36,7 +36,11 @@ impl<D: Driver> DraService<D> {
         }
     }
 
-    async fn prepare_one(&self, claim: &ClaimRef) -> Result<Vec<Device>, String> {
+    async fn prepare_one(
+        &self,
+        claim: &ClaimRef,
+        api_reads: &mut Duration,
+    ) -> Result<Vec<Device>, String> {
         claim.validate().map_err(|e| e.to_string())?;
         if let Some(devices) = self
             .driver
@@ -46,7 +50,10 @@ impl<D: Driver> DraService<D> {
         {
             return Ok(devices);
         }
-        let object = self.claims.read(claim).await.map_err(|e| e.to_string())?;
+        let reading = Instant::now();
+        let object = self.claims.read(claim).await;
+        *api_reads += reading.elapsed();
+        let object = object.map_err(|e| e.to_string())?;
         self.driver.prepare(object).await.map_err(|e| e.to_string())
     }
 
@@ -58,8 +65,9 @@ impl<D: Driver> DraService<D> {
         let started = Instant::now();
         let mut out = BTreeMap::new();
         let mut outcomes = Vec::with_capacity(claims.len());
+        let mut api_reads = Duration::ZERO;
         for claim in claims {
-            let result = self.prepare_one(&claim).await;
+            let result = self.prepare_one(&claim, &mut api_reads).await;
             match &result {
                 Ok(devices) => {
                     tracing::info!(claim = %claim.key(), uid = %claim.uid, devices = devices.len(), "prepared")
@@ -71,8 +79,11 @@ impl<D: Driver> DraService<D> {
             outcomes.push((claim.clone(), result.is_ok()));
             out.insert(claim.uid, result);
         }
-        self.driver
-            .observe(Call::Prepare, &outcomes, started.elapsed());
+        let timing = Timing {
+            total: started.elapsed(),
+            api_reads,
+        };
+        self.driver.observe(Call::Prepare, &outcomes, timing);
         out
     }
 
@@ -94,8 +105,11 @@ impl<D: Driver> DraService<D> {
             outcomes.push((claim.clone(), result.is_ok()));
             out.insert(claim.uid, result);
         }
-        self.driver
-            .observe(Call::Unprepare, &outcomes, started.elapsed());
+        let timing = Timing {
+            total: started.elapsed(),
+            api_reads: Duration::ZERO,
+        };
+        self.driver.observe(Call::Unprepare, &outcomes, timing);
         out
     }
 }
