@@ -84,10 +84,39 @@ impl Driver for VgpuDriver {
         Ok(known.map(|prepared| prepared.devices))
     }
 
-    async fn prepare(&self, claim: ResourceClaim) -> Result<Vec<Device>, DriverError> {
-        let allocation = ClaimAllocation::of(&claim)?;
-        let prepared = self.blocking(move |p| p.prepare(&allocation)).await?;
-        Ok(prepared.devices)
+    async fn prepare(&self, claims: Vec<ResourceClaim>) -> Vec<Result<Vec<Device>, DriverError>> {
+        let mut answers: Vec<Option<Result<Vec<Device>, DriverError>>> = Vec::new();
+        let mut allocations = Vec::new();
+        for claim in &claims {
+            match ClaimAllocation::of(claim) {
+                Ok(allocation) => {
+                    allocations.push(allocation);
+                    answers.push(None);
+                }
+                Err(e) => answers.push(Some(Err(e.into()))),
+            }
+        }
+        // One blocking task and one checkpoint write for every claim of the call.
+        let preparer = self.preparer.clone();
+        let joined = tokio::task::spawn_blocking(move || preparer.prepare_all(&allocations)).await;
+        let (mut prepared, failed) = match joined {
+            Ok(results) => (results.into_iter(), None),
+            Err(e) => (Vec::new().into_iter(), Some(e.to_string())),
+        };
+        answers
+            .into_iter()
+            .map(|answer| match answer {
+                Some(error) => error,
+                None => match prepared.next() {
+                    Some(result) => result.map(|claim| claim.devices).map_err(DriverError::from),
+                    None => {
+                        Err(DriverError::Internal(failed.clone().unwrap_or_else(|| {
+                            "prepare did not answer for every claim".into()
+                        })))
+                    }
+                },
+            })
+            .collect()
     }
 
     async fn unprepare(&self, claim: &ClaimRef) -> Result<(), DriverError> {

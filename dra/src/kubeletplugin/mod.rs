@@ -2,7 +2,7 @@
 //! for Go drivers: it registers with the kubelet, serves both DRA gRPC versions on one socket,
 //! reads each claim the kubelet names from the API server and checks it (the UID the kubelet
 //! holds, allocated, allocated for this node), and hands the driver only what is left to do:
-//! [`Driver::prepare`] a checked claim, [`Driver::unprepare`] a reference.
+//! [`Driver::prepare`] the checked claims of a call, [`Driver::unprepare`] a reference.
 //!
 //! Every claim gets its own answer: one claim that cannot be read does not fail the others.
 //!
@@ -81,8 +81,8 @@ pub enum Call {
     Unprepare,
 }
 
-/// What a driver does on the node. The helper calls it one claim at a time (the kubelet may
-/// call concurrently; a driver serializes what must not overlap).
+/// What a driver does on the node. The helper calls it for one kubelet call at a time per
+/// connection (the kubelet may call concurrently; a driver serializes what must not overlap).
 pub trait Driver: Send + Sync + 'static {
     type Error: std::fmt::Display + Send;
 
@@ -95,11 +95,14 @@ pub trait Driver: Send + Sync + 'static {
         claim: &ClaimRef,
     ) -> impl Future<Output = Result<Option<Vec<Device>>, Self::Error>> + Send;
 
-    /// Prepare a claim that is allocated, for this node, with the UID the kubelet holds.
+    /// Prepare claims that are allocated, for this node, with the UIDs the kubelet holds: those
+    /// of one NodePrepareResources call (a pod's claims) that were not prepared before, once
+    /// each, in the kubelet's order. All at once so that a driver can make the whole call
+    /// durable with one write. One answer per claim, in the same order.
     fn prepare(
         &self,
-        claim: ResourceClaim,
-    ) -> impl Future<Output = Result<Vec<Device>, Self::Error>> + Send;
+        claims: Vec<ResourceClaim>,
+    ) -> impl Future<Output = Vec<Result<Vec<Device>, Self::Error>>> + Send;
 
     /// Undo a preparation; the claim may be gone from the API server already.
     fn unprepare(&self, claim: &ClaimRef) -> impl Future<Output = Result<(), Self::Error>> + Send;
