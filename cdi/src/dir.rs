@@ -98,6 +98,17 @@ fn sync_dir(dir: &Path) -> Result<(), Error> {
         .map_err(|e| Error::io("fsync directory", dir, e))
 }
 
+/// How far [`SpecDir::write_with`] goes before it returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// The file and the directory are fsynced: the spec survives a machine crash.
+    Durable,
+    /// Atomic for readers (a temporary file renamed into place) but not flushed: after a
+    /// machine crash the file may be missing, empty or hold an earlier version. For a writer
+    /// that keeps its own durable record and rewrites the specs from it on start.
+    Atomic,
+}
+
 /// One spec file found by [`SpecDir::list_owned`].
 #[derive(Debug)]
 pub struct OwnedSpec {
@@ -138,6 +149,16 @@ impl SpecDir {
     /// validating it. Replaces an existing spec with the same kind and id.
     /// Returns the final path.
     pub fn write(&self, spec: &Spec, id: &str) -> Result<PathBuf, Error> {
+        self.write_with(spec, id, Durability::Durable)
+    }
+
+    /// [`SpecDir::write`], flushed to disk only as far as `durability` asks.
+    pub fn write_with(
+        &self,
+        spec: &Spec,
+        id: &str,
+        durability: Durability,
+    ) -> Result<PathBuf, Error> {
         let kind = spec.parsed_kind()?;
         let stem = transient_spec_name(&kind, id)?;
         let target = self.root.join(format!("{stem}{EXTENSION}"));
@@ -160,13 +181,17 @@ impl SpecDir {
             .map_err(|e| Error::io("chmod", &tmp_path, e))?;
         tmp.write_all(&bytes)
             .map_err(|e| Error::io("write", &tmp_path, e))?;
-        tmp.as_file()
-            .sync_all()
-            .map_err(|e| Error::io("fsync", &tmp_path, e))?;
+        if durability == Durability::Durable {
+            tmp.as_file()
+                .sync_all()
+                .map_err(|e| Error::io("fsync", &tmp_path, e))?;
+        }
         // On failure the temporary file is removed when `tmp` is dropped.
         tmp.persist(&target)
             .map_err(|e| Error::io("rename into place", &target, e.error))?;
-        sync_dir(&self.root)?;
+        if durability == Durability::Durable {
+            sync_dir(&self.root)?;
+        }
         Ok(target)
     }
 

@@ -24,8 +24,8 @@ mod validate;
 mod version;
 
 pub use dir::{
-    MAX_ID_LEN, OwnedSpec, SPEC_FILE_MODE, SpecDir, read_spec_file, transient_spec_name,
-    validate_spec_id,
+    Durability, MAX_ID_LEN, OwnedSpec, SPEC_FILE_MODE, SpecDir, read_spec_file,
+    transient_spec_name, validate_spec_id,
 };
 pub use error::{
     Error, IdProblem, NameError, NameKind, ParseError, Problem, ValidationError, VersionError,

@@ -12,7 +12,8 @@ use std::time::{Duration, SystemTime};
 use common::{CLAIM_UID, assert_schema_valid, claim_kind, gpu_claim_spec, schemas};
 use serde_json::Value;
 use vgpu_cdi::{
-    ContainerEdits, Device, Error, IdProblem, Kind, Mount, QualifiedDevice, Spec, SpecDir, Version,
+    ContainerEdits, Device, Durability, Error, IdProblem, Kind, Mount, QualifiedDevice, Spec,
+    SpecDir, Version,
 };
 
 fn names_in(dir: &Path) -> Vec<String> {
@@ -113,6 +114,16 @@ fn invalid_spec_is_refused_and_nothing_is_written() {
 
 #[test]
 fn overwrite_is_atomic_for_concurrent_readers() {
+    overwrite_is_atomic(Durability::Durable);
+}
+
+/// Without fsync the rename alone must still keep readers from seeing a partial file.
+#[test]
+fn overwrite_without_fsync_is_atomic_for_concurrent_readers_too() {
+    overwrite_is_atomic(Durability::Atomic);
+}
+
+fn overwrite_is_atomic(durability: Durability) {
     let tmp = tempfile::tempdir().unwrap();
     let dir = SpecDir::new(tmp.path());
     let small = gpu_claim_spec(CLAIM_UID);
@@ -148,7 +159,7 @@ fn overwrite_is_atomic_for_concurrent_readers() {
     };
     for i in 0..150 {
         let spec = if i % 2 == 0 { &large } else { &small };
-        dir.write(spec, CLAIM_UID).unwrap();
+        dir.write_with(spec, CLAIM_UID, durability).unwrap();
     }
     done.store(true, Ordering::Relaxed);
     let seen = reader.join().expect("reader thread failed");

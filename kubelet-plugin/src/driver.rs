@@ -6,12 +6,11 @@
 use crate::discovery::{GpuState, Snapshot};
 use crate::metrics::Metrics;
 use crate::prepare::{PrepareError, Preparer};
-use dra::kubeletplugin::{Call, ClaimRef, Device, DeviceHealth, Driver};
+use dra::kubeletplugin::{Call, ClaimRef, Device, DeviceHealth, Driver, Timing};
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use k8s_openapi::api::resource::v1::ResourceClaim;
 use std::sync::Arc;
-use std::time::Duration;
 use vgpu_driver::ClaimAllocation;
 
 /// Why the driver could not answer for a claim.
@@ -85,10 +84,39 @@ impl Driver for VgpuDriver {
         Ok(known.map(|prepared| prepared.devices))
     }
 
-    async fn prepare(&self, claim: ResourceClaim) -> Result<Vec<Device>, DriverError> {
-        let allocation = ClaimAllocation::of(&claim)?;
-        let prepared = self.blocking(move |p| p.prepare(&allocation)).await?;
-        Ok(prepared.devices)
+    async fn prepare(&self, claims: Vec<ResourceClaim>) -> Vec<Result<Vec<Device>, DriverError>> {
+        let mut answers: Vec<Option<Result<Vec<Device>, DriverError>>> = Vec::new();
+        let mut allocations = Vec::new();
+        for claim in &claims {
+            match ClaimAllocation::of(claim) {
+                Ok(allocation) => {
+                    allocations.push(allocation);
+                    answers.push(None);
+                }
+                Err(e) => answers.push(Some(Err(e.into()))),
+            }
+        }
+        // One blocking task and one checkpoint write for every claim of the call.
+        let preparer = self.preparer.clone();
+        let joined = tokio::task::spawn_blocking(move || preparer.prepare_all(&allocations)).await;
+        let (mut prepared, failed) = match joined {
+            Ok(results) => (results.into_iter(), None),
+            Err(e) => (Vec::new().into_iter(), Some(e.to_string())),
+        };
+        answers
+            .into_iter()
+            .map(|answer| match answer {
+                Some(error) => error,
+                None => match prepared.next() {
+                    Some(result) => result.map(|claim| claim.devices).map_err(DriverError::from),
+                    None => {
+                        Err(DriverError::Internal(failed.clone().unwrap_or_else(|| {
+                            "prepare did not answer for every claim".into()
+                        })))
+                    }
+                },
+            })
+            .collect()
     }
 
     async fn unprepare(&self, claim: &ClaimRef) -> Result<(), DriverError> {
@@ -104,7 +132,7 @@ impl Driver for VgpuDriver {
         Some(updates.boxed())
     }
 
-    fn observe(&self, call: Call, outcomes: &[(ClaimRef, bool)], took: Duration) {
+    fn observe(&self, call: Call, outcomes: &[(ClaimRef, bool)], timing: Timing) {
         for (_, ok) in outcomes {
             match call {
                 Call::Prepare => self.metrics.prepared(*ok),
@@ -112,8 +140,8 @@ impl Driver for VgpuDriver {
             }
         }
         match call {
-            Call::Prepare => self.metrics.observe_prepare(took),
-            Call::Unprepare => self.metrics.observe_unprepare(took),
+            Call::Prepare => self.metrics.observe_prepare(timing.total, timing.api_reads),
+            Call::Unprepare => self.metrics.observe_unprepare(timing.total),
         }
         self.metrics
             .set_prepared_claims(self.preparer.prepared().len());

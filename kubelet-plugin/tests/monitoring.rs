@@ -89,7 +89,7 @@ fn known_names() -> BTreeSet<String> {
     );
     plugin.prepared(true);
     plugin.unprepared(true);
-    plugin.observe_prepare(Duration::from_millis(1));
+    plugin.observe_prepare(Duration::from_millis(1), Duration::from_micros(200));
     plugin.observe_unprepare(Duration::from_millis(1));
     plugin.set_published_devices(1);
     plugin.set_prepared_claims(1);

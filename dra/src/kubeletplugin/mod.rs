@@ -2,7 +2,7 @@
 //! for Go drivers: it registers with the kubelet, serves both DRA gRPC versions on one socket,
 //! reads each claim the kubelet names from the API server and checks it (the UID the kubelet
 //! holds, allocated, allocated for this node), and hands the driver only what is left to do:
-//! [`Driver::prepare`] a checked claim, [`Driver::unprepare`] a reference.
+//! [`Driver::prepare`] the checked claims of a call, [`Driver::unprepare`] a reference.
 //!
 //! Every claim gets its own answer: one claim that cannot be read does not fail the others.
 //!
@@ -65,6 +65,16 @@ pub struct DeviceHealth {
     pub last_updated: i64,
 }
 
+/// Where the time of one kubelet call went.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Timing {
+    /// From the request to the answer, as the helper sees it.
+    pub total: Duration,
+    /// Of which reading claims from the API server: kept apart because it is the API server's
+    /// latency, not the node's, and would otherwise hide what the driver itself costs.
+    pub api_reads: Duration,
+}
+
 /// Which kubelet call an outcome belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Call {
@@ -72,8 +82,8 @@ pub enum Call {
     Unprepare,
 }
 
-/// What a driver does on the node. The helper calls it one claim at a time (the kubelet may
-/// call concurrently; a driver serializes what must not overlap).
+/// What a driver does on the node. The helper calls it for one kubelet call at a time per
+/// connection (the kubelet may call concurrently; a driver serializes what must not overlap).
 pub trait Driver: Send + Sync + 'static {
     type Error: std::fmt::Display + Send;
 
@@ -86,11 +96,14 @@ pub trait Driver: Send + Sync + 'static {
         claim: &ClaimRef,
     ) -> impl Future<Output = Result<Option<Vec<Device>>, Self::Error>> + Send;
 
-    /// Prepare a claim that is allocated, for this node, with the UID the kubelet holds.
+    /// Prepare claims that are allocated, for this node, with the UIDs the kubelet holds: those
+    /// of one NodePrepareResources call (a pod's claims) that were not prepared before, once
+    /// each, in the kubelet's order. All at once so that a driver can make the whole call
+    /// durable with one write. One answer per claim, in the same order.
     fn prepare(
         &self,
-        claim: ResourceClaim,
-    ) -> impl Future<Output = Result<Vec<Device>, Self::Error>> + Send;
+        claims: Vec<ResourceClaim>,
+    ) -> impl Future<Output = Vec<Result<Vec<Device>, Self::Error>>> + Send;
 
     /// Undo a preparation; the claim may be gone from the API server already.
     fn unprepare(&self, claim: &ClaimRef) -> impl Future<Output = Result<(), Self::Error>> + Send;
@@ -101,9 +114,9 @@ pub trait Driver: Send + Sync + 'static {
         None
     }
 
-    /// One kubelet call finished: each claim's outcome and the call's duration (for metrics).
-    fn observe(&self, call: Call, outcomes: &[(ClaimRef, bool)], took: Duration) {
-        let _ = (call, outcomes, took);
+    /// One kubelet call finished: each claim's outcome and where the time went (for metrics).
+    fn observe(&self, call: Call, outcomes: &[(ClaimRef, bool)], timing: Timing) {
+        let _ = (call, outcomes, timing);
     }
 }
 

@@ -1,8 +1,11 @@
 //! The DRA gRPC service in both versions the kubelet speaks (v1beta1 for 1.32+, v1 for
 //! 1.34+) on one socket, over one [`Driver`], and the serving of both sockets.
 
-use super::{Call, ClaimReader, ClaimRef, Device, DeviceHealth, Driver, Registrar, Verdict};
+use super::{
+    Call, ClaimReader, ClaimRef, Device, DeviceHealth, Driver, Registrar, Timing, Verdict,
+};
 use futures::StreamExt;
+use k8s_openapi::api::resource::v1::ResourceClaim;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -12,6 +15,14 @@ use vgpu_proto::dra::{v1, v1beta1};
 use vgpu_proto::health::v1alpha1 as health;
 use vgpu_proto::pluginregistration as reg;
 use vgpu_proto::uds;
+
+/// What the helper knows of a claim before the driver prepares it.
+enum Known {
+    /// Prepared before: the recorded answer.
+    Prepared(Vec<Device>),
+    /// Read from the API server and checked; boxed, a claim is large.
+    Read(Box<ResourceClaim>),
+}
 
 /// Both service versions over one driver.
 pub(crate) struct DraService<D> {
@@ -36,7 +47,12 @@ impl<D: Driver> DraService<D> {
         }
     }
 
-    async fn prepare_one(&self, claim: &ClaimRef) -> Result<Vec<Device>, String> {
+    /// A claim's recorded devices, or the claim read and checked for [`Driver::prepare`].
+    async fn known_or_read(
+        &self,
+        claim: &ClaimRef,
+        api_reads: &mut Duration,
+    ) -> Result<Known, String> {
         claim.validate().map_err(|e| e.to_string())?;
         if let Some(devices) = self
             .driver
@@ -44,35 +60,74 @@ impl<D: Driver> DraService<D> {
             .await
             .map_err(|e| e.to_string())?
         {
-            return Ok(devices);
+            return Ok(Known::Prepared(devices));
         }
-        let object = self.claims.read(claim).await.map_err(|e| e.to_string())?;
-        self.driver.prepare(object).await.map_err(|e| e.to_string())
+        let reading = Instant::now();
+        let object = self.claims.read(claim).await;
+        *api_reads += reading.elapsed();
+        Ok(Known::Read(Box::new(object.map_err(|e| e.to_string())?)))
     }
 
-    /// Every claim gets an answer (devices or an error), keyed by its UID.
+    /// Every claim gets an answer (devices or an error), keyed by its UID. The claims not
+    /// prepared before go to the driver together, once each (the answer has one entry per UID).
     async fn prepare(
         &self,
         claims: Vec<ClaimRef>,
     ) -> BTreeMap<String, Result<Vec<Device>, String>> {
         let started = Instant::now();
         let mut out = BTreeMap::new();
-        let mut outcomes = Vec::with_capacity(claims.len());
+        let mut api_reads = Duration::ZERO;
+        let mut to_prepare = Vec::new();
+        let mut order = Vec::with_capacity(claims.len());
+        let mut seen = std::collections::BTreeSet::new();
         for claim in claims {
-            let result = self.prepare_one(&claim).await;
-            match &result {
-                Ok(devices) => {
-                    tracing::info!(claim = %claim.key(), uid = %claim.uid, devices = devices.len(), "prepared")
+            if !seen.insert(claim.uid.clone()) {
+                continue;
+            }
+            match self.known_or_read(&claim, &mut api_reads).await {
+                Ok(Known::Prepared(devices)) => {
+                    out.insert(claim.uid.clone(), Ok(devices));
                 }
+                Ok(Known::Read(object)) => to_prepare.push((claim.clone(), *object)),
                 Err(e) => {
-                    tracing::warn!(claim = %claim.key(), uid = %claim.uid, error = %e, "prepare failed")
+                    out.insert(claim.uid.clone(), Err(e));
                 }
             }
-            outcomes.push((claim.clone(), result.is_ok()));
-            out.insert(claim.uid, result);
+            order.push(claim);
         }
-        self.driver
-            .observe(Call::Prepare, &outcomes, started.elapsed());
+        if !to_prepare.is_empty() {
+            let (refs, objects): (Vec<ClaimRef>, Vec<_>) = to_prepare.into_iter().unzip();
+            let asked = refs.len();
+            let mut answers = self.driver.prepare(objects).await.into_iter();
+            for claim in refs {
+                let answer = match answers.next() {
+                    Some(answer) => answer.map_err(|e| e.to_string()),
+                    None => Err(format!(
+                        "internal error: the driver answered fewer than the {asked} claims it was given"
+                    )),
+                };
+                out.insert(claim.uid, answer);
+            }
+        }
+        let mut outcomes = Vec::with_capacity(order.len());
+        for claim in order {
+            match out.get(&claim.uid) {
+                Some(Ok(devices)) => {
+                    tracing::info!(claim = %claim.key(), uid = %claim.uid, devices = devices.len(), "prepared");
+                    outcomes.push((claim, true));
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(claim = %claim.key(), uid = %claim.uid, error = %e, "prepare failed");
+                    outcomes.push((claim, false));
+                }
+                None => {}
+            }
+        }
+        let timing = Timing {
+            total: started.elapsed(),
+            api_reads,
+        };
+        self.driver.observe(Call::Prepare, &outcomes, timing);
         out
     }
 
@@ -94,8 +149,11 @@ impl<D: Driver> DraService<D> {
             outcomes.push((claim.clone(), result.is_ok()));
             out.insert(claim.uid, result);
         }
-        self.driver
-            .observe(Call::Unprepare, &outcomes, started.elapsed());
+        let timing = Timing {
+            total: started.elapsed(),
+            api_reads: Duration::ZERO,
+        };
+        self.driver.observe(Call::Unprepare, &outcomes, timing);
         out
     }
 }

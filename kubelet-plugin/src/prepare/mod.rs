@@ -6,8 +6,10 @@
 //! past its memory or 100 % of its cores, share a GPU with an exclusive claim, use an
 //! unhealthy GPU or a device that is not in this node's pool.
 //!
-//! Order of effects, for crash safety: checkpoint entry, then the spec (a crash in between
-//! leaves an entry whose spec is missing, which [`Preparer::reconcile`] rewrites at start).
+//! Order of effects, for crash safety: the checkpoint entries of a whole kubelet call (one
+//! durable write), then the specs, atomic but not fsynced (a crash in between leaves entries
+//! whose specs are missing, which [`Preparer::reconcile`] rewrites at start; RELIABILITY.md
+//! has the whole argument).
 //! Unprepare: spec and claim directory, then the entry (a crash in between leaves an entry
 //! that is re-prepared at start and unprepared again when the kubelet retries).
 
@@ -21,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use vgpu_cdi::{Kind, Spec, SpecDir};
 use vgpu_driver::ClaimAllocation;
@@ -114,6 +116,9 @@ pub enum PrepareError {
     Cdi(Box<vgpu_cdi::Error>),
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
+    /// One failure that is every claim's answer in a call (the checkpoint write they share).
+    #[error(transparent)]
+    Shared(Arc<PrepareError>),
     #[error(
         "{path} is locked by another kubelet-plugin on this node; without --rolling-update-uid \
          only one may run on a node (two would replace each other's sockets and undo each \
@@ -454,7 +459,8 @@ impl Preparer {
         match self.specs.read(&self.kind, uid) {
             Ok(spec) if spec == claim.spec => Ok(false),
             _ => {
-                self.specs.write(&claim.spec, uid)?;
+                self.specs
+                    .write_with(&claim.spec, uid, vgpu_cdi::Durability::Atomic)?;
                 Ok(true)
             }
         }
@@ -462,34 +468,115 @@ impl Preparer {
 
     /// Prepare a claim; repeated calls return the recorded answer.
     pub fn prepare(&self, alloc: &ClaimAllocation) -> Result<PreparedClaim, PrepareError> {
-        let mut held = self.begin()?;
-        let state = &mut *held.state;
-        if let Some(claim) = state.claims.get(&alloc.uid) {
-            self.ensure_on_disk(&alloc.uid, claim)?;
-            return Ok(claim.clone());
+        match self.prepare_all(std::slice::from_ref(alloc)).pop() {
+            Some(result) => result,
+            None => Err(PrepareError::Io {
+                op: "prepare",
+                path: self.checkpoint.path().to_path_buf(),
+                source: std::io::Error::other("no answer for the claim"),
+            }),
         }
+    }
+
+    /// Prepare the claims of one kubelet call, one answer each in the same order; claims
+    /// prepared before get their recorded answer. Each claim is admitted against the prepared
+    /// claims and those before it in the call, the new entries are made durable with one
+    /// checkpoint write, then their specs are written (see RELIABILITY.md for why the specs
+    /// need no fsync of their own).
+    pub fn prepare_all(
+        &self,
+        allocs: &[ClaimAllocation],
+    ) -> Vec<Result<PreparedClaim, PrepareError>> {
+        let mut held = match self.begin() {
+            Ok(held) => held,
+            Err(e) => return shared_error(e, allocs.len()),
+        };
+        let state = &mut *held.state;
+        let mut results: Vec<Result<PreparedClaim, PrepareError>> =
+            Vec::with_capacity(allocs.len());
+        // Cloned only once a claim is new: a repeated call writes nothing.
+        let mut next: Option<Payload> = None;
+        // (index in results, UID) of the claims this call records.
+        let mut fresh: Vec<(usize, String)> = Vec::new();
         let snapshot = self.gpus.current();
         let host = self.host_facts(&snapshot);
-        let claim = self.plan(alloc, &snapshot, state, &host)?;
-        let uid = alloc.uid.as_str();
-        if claim.gpus.iter().any(|g| !g.admin_access) {
-            self.ensure_claim_dir(uid)?;
-            self.ensure_preload_file()?;
+        for (i, alloc) in allocs.iter().enumerate() {
+            let uid = alloc.uid.as_str();
+            if let Some(claim) = state.claims.get(uid) {
+                results.push(self.ensure_on_disk(uid, claim).map(|_| claim.clone()));
+                continue;
+            }
+            let current = next.as_ref().unwrap_or(state);
+            if let Some(claim) = current.claims.get(uid) {
+                // Listed twice in this call: the same answer, written once below.
+                results.push(Ok(claim.clone()));
+                fresh.push((i, uid.to_string()));
+                continue;
+            }
+            let planned = self
+                .plan(alloc, &snapshot, current, &host)
+                .and_then(|claim| {
+                    if claim.gpus.iter().any(|g| !g.admin_access) {
+                        self.ensure_claim_dir(uid)?;
+                        self.ensure_preload_file()?;
+                    }
+                    Ok(claim)
+                });
+            match planned {
+                Ok(claim) => {
+                    next.get_or_insert_with(|| state.clone())
+                        .claims
+                        .insert(uid.to_string(), claim.clone());
+                    fresh.push((i, uid.to_string()));
+                    results.push(Ok(claim));
+                }
+                Err(e) => results.push(Err(e)),
+            }
         }
-        let mut next = state.clone();
-        next.claims.insert(uid.to_string(), claim.clone());
-        self.checkpoint.store(&next)?;
+        let Some(next) = next else {
+            return results;
+        };
+        // The reply must not promise what a crash could take back: the entries are durable
+        // before any spec exists (a crash in between leaves entries whose specs the next start
+        // writes, and the kubelet has no answer yet).
+        if let Err(e) = self.checkpoint.store(&next) {
+            let e = Arc::new(PrepareError::from(e));
+            for (i, _) in &fresh {
+                results[*i] = Err(PrepareError::Shared(e.clone()));
+            }
+            return results;
+        }
         *state = next;
-        if let Err(e) = self.specs.write(&claim.spec, uid) {
-            // Undo the entry so the claim is not recorded as prepared without its spec.
+        let mut failed: BTreeMap<String, Arc<PrepareError>> = BTreeMap::new();
+        let mut written = std::collections::BTreeSet::new();
+        for (_, uid) in &fresh {
+            let Some(claim) = state.claims.get(uid) else {
+                continue;
+            };
+            if !written.insert(uid.as_str()) {
+                continue;
+            }
+            if let Err(e) = self
+                .specs
+                .write_with(&claim.spec, uid, vgpu_cdi::Durability::Atomic)
+            {
+                failed.insert(uid.clone(), Arc::new(e.into()));
+            }
+        }
+        if !failed.is_empty() {
+            // Undo those entries so no claim is recorded as prepared without its spec.
             let mut undo = state.clone();
-            undo.claims.remove(uid);
+            undo.claims.retain(|uid, _| !failed.contains_key(uid));
             if self.checkpoint.store(&undo).is_ok() {
                 *state = undo;
             }
-            return Err(e.into());
+            for (i, uid) in &fresh {
+                if let Some(e) = failed.get(uid) {
+                    results[*i] = Err(PrepareError::Shared(e.clone()));
+                }
+            }
         }
-        Ok(claim)
+        results
     }
 
     /// What the host has that a spec refers to, read once before planning.
@@ -714,6 +801,14 @@ impl Preparer {
         }
         Ok(report)
     }
+}
+
+/// `error` as the answer of each of `n` claims.
+fn shared_error(error: PrepareError, n: usize) -> Vec<Result<PreparedClaim, PrepareError>> {
+    let error = Arc::new(error);
+    (0..n)
+        .map(|_| Err(PrepareError::Shared(error.clone())))
+        .collect()
 }
 
 /// The capacity check across every prepared claim and this one.

@@ -378,3 +378,54 @@ fn temporary_files_of_interrupted_writes_are_removed_on_open() {
     left.sort();
     assert_eq!(left, vec!["notes.txt", "plugin.lock"]);
 }
+
+#[test]
+fn one_call_admits_each_claim_against_the_ones_before_it_and_records_them_together() {
+    let env = Env::new();
+    let p = env.open();
+    let a = slice("a", &["gpu-0"], "50Gi", 60);
+    // Fits gpu-0 alone, not together with a of the same call.
+    let b = slice("b", &["gpu-0"], "40Gi", 30);
+    let c = slice("c", &["gpu-1"], "1Gi", 10);
+    // Its spec path is taken by a directory: the rename of its spec fails.
+    let d = slice("d", &["gpu-1"], "1Gi", 10);
+    let cdi = SpecDir::new(env.dir.path().join("cdi"));
+    let kind = p.kind().clone();
+    std::fs::create_dir_all(cdi.path_for(&kind, "d").unwrap()).unwrap();
+    let results = p.prepare_all(&[a.clone(), b, c, a.clone(), d]);
+    assert_eq!(results.len(), 5);
+    let first = results[0].as_ref().unwrap();
+    assert!(
+        matches!(results[1], Err(PrepareError::OverCommitted { .. })),
+        "{:?}",
+        results[1]
+    );
+    assert!(results[2].is_ok());
+    assert_eq!(
+        results[3].as_ref().unwrap(),
+        first,
+        "listed twice: one answer"
+    );
+    let err = results[4].as_ref().unwrap_err().to_string();
+    assert!(err.contains("k8s.vgpu.hami.io-claim_d.json"), "{err}");
+    let recorded: Vec<String> = Checkpoint::in_dir(&env.config().plugin_dir)
+        .load()
+        .unwrap()
+        .claims
+        .into_keys()
+        .collect();
+    assert_eq!(
+        recorded,
+        ["a", "c"],
+        "d's entry is undone with its failed spec"
+    );
+    assert_eq!(cdi.read(p.kind(), "a").unwrap(), first.spec);
+    assert!(cdi.read(p.kind(), "c").is_ok());
+    assert!(cdi.read(p.kind(), "b").is_err());
+    // What the call recorded is what a restart knows.
+    drop(p);
+    std::fs::remove_dir(cdi.path_for(&kind, "d").unwrap()).unwrap();
+    let p = env.open();
+    assert_eq!(p.prepared_claim("a").unwrap().as_ref(), Some(first));
+    assert_eq!(p.prepared_claim("d").unwrap(), None);
+}
