@@ -125,6 +125,9 @@ pub struct Engine {
 /// [`MASK_GPUS`] GPUs.
 const MASK_UNKNOWN: u64 = u64::MAX;
 
+/// How many nodes [`Engine::first_fit`] reads from the utilisation index at a time.
+const BATCH: usize = 32;
+
 const UNKNOWN: u8 = 0;
 const YES: u8 = 1;
 const NO: u8 = 2;
@@ -357,6 +360,11 @@ impl Engine {
             )));
         }
         let (plans, policies) = self.plan(claim)?;
+        if self.indexed
+            && let Some(allocation) = self.first_fit(claim, pod, avoid, &plans, policies)
+        {
+            return Ok(allocation);
+        }
         let order: Vec<usize> = match policies.node {
             _ if self.mode == Mode::Native => {
                 let mut by_name: Vec<usize> = (0..self.state.nodes.len()).collect();
@@ -377,27 +385,10 @@ impl Engine {
                 .collect(),
             Policy::Spread => self.state.by_utilisation.iter().map(|&(_, n)| n).collect(),
         };
-        let needs: Vec<(u64, u32)> = plans.iter().map(minimum_need).collect();
-        if self.indexed {
-            // The nodes the indexes cannot rule out, in the same order: the first of them that
-            // takes the claim is the node the full pass below would choose, as that pass
-            // refuses every node ruled out here. Only a refusal needs the full pass, to say
-            // why each node was refused.
-            let mut ignored = None;
-            for &n in &order {
-                if !self.may_fit(n, &plans, &needs, policies.topology)
-                    || self.node_rejects(n, pod, avoid).is_some()
-                {
-                    continue;
-                }
-                if let Ok(placed) = self.place_on_node(n, &plans, claim, policies, &mut ignored) {
-                    return Ok(self.allocation_of(claim, n, placed));
-                }
-            }
-        }
         let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
         let mut first_error: Option<String> = None;
         let total_nodes = order.len();
+        let needs: Vec<(u64, u32)> = plans.iter().map(minimum_need).collect();
         let mut skipped = vec![0usize; plans.len()];
         for n in order {
             if let Some(reason) = self.node_rejects(n, pod, avoid) {
@@ -442,6 +433,71 @@ impl Engine {
             "ResourceClaim {}: {message}",
             claim.key()
         )))
+    }
+
+    /// The node the full pass of [`Engine::allocate`] would choose, found by trying only the
+    /// nodes the indexes cannot rule out, in the same order: that pass refuses every node
+    /// ruled out here. `None`: no node takes the claim, and only the full pass says why.
+    fn first_fit(
+        &mut self,
+        claim: &ClaimView,
+        pod: Option<&PodView>,
+        avoid: &BTreeSet<String>,
+        plans: &[RequestPlan],
+        policies: Policies,
+    ) -> Option<ClaimAllocation> {
+        let needs: Vec<(u64, u32)> = plans.iter().map(minimum_need).collect();
+        let mut ignored = None;
+        // The policy order is read from the utilisation index a batch at a time: a decision
+        // usually stops after a few nodes, and copying the whole order of a large cluster
+        // cost more than the rest of the decision.
+        let mut batch: Vec<(u64, usize)> = Vec::with_capacity(BATCH);
+        let mut after: Option<(u64, usize)> = None;
+        let by_name = (self.mode == Mode::Native).then(|| {
+            let mut order: Vec<usize> = (0..self.state.nodes.len()).collect();
+            order.sort_by(|a, b| {
+                self.state.nodes[*a]
+                    .view
+                    .name
+                    .cmp(&self.state.nodes[*b].view.name)
+            });
+            order
+        });
+        let mut next_named = 0;
+        loop {
+            batch.clear();
+            if let Some(order) = &by_name {
+                let end = (next_named + BATCH).min(order.len());
+                batch.extend(order[next_named..end].iter().map(|&n| (0, n)));
+                next_named = end;
+            } else {
+                let index = &self.state.by_utilisation;
+                match (policies.node, after) {
+                    (Policy::Binpack, None) => batch.extend(index.iter().rev().take(BATCH)),
+                    (Policy::Binpack, Some(k)) => batch.extend(index.range(..k).rev().take(BATCH)),
+                    (Policy::Spread, None) => batch.extend(index.iter().take(BATCH)),
+                    (Policy::Spread, Some(k)) => batch.extend(
+                        index
+                            .range((std::ops::Bound::Excluded(k), std::ops::Bound::Unbounded))
+                            .take(BATCH),
+                    ),
+                }
+                after = batch.last().copied();
+            }
+            if batch.is_empty() {
+                return None;
+            }
+            for &(_, n) in &batch {
+                if !self.may_fit(n, plans, &needs, policies.topology)
+                    || self.node_rejects(n, pod, avoid).is_some()
+                {
+                    continue;
+                }
+                if let Ok(placed) = self.place_on_node(n, plans, claim, policies, &mut ignored) {
+                    return Some(self.allocation_of(claim, n, placed));
+                }
+            }
+        }
     }
 
     /// Whether node `n` may take every request of the claim, from the node's indexes: `false`
