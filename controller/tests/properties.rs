@@ -438,3 +438,78 @@ proptest! {
         prop_assert_eq!(books(&kept), books(&engine(&all_inputs, Policies::default())));
     }
 }
+
+/// Nodes of 1 to 8 GPUs of one size each, with one of the NVLink layouts of [`topology`].
+fn layout_spec() -> impl Strategy<Value = Vec<(Vec<Vec<bool>>, u64)>> {
+    prop::collection::vec(
+        (1usize..=8).prop_flat_map(|n| (topology(n), prop_oneof![Just(16u64), Just(40), Just(80)])),
+        1..=5,
+    )
+}
+
+fn build_layouts(spec: &[(Vec<Vec<bool>>, u64)]) -> controller::engine::Inputs {
+    let nodes: Vec<(String, Vec<vgpu_driver::Gpu>)> = spec
+        .iter()
+        .enumerate()
+        .map(|(n, (links, memory))| {
+            let gpus = (0..links.len() as u32)
+                .map(|i| {
+                    let peers: Vec<u32> = (0..links.len() as u32)
+                        .filter(|&p| links[i as usize][p as usize])
+                        .collect();
+                    gpu_with(i, *memory, Some(i / 4), &peers)
+                })
+                .collect();
+            (format!("node-{n}"), gpus)
+        })
+        .collect();
+    let refs: Vec<(&str, Vec<vgpu_driver::Gpu>)> =
+        nodes.iter().map(|(n, g)| (n.as_str(), g.clone())).collect();
+    cluster(&refs)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+    /// The per-node indexes only rule out nodes the full pass refuses: every decision (node,
+    /// GPUs, refusal and its reason) is the one an engine trying every node makes, and after
+    /// any sequence of allocations and releases the indexes equal a recomputation from the GPUs.
+    #[test]
+    fn the_indexes_change_no_decision_and_stay_exact(
+        spec in layout_spec(),
+        steps in prop::collection::vec(
+            (claim_spec(), 1u32..=4, prop::option::weighted(0.2, 0usize..5), prop::option::weighted(0.3, 0usize..40)),
+            1..40,
+        ),
+        node_binpack in any::<bool>(),
+        gpu_binpack in any::<bool>(),
+    ) {
+        let inputs = build_layouts(&spec);
+        let policies = Policies {
+            node: if node_binpack { Policy::Binpack } else { Policy::Spread },
+            gpu: if gpu_binpack { Policy::Binpack } else { Policy::Spread },
+            topology: Topology::Preferred,
+        };
+        let mut fast = engine(&inputs, policies);
+        let mut full = engine(&inputs, policies).without_indexes();
+        let mut placed: Vec<String> = Vec::new();
+        for (i, (mut s, count, avoid, release)) in steps.into_iter().enumerate() {
+            s.count = count;
+            if let Some(r) = release.filter(|_| !placed.is_empty()) {
+                let uid = placed.remove(r % placed.len());
+                fast.release(&uid);
+                full.release(&uid);
+            }
+            let avoid: BTreeSet<String> = avoid.map(|k| format!("node-{k}")).into_iter().collect();
+            let claim = to_claim(i, &s);
+            let got = fast.allocate(&claim, None, &avoid);
+            prop_assert_eq!(&got, &full.allocate(&claim, None, &avoid));
+            if let Ok(a) = got {
+                fast.commit(&a);
+                full.commit(&a);
+                placed.push(a.uid.clone());
+            }
+            prop_assert_eq!(fast.state.index_mismatch(), None);
+        }
+    }
+}

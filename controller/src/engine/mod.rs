@@ -9,7 +9,7 @@ use crate::cel::{CelEnv, CelError, LibraryError, Selector};
 use crate::model::{
     ClaimView, ClassView, Count, NodeView, PodView, matches_node_selector, tolerates,
 };
-use state::{ClusterState, Holding};
+use state::{ClusterState, Holding, MASK_GPUS};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use vgpu_driver::allocation::{AllocatedDevice, ClaimAllocation};
 use vgpu_driver::capacity::NATIVE_MEMORY_STEP;
@@ -176,7 +176,20 @@ pub struct Engine {
     /// Explaining a refusal needs it for every node; it holds as long as the GPU table, which
     /// is the engine's whole life.
     match_counts: HashMap<Vec<usize>, Vec<u32>>,
+    /// Per selector, per node: the node-local positions of the GPUs it matches, or
+    /// [`MASK_UNKNOWN`] until a decision needs it (for nodes without masks, never computed).
+    node_matches: Vec<Vec<u64>>,
+    /// Whether decisions first look only at the nodes the indexes cannot rule out; off, every
+    /// node is tried (the reference the property tests compare against).
+    indexed: bool,
 }
+
+/// Not computed yet; no node mask has all 64 bits set, as nodes with masks have at most
+/// [`MASK_GPUS`] GPUs.
+const MASK_UNKNOWN: u64 = u64::MAX;
+
+/// How many nodes [`Engine::first_fit`] reads from the utilisation index at a time.
+const BATCH: usize = 32;
 
 const UNKNOWN: u8 = 0;
 const YES: u8 = 1;
@@ -205,7 +218,17 @@ impl Engine {
             cel: CelEnv::new(),
             matches: Vec::new(),
             match_counts: HashMap::new(),
+            node_matches: Vec::new(),
+            indexed: true,
         }
+    }
+
+    /// Tries every node on every decision instead of first the nodes the indexes leave: the
+    /// same decisions, slower. For tests that check the indexes change nothing.
+    #[doc(hidden)]
+    pub fn without_indexes(mut self) -> Self {
+        self.indexed = false;
+        self
     }
 
     pub fn driver(&self) -> &str {
@@ -250,6 +273,8 @@ impl Engine {
         }
         self.selectors.push(Selector::compile(expression));
         self.matches.push(vec![UNKNOWN; self.state.gpus.len()]);
+        self.node_matches
+            .push(vec![MASK_UNKNOWN; self.state.nodes.len()]);
         let id = self.selectors.len() - 1;
         self.selector_ids.insert(expression.to_string(), id);
         id
@@ -407,6 +432,11 @@ impl Engine {
             )));
         }
         let (plans, policies) = self.plan(claim)?;
+        if self.indexed
+            && let Some(allocation) = self.first_fit(claim, pod, avoid, &plans, policies)
+        {
+            return Ok(allocation);
+        }
         let order: Vec<usize> = match policies.node {
             _ if self.mode == Mode::Native => {
                 let mut by_name: Vec<usize> = (0..self.state.nodes.len()).collect();
@@ -628,6 +658,164 @@ impl Engine {
                 "each request fits somewhere alone, but no node has room for all of them together under the claim's constraints".into(),
             )
         })
+    }
+
+    /// The node the full pass of [`Engine::allocate`] would choose, found by trying only the
+    /// nodes the indexes cannot rule out, in the same order: that pass refuses every node
+    /// ruled out here. `None`: no node takes the claim, and only the full pass says why.
+    fn first_fit(
+        &mut self,
+        claim: &ClaimView,
+        pod: Option<&PodView>,
+        avoid: &BTreeSet<String>,
+        plans: &[RequestPlan],
+        policies: Policies,
+    ) -> Option<ClaimAllocation> {
+        let needs: Vec<(u64, u32)> = plans.iter().map(minimum_need).collect();
+        let mut ignored = None;
+        // The policy order is read from the utilisation index a batch at a time: a decision
+        // usually stops after a few nodes, and copying the whole order of a large cluster
+        // cost more than the rest of the decision.
+        let mut batch: Vec<(u64, usize)> = Vec::with_capacity(BATCH);
+        let mut after: Option<(u64, usize)> = None;
+        let by_name = (self.mode == Mode::Native).then(|| {
+            let mut order: Vec<usize> = (0..self.state.nodes.len()).collect();
+            order.sort_by(|a, b| {
+                self.state.nodes[*a]
+                    .view
+                    .name
+                    .cmp(&self.state.nodes[*b].view.name)
+            });
+            order
+        });
+        let mut next_named = 0;
+        loop {
+            batch.clear();
+            if let Some(order) = &by_name {
+                let end = (next_named + BATCH).min(order.len());
+                batch.extend(order[next_named..end].iter().map(|&n| (0, n)));
+                next_named = end;
+            } else {
+                let index = &self.state.by_utilisation;
+                match (policies.node, after) {
+                    (Policy::Binpack, None) => batch.extend(index.iter().rev().take(BATCH)),
+                    (Policy::Binpack, Some(k)) => batch.extend(index.range(..k).rev().take(BATCH)),
+                    (Policy::Spread, None) => batch.extend(index.iter().take(BATCH)),
+                    (Policy::Spread, Some(k)) => batch.extend(
+                        index
+                            .range((std::ops::Bound::Excluded(k), std::ops::Bound::Unbounded))
+                            .take(BATCH),
+                    ),
+                }
+                after = batch.last().copied();
+            }
+            if batch.is_empty() {
+                return None;
+            }
+            for &(_, n) in &batch {
+                if !self.may_fit(n, plans, &needs, policies.topology)
+                    || self.node_rejects(n, pod, avoid).is_some()
+                {
+                    continue;
+                }
+                if let Ok(placed) = self.place_on_node(n, plans, claim, policies, &mut ignored) {
+                    return Some(self.allocation_of(claim, n, placed));
+                }
+            }
+        }
+    }
+
+    /// Whether node `n` may take every request of the claim, from the node's indexes: `false`
+    /// only when [`Engine::place_on_node`] would refuse it. Each request needs, for one of its
+    /// alternatives, enough GPUs that match the selectors and have room (unused ones for an
+    /// exclusive GPU), and for `topology: Required` that many pairwise NVLink peers among
+    /// them. Constraints and the GPUs an earlier request takes only make the real test harder.
+    fn may_fit(
+        &mut self,
+        n: usize,
+        plans: &[RequestPlan],
+        needs: &[(u64, u32)],
+        topology: Topology,
+    ) -> bool {
+        let node = &self.state.nodes[n];
+        if needs
+            .iter()
+            .any(|&(memory, cores)| node.max_free_memory < memory || node.max_free_cores < cores)
+        {
+            return false;
+        }
+        if node.masks.is_none() {
+            return true;
+        }
+        plans.iter().all(|plan| {
+            plan.alternatives
+                .iter()
+                .any(|alt| self.alt_may_fit(n, alt, topology))
+        })
+    }
+
+    fn alt_may_fit(&mut self, n: usize, alt: &AltPlan, topology: Topology) -> bool {
+        let wanted = match alt.count {
+            Count::Exact(k) => k as usize,
+            Count::All => 1,
+        };
+        let size = self.state.nodes[n].gpus.len();
+        if size < wanted {
+            return false;
+        }
+        let mut matching = if size == 0 {
+            0
+        } else {
+            u64::MAX >> (64 - size)
+        };
+        for &s in &alt.selectors {
+            matching &= self.node_matches(s, n);
+            if (matching.count_ones() as usize) < wanted {
+                return false;
+            }
+        }
+        let Some(masks) = &self.state.nodes[n].masks else {
+            return true;
+        };
+        let room = if alt.admin_access {
+            matching
+        } else if alt.config.exclusive == Some(true) {
+            matching & masks.unused
+        } else {
+            // A lower bound of what `fit` asks (a percentage resolves per GPU, Native rounds
+            // up): the GPUs without it cannot fit.
+            let memory = match alt.config.memory {
+                Some(vgpu_driver::config::MemoryRequest::Bytes(b)) => b,
+                _ => 0,
+            };
+            masks.with_room(matching, memory, u32::from(alt.config.cores.unwrap_or(0)))
+        };
+        if (room.count_ones() as usize) < wanted {
+            return false;
+        }
+        !(topology == Topology::Required && wanted > 1) || masks.has_clique(room, wanted)
+    }
+
+    /// The GPUs of node `n` that selector `s` matches, as node-local positions; evaluated once
+    /// per node (failures count as no match: the full pass reports them).
+    fn node_matches(&mut self, s: usize, n: usize) -> u64 {
+        let known = self.node_matches[s][n];
+        if known != MASK_UNKNOWN {
+            return known;
+        }
+        let size = self.state.nodes[n].gpus.len();
+        if size > MASK_GPUS {
+            return known;
+        }
+        let mut mask = 0;
+        for i in 0..size {
+            let g = self.state.nodes[n].gpus[i];
+            if let Ok(true) = self.matches(s, g) {
+                mask |= 1 << i;
+            }
+        }
+        self.node_matches[s][n] = mask;
+        mask
     }
 
     fn node_rejects(

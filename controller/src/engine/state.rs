@@ -75,6 +75,79 @@ pub struct NodeState {
     pub max_free_memory: u64,
     /// The most cores free on one shareable GPU of the node.
     pub max_free_cores: u32,
+    /// The bit-mask indexes below, over node-local positions (bit `i` is `gpus[i]`); only kept
+    /// for nodes of at most [`MASK_GPUS`] GPUs, larger nodes are always looked at GPU by GPU.
+    pub masks: Option<NodeMasks>,
+}
+
+/// The most GPUs a node may have for its bit-mask indexes: one bit each in a `u64`, and one
+/// value (all ones) left over to mean "not computed yet" in the engine's selector masks.
+pub const MASK_GPUS: usize = 63;
+
+/// Per-node indexes that let a decision rule a node out without looking at its GPUs one by
+/// one: which GPUs are unused, what each has free, and which are NVLink peers.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeMasks {
+    /// GPUs nothing holds: the only ones an exclusive GPU can be.
+    pub unused: u64,
+    /// Memory and cores free per GPU; nothing for an exclusive GPU, which no slice can share.
+    pub free: Vec<(u64, u32)>,
+    /// Per GPU, its NVLink peers that list it back (the topology search trusts no one-way link).
+    pub peers: Vec<u64>,
+    /// One more than the most peers any GPU has: no set of pairwise peers is larger, so a
+    /// `topology: Required` request for more GPUs can never be placed on the node.
+    pub clique_bound: usize,
+}
+
+impl NodeMasks {
+    /// The GPUs of `within` with at least `memory` and `cores` free, not exclusive.
+    pub fn with_room(&self, within: u64, memory: u64, cores: u32) -> u64 {
+        let mut out = 0;
+        let mut rest = within;
+        while rest != 0 {
+            let i = rest.trailing_zeros() as usize;
+            rest &= rest - 1;
+            if let Some(&(m, c)) = self.free.get(i)
+                && m >= memory
+                && c >= cores
+            {
+                out |= 1 << i;
+            }
+        }
+        out
+    }
+
+    /// Whether `count` GPUs of `within` are pairwise peers.
+    pub fn has_clique(&self, within: u64, count: usize) -> bool {
+        count <= self.clique_bound && has_clique(&self.peers, within, count)
+    }
+}
+
+/// Whether `count` positions of `open` are pairwise linked in `peers`: a branch-and-bound over
+/// bit sets. A position with fewer than `count - 1` peers left in `open` cannot be a member,
+/// and a branch is cut when too few positions are left.
+fn has_clique(peers: &[u64], open: u64, count: usize) -> bool {
+    if count <= 1 {
+        return open.count_ones() as usize >= count;
+    }
+    let linked = |v: usize| peers.get(v).copied().unwrap_or(0);
+    let mut open = open;
+    let mut rest = open;
+    while rest != 0 {
+        let v = rest.trailing_zeros() as usize;
+        rest &= rest - 1;
+        if ((open & linked(v)).count_ones() as usize) < count - 1 {
+            open &= !(1 << v);
+        }
+    }
+    while open.count_ones() as usize >= count {
+        let v = open.trailing_zeros() as usize;
+        open &= open - 1;
+        if has_clique(peers, open & linked(v), count - 1) {
+            return true;
+        }
+    }
+    false
 }
 
 /// What one claim holds of one GPU.
@@ -172,6 +245,7 @@ impl ClusterState {
                         memory_requested: 0,
                         max_free_memory: 0,
                         max_free_cores: 0,
+                        masks: None,
                     });
                     state
                         .node_index
@@ -228,6 +302,9 @@ impl ClusterState {
                 })
                 .collect();
             state.gpus[g].peers = peers;
+        }
+        for n in 0..state.nodes.len() {
+            state.nodes[n].masks = state.static_masks(n);
         }
         state.count_pods(pods);
         state.node_utilisation = vec![0; state.nodes.len()];
@@ -383,12 +460,131 @@ impl ClusterState {
         }
         self.nodes[n].max_free_memory = memory;
         self.nodes[n].max_free_cores = cores;
+        if let Some(mut masks) = self.nodes[n].masks.take() {
+            self.fill_dynamic_masks(n, &mut masks);
+            self.nodes[n].masks = Some(masks);
+        }
         self.by_utilisation.remove(&(self.node_utilisation[n], n));
         self.node_utilisation[n] = score;
         self.by_utilisation.insert((score, n));
     }
 
+    /// The parts of a node's masks that never change (peers, the bound on linked sets), the
+    /// rest empty until [`ClusterState::refresh_node`]; `None` for a node too large for masks.
+    fn static_masks(&self, n: usize) -> Option<NodeMasks> {
+        let gpus = &self.nodes[n].gpus;
+        if gpus.len() > MASK_GPUS {
+            return None;
+        }
+        let linked = |a: usize, b: usize| {
+            a != b
+                && self.gpus[gpus[a]].peers.contains(&gpus[b])
+                && self.gpus[gpus[b]].peers.contains(&gpus[a])
+        };
+        let peers: Vec<u64> = (0..gpus.len())
+            .map(|a| {
+                (0..gpus.len())
+                    .filter(|&b| linked(a, b))
+                    .fold(0u64, |m, b| m | 1 << b)
+            })
+            .collect();
+        let clique_bound = peers
+            .iter()
+            .map(|p| p.count_ones() as usize + 1)
+            .max()
+            .unwrap_or(0);
+        Some(NodeMasks {
+            unused: 0,
+            free: Vec::new(),
+            peers,
+            clique_bound,
+        })
+    }
+
+    /// A node's unused GPUs and the room on each, from its GPUs (reusing the vector: this
+    /// runs on every charge and release).
+    fn fill_dynamic_masks(&self, n: usize, masks: &mut NodeMasks) {
+        masks.unused = 0;
+        masks.free.clear();
+        for (i, &g) in self.nodes[n].gpus.iter().enumerate() {
+            let gpu = &self.gpus[g];
+            if gpu.holders == 0 && gpu.used == Capacity::default() {
+                masks.unused |= 1 << i;
+            }
+            masks.free.push(if gpu.exclusive {
+                (0, 0)
+            } else {
+                let f = gpu.free();
+                (f.memory_bytes, f.cores)
+            });
+        }
+    }
+
+    /// Where a node's indexes disagree with its GPUs (`None`: everywhere they agree). For
+    /// tests: the indexes are kept up to date on every charge and release, never recomputed.
+    #[doc(hidden)]
+    pub fn index_mismatch(&self) -> Option<String> {
+        for n in 0..self.nodes.len() {
+            let mut fresh = self.static_masks(n);
+            if let Some(m) = &mut fresh {
+                self.fill_dynamic_masks(n, m);
+            }
+            if fresh != self.nodes[n].masks {
+                return Some(format!(
+                    "node {n}: kept {:?}, computed {fresh:?}",
+                    self.nodes[n].masks
+                ));
+            }
+        }
+        None
+    }
+
     pub fn node_utilisation(&self, n: usize) -> u64 {
         self.node_utilisation[n]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Whether `count` positions of `within` are pairwise linked, by trying every subset.
+    fn brute_force(links: &[Vec<bool>], within: u64, count: usize) -> bool {
+        let n = links.len();
+        (0u64..1 << n).any(|set| {
+            set & !within == 0
+                && set.count_ones() as usize == count
+                && (0..n).all(|a| {
+                    set & (1 << a) == 0
+                        || (0..n).all(|b| a == b || set & (1 << b) == 0 || links[a][b])
+                })
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn has_clique_agrees_with_brute_force(
+            (links, within, count) in (1usize..=10).prop_flat_map(|n| (
+                prop::collection::vec(prop::bool::weighted(0.6), n * n).prop_map(move |bits| {
+                    (0..n)
+                        .map(|a| (0..n).map(|b| a != b && bits[a.min(b) * n + a.max(b)]).collect())
+                        .collect::<Vec<Vec<bool>>>()
+                }),
+                0u64..1 << n,
+                0..=n + 1,
+            ))
+        ) {
+            let peers: Vec<u64> = links
+                .iter()
+                .map(|row| row.iter().enumerate().filter(|(_, l)| **l).fold(0, |m, (b, _)| m | 1 << b))
+                .collect();
+            let masks = NodeMasks {
+                clique_bound: peers.iter().map(|p| p.count_ones() as usize + 1).max().unwrap_or(0),
+                peers,
+                ..Default::default()
+            };
+            prop_assert_eq!(masks.has_clique(within, count), brute_force(&links, within, count));
+        }
     }
 }
