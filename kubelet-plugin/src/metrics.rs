@@ -43,6 +43,7 @@ pub struct Metrics {
     prepared_claims: Gauge,
     gpu_healthy: Family<GpuLabels, Gauge>,
     sharing_mode: Family<ModeLabels, Gauge>,
+    registered: Gauge,
 }
 
 impl Default for Metrics {
@@ -83,6 +84,13 @@ impl Metrics {
         let prepared_claims = Gauge::default();
         let gpu_healthy = Family::<GpuLabels, Gauge>::default();
         let sharing_mode = Family::<ModeLabels, Gauge>::default();
+        let registered = Gauge::default();
+        registry.register(
+            "registered",
+            "1 while the kubelet has accepted this plugin's registration (no claim of the \
+             driver can be prepared on the node otherwise), 0 before and after a rejection",
+            registered.clone(),
+        );
         registry.register(
             "sharing_mode",
             "1 for the sharing mode in effect (controller or native; native falls back to \
@@ -137,6 +145,7 @@ impl Metrics {
             prepare_seconds,
             prepare_api_read_seconds,
             unprepare_seconds,
+            registered,
             published_devices,
             prepared_claims,
             gpu_healthy,
@@ -170,6 +179,10 @@ impl Metrics {
 
     pub fn observe_unprepare(&self, took: Duration) {
         self.unprepare_seconds.observe(took.as_secs_f64());
+    }
+
+    pub fn set_registered(&self, registered: bool) {
+        self.registered.set(i64::from(registered));
     }
 
     pub fn set_published_devices(&self, n: usize) {

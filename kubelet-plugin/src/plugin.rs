@@ -232,6 +232,21 @@ pub async fn start(
             return Err(e.into());
         }
     };
+    // The registration gauge follows the kubelet's verdicts until the plugin stops.
+    let mut verdicts = kubelet.registration();
+    let registered = metrics.clone();
+    let mut registration_stop = stop_rx.clone();
+    tokio::spawn(async move {
+        loop {
+            let now = *verdicts.borrow_and_update() == dra::kubeletplugin::Verdict::Registered;
+            registered.set_registered(now);
+            tokio::select! {
+                changed = verdicts.changed() => if changed.is_err() { break },
+                _ = registration_stop.wait_for(|stopped| *stopped) => break,
+            }
+        }
+        registered.set_registered(false);
+    });
     let metrics_server = metrics_listener.map(|listener| {
         let rendered = metrics.clone();
         // Ready once serving the kubelet, which is when start returns.
@@ -254,6 +269,11 @@ pub async fn start(
 }
 
 impl Running {
+    /// The plugin's metrics, as its endpoint renders them.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
     /// Where the TCP gRPC health endpoint listens, if it is served.
     pub fn healthcheck_addr(&self) -> Option<std::net::SocketAddr> {
         self.kubelet.healthcheck_addr()

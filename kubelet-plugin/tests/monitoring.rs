@@ -92,6 +92,7 @@ fn known_names() -> BTreeSet<String> {
     plugin.observe_prepare(Duration::from_millis(1), Duration::from_micros(200));
     plugin.observe_unprepare(Duration::from_millis(1));
     plugin.set_published_devices(1);
+    plugin.set_registered(true);
     plugin.set_prepared_claims(1);
     plugin.set_sharing_mode(kubelet_plugin::publish::SharingMode::Controller);
     plugin.set_gpu_health(&kubelet_plugin::discovery::Snapshot {

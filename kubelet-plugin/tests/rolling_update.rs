@@ -304,9 +304,20 @@ async fn ready_only_once_registered_and_an_ignored_or_rejected_registration_is_o
     .await;
 
     // The kubelet registers it: ready, and it stays where it is.
+    let registered = || {
+        running
+            .metrics()
+            .encode()
+            .contains("\nvgpu_kubelet_plugin_registered 1\n")
+    };
+    assert!(!registered(), "{}", running.metrics().encode());
     kubelet_verdict(&socket, true).await;
     eventually("readiness", async || {
         (ready().await == Ok(ServingStatus::Serving)).then_some(())
+    })
+    .await;
+    eventually("the registration gauge", async || {
+        registered().then_some(())
     })
     .await;
     tokio::time::sleep(Duration::from_millis(900)).await;
@@ -323,6 +334,7 @@ async fn ready_only_once_registered_and_an_ignored_or_rejected_registration_is_o
         (ready().await == Ok(ServingStatus::NotServing)).then_some(())
     })
     .await;
+    eventually("the gauge at 0", async || (!registered()).then_some(())).await;
     let third = eventually("the socket offered again", async || {
         inode(&socket).filter(|i| *i != second)
     })

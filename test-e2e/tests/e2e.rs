@@ -236,6 +236,12 @@ fn a1_the_kubelet_registers_the_plugin_and_its_gpus_are_published() {
         "the kubelet rejected the plugin:\n{}",
         local.log(PLUGIN)
     );
+    // The verdict is exported for the VgpuKubeletPluginNotRegistered alert.
+    assert_eq!(
+        sample(&plugin_metrics(), "vgpu_kubelet_plugin_registered", &[]),
+        Some(1.0),
+        "the kubelet's registration in the plugin's metrics"
+    );
     // Logs go to a file here, as to `kubectl logs` in a pod: plain text, no colour codes.
     for component in [PLUGIN, CONTROLLER] {
         let log = local.log(component);
@@ -1098,7 +1104,12 @@ fn plugin_metrics() -> String {
 /// The value of the sample of `metric` whose labels include every `name="value"` of `labels`.
 fn sample(text: &str, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
     text.lines()
-        .filter_map(|l| l.strip_prefix(metric)?.strip_prefix('{'))
+        .filter_map(|l| {
+            // `name{labels} value`, or `name value` for a metric without labels.
+            let rest = l.strip_prefix(metric)?;
+            rest.strip_prefix('{')
+                .or_else(|| rest.starts_with(' ').then_some(rest))
+        })
         .filter(|l| {
             labels
                 .iter()

@@ -207,6 +207,7 @@ pub struct Helper {
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<Result<(), uds::UdsError>>,
     healthcheck_addr: Option<SocketAddr>,
+    verdicts: watch::Receiver<Verdict>,
 }
 
 impl Helper {
@@ -242,6 +243,7 @@ impl Helper {
         };
         let service = service::DraService::new(driver, reader);
         let registrar = Registrar::new(&options.driver_name, &options.kubelet_endpoint());
+        let verdicts = registrar.verdicts();
         let (dra, reg) = (options.dra_socket(), options.registration_socket());
         let patience = options.registration_patience;
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
@@ -270,7 +272,13 @@ impl Helper {
             stop,
             task,
             healthcheck_addr,
+            verdicts,
         })
+    }
+
+    /// The kubelet's verdicts on the registration, as they come.
+    pub fn registration(&self) -> watch::Receiver<Verdict> {
+        self.verdicts.clone()
     }
 
     /// Where the TCP health endpoint listens (the port chosen, when asked for port 0).
