@@ -24,6 +24,15 @@ pub enum UdsError {
     },
     #[error("{path} exists and is not a socket; refusing to replace it")]
     NotASocket { path: PathBuf },
+    #[error(
+        "socket path {path} is {len} bytes; a Unix socket path may have at most {max}: \
+         choose a shorter directory (e.g. the kubelet's --root-dir or the plugin's --plugin-dir)"
+    )]
+    PathTooLong {
+        path: PathBuf,
+        len: usize,
+        max: usize,
+    },
     #[error("gRPC over {path}: {source}")]
     Transport {
         path: PathBuf,
@@ -85,6 +94,14 @@ pub fn bind(path: &Path) -> Result<(Incoming, SocketGuard), UdsError> {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
+    let len = path.as_os_str().len();
+    if len > MAX_SOCKET_PATH {
+        return Err(UdsError::PathTooLong {
+            path: path.to_path_buf(),
+            len,
+            max: MAX_SOCKET_PATH,
+        });
+    }
     std::fs::create_dir_all(parent).map_err(io("create directory", parent))?;
     match std::fs::symlink_metadata(path) {
         Ok(meta) if !meta.file_type().is_socket() => {
@@ -105,7 +122,7 @@ pub fn bind(path: &Path) -> Result<(Incoming, SocketGuard), UdsError> {
         .map_err(io("create directory", &staging))?;
     let bound = (|| {
         let tmp = staging.join("s");
-        let listener = UnixListener::bind(&tmp).map_err(io("bind", &tmp))?;
+        let listener = bind_in(&staging, &tmp)?;
         std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
             .map_err(io("chmod", &tmp))?;
         // Atomically replaces a stale socket of a crashed run.
@@ -121,6 +138,27 @@ pub fn bind(path: &Path) -> Result<(Incoming, SocketGuard), UdsError> {
         listener: UnixListenerStream::new(listener),
     };
     Ok((incoming, guard))
+}
+
+/// `sun_path` holds 108 bytes including the terminating NUL.
+const MAX_SOCKET_PATH: usize = 107;
+
+/// Bind `tmp` inside the directory `staging`. The staging path is longer than the final one,
+/// and the final one may itself be close to the limit (the kubelet's directory under a long
+/// root), so the bind goes through the directory's descriptor, `/proc/self/fd/N/s`, whose
+/// length does not depend on where the directory is. Without /proc the direct path is used.
+fn bind_in(staging: &Path, tmp: &Path) -> Result<UnixListener, UdsError> {
+    use std::os::fd::AsRawFd;
+    let dir = std::fs::File::open(staging).map_err(io("open directory", staging))?;
+    let via_fd = PathBuf::from(format!("/proc/self/fd/{}/s", dir.as_raw_fd()));
+    let target = if Path::new("/proc/self/fd").is_dir() {
+        via_fd.as_path()
+    } else {
+        tmp
+    };
+    let listener = UnixListener::bind(target).map_err(io("bind", tmp))?;
+    drop(dir);
+    Ok(listener)
 }
 
 const STAGING_PREFIX: &str = ".uds-bind-";
@@ -253,6 +291,60 @@ mod tests {
         std::os::unix::net::UnixStream::connect(&path).expect("the renamed socket accepts");
         drop(guard);
         assert!(names(dir.path()).is_empty());
+    }
+
+    /// A directory of `len` bytes under `base`, made of nested components.
+    fn deep_dir(base: &Path, len: usize) -> PathBuf {
+        let mut dir = base.to_path_buf();
+        while dir.as_os_str().len() < len {
+            // Each component costs its name plus a separator; never leave a gap of one.
+            let room = len - dir.as_os_str().len() - 1;
+            let take = if room > 40 && room - 40 == 1 {
+                39
+            } else {
+                room.min(40)
+            };
+            dir.push("d".repeat(take));
+        }
+        std::fs::create_dir_all(&dir).unwrap();
+        assert_eq!(dir.as_os_str().len(), len);
+        dir
+    }
+
+    #[tokio::test]
+    async fn a_socket_path_near_the_limit_binds_although_its_staging_path_is_longer() {
+        // CI clones into a deeper directory than a developer's; the kubelet's plugin
+        // directory under it left room for the socket but not for the staging path beside it.
+        let base = tempfile::tempdir().unwrap();
+        let dir = deep_dir(base.path(), MAX_SOCKET_PATH - "/dra.sock".len());
+        let path = dir.join("dra.sock");
+        assert_eq!(path.as_os_str().len(), MAX_SOCKET_PATH);
+        let (_incoming, guard) = bind(&path).unwrap();
+        std::os::unix::net::UnixStream::connect(&path).expect("the socket accepts");
+        assert_eq!(names(&dir), vec!["dra.sock".to_string()]);
+        drop(guard);
+    }
+
+    #[tokio::test]
+    async fn a_socket_path_over_the_limit_is_refused_with_its_length() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = deep_dir(base.path(), MAX_SOCKET_PATH + 1 - "/dra.sock".len());
+        let path = dir.join("dra.sock");
+        let err = bind(&path).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            matches!(err, UdsError::PathTooLong { len: 108, .. }),
+            "{text}"
+        );
+        assert!(
+            text.contains(&path.display().to_string()) && text.contains("at most 107"),
+            "{text}"
+        );
+        assert!(
+            names(&dir).is_empty(),
+            "nothing was created: {:?}",
+            names(&dir)
+        );
     }
 
     #[tokio::test]
