@@ -140,8 +140,8 @@ pub fn bind(path: &Path) -> Result<(Incoming, SocketGuard), UdsError> {
     Ok((incoming, guard))
 }
 
-/// `sun_path` holds 108 bytes including the terminating NUL.
-const MAX_SOCKET_PATH: usize = 107;
+/// The longest Unix socket path: `sun_path` holds 108 bytes including the terminating NUL.
+pub const MAX_SOCKET_PATH: usize = 107;
 
 /// Bind `tmp` inside the directory `staging`. The staging path is longer than the final one,
 /// and the final one may itself be close to the limit (the kubelet's directory under a long

@@ -33,6 +33,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 use vgpu_proto::uds;
+use vgpu_proto::uds::MAX_SOCKET_PATH;
 
 /// Default kubelet plugin data directory root (`<root>/<driver>`).
 pub const KUBELET_PLUGINS_DIR: &str = "/var/lib/kubelet/plugins";
@@ -143,32 +144,66 @@ pub struct Options {
     pub registration_patience: Duration,
 }
 
+/// How many characters of the rolling-update UID name the sockets where the whole UID does
+/// not fit (see [`Options::registration_socket`]).
+pub(crate) const SHORT_UID_LEN: usize = 8;
+
 /// The kubelet's plugin watcher registers a new socket within a second or two.
 pub const DEFAULT_REGISTRATION_PATIENCE: Duration = Duration::from_secs(30);
 
 impl Options {
+    /// `-<uid>`, or `-<its first 8 characters>` where the whole UID would make a socket path
+    /// longer than a Unix socket address allows (a kubelet root deeper than /var/lib/kubelet):
+    /// the kubelet could not dial it. Eight hex digits of a random UUID still tell the two
+    /// instances of a rolling update apart.
     fn uid_part(&self) -> String {
-        self.rolling_update_uid
-            .as_deref()
-            .map(|u| format!("-{u}"))
-            .unwrap_or_default()
+        let Some(uid) = self.rolling_update_uid.as_deref() else {
+            return String::new();
+        };
+        let full = format!("-{uid}");
+        if self
+            .socket_paths(&full)
+            .iter()
+            .all(|p| p.as_os_str().len() <= MAX_SOCKET_PATH)
+        {
+            return full;
+        }
+        let short: String = uid
+            .chars()
+            .filter(char::is_ascii_alphanumeric)
+            .take(SHORT_UID_LEN)
+            .collect();
+        format!("-{short}")
+    }
+
+    /// The DRA socket as this process and as the kubelet see it, and the registration
+    /// socket, for a given uid part.
+    fn socket_paths(&self, uid_part: &str) -> [PathBuf; 3] {
+        let dra = format!("dra{uid_part}.sock");
+        [
+            self.plugin_dir.join(&dra),
+            self.kubelet_plugin_dir.join(&dra),
+            self.registrar_dir
+                .join(format!("{}{uid_part}-reg.sock", self.driver_name)),
+        ]
     }
 
     /// `<plugin-dir>/dra[-<uid>].sock`.
     pub fn dra_socket(&self) -> PathBuf {
-        self.plugin_dir.join(format!("dra{}.sock", self.uid_part()))
+        let [own, _, _] = self.socket_paths(&self.uid_part());
+        own
     }
 
     /// `<registrar-dir>/<driver>[-<uid>]-reg.sock`.
     pub fn registration_socket(&self) -> PathBuf {
-        self.registrar_dir
-            .join(format!("{}{}-reg.sock", self.driver_name, self.uid_part()))
+        let [_, _, registration] = self.socket_paths(&self.uid_part());
+        registration
     }
 
     /// The DRA socket's path as the kubelet sees it.
     pub fn kubelet_endpoint(&self) -> PathBuf {
-        self.kubelet_plugin_dir
-            .join(self.dra_socket().file_name().expect("a socket file name"))
+        let [_, kubelet, _] = self.socket_paths(&self.uid_part());
+        kubelet
     }
 }
 
@@ -334,6 +369,51 @@ mod tests {
         assert_eq!(
             options.kubelet_endpoint(),
             PathBuf::from("/var/lib/kubelet/plugins/vgpu.hami.io/dra-6f1c.sock")
+        );
+    }
+
+    #[test]
+    fn a_deep_kubelet_root_gets_socket_names_with_a_shortened_uid() {
+        // CI's kubelet root: the whole pod UID made the registration socket 109 bytes, which
+        // the kubelet cannot dial, and the chart's plugin was never registered.
+        let root = "/check/work/main/.cluster/kubelet";
+        let uid = "81fd30db-3502-4222-b415-bbb942aa06f5";
+        let options = Options {
+            driver_name: "vgpu.hami.io".into(),
+            node_name: "n1".into(),
+            plugin_dir: format!("{root}/plugins/vgpu.hami.io").into(),
+            kubelet_plugin_dir: format!("{root}/plugins/vgpu.hami.io").into(),
+            registrar_dir: format!("{root}/plugins_registry").into(),
+            rolling_update_uid: Some(uid.into()),
+            healthcheck_addr: None,
+            registration_patience: DEFAULT_REGISTRATION_PATIENCE,
+        };
+        assert!(
+            format!("{root}/plugins_registry/vgpu.hami.io-{uid}-reg.sock").len() > MAX_SOCKET_PATH
+        );
+        assert_eq!(
+            options.registration_socket(),
+            PathBuf::from(format!(
+                "{root}/plugins_registry/vgpu.hami.io-81fd30db-reg.sock"
+            ))
+        );
+        assert_eq!(
+            options.dra_socket(),
+            PathBuf::from(format!("{root}/plugins/vgpu.hami.io/dra-81fd30db.sock"))
+        );
+        assert_eq!(options.kubelet_endpoint(), options.dra_socket());
+        // Under /var/lib/kubelet the whole UID fits and is kept.
+        let shallow = Options {
+            plugin_dir: "/var/lib/kubelet/plugins/vgpu.hami.io".into(),
+            kubelet_plugin_dir: "/var/lib/kubelet/plugins/vgpu.hami.io".into(),
+            registrar_dir: "/var/lib/kubelet/plugins_registry".into(),
+            ..options
+        };
+        assert_eq!(
+            shallow.registration_socket(),
+            PathBuf::from(format!(
+                "/var/lib/kubelet/plugins_registry/vgpu.hami.io-{uid}-reg.sock"
+            ))
         );
     }
 }

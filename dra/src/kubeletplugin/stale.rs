@@ -28,8 +28,14 @@ fn is_uid(s: &str) -> bool {
         })
 }
 
+/// The shortened UID of a socket name under a deep kubelet root: its first hex digits.
+fn is_short_uid(s: &str) -> bool {
+    s.len() == super::SHORT_UID_LEN && s.chars().all(|c| c.is_ascii_hexdigit())
+}
+
 /// Whether `name` in the registry directory is a registration socket of some instance of
-/// `driver`: `<driver>-reg.sock` or `<driver>-<pod uid>-reg.sock`.
+/// `driver`: `<driver>-reg.sock`, `<driver>-<pod uid>-reg.sock` or, under a deep kubelet
+/// root, `<driver>-<first 8 hex digits of the uid>-reg.sock`.
 fn is_registration_socket_name(name: &str, driver: &str) -> bool {
     let Some(rest) = name.strip_prefix(driver) else {
         return false;
@@ -38,7 +44,7 @@ fn is_registration_socket_name(name: &str, driver: &str) -> bool {
         || rest
             .strip_prefix('-')
             .and_then(|r| r.strip_suffix("-reg.sock"))
-            .is_some_and(is_uid)
+            .is_some_and(|u| is_uid(u) || is_short_uid(u))
 }
 
 /// Remove `path` if it is a socket nothing listens on (connecting is refused). A socket
@@ -125,6 +131,15 @@ mod tests {
         ));
         assert!(is_registration_socket_name(
             &format!("vgpu.hami.io-{UID_OLD}-reg.sock"),
+            "vgpu.hami.io"
+        ));
+        // The shortened form a deep kubelet root gets.
+        assert!(is_registration_socket_name(
+            "vgpu.hami.io-0b6f3c1e-reg.sock",
+            "vgpu.hami.io"
+        ));
+        assert!(!is_registration_socket_name(
+            "vgpu.hami.io-0b6f3c1-reg.sock",
             "vgpu.hami.io"
         ));
         // Another driver whose name starts with ours.
