@@ -1,7 +1,8 @@
-//! Test support for the whole workspace, in one place: GPU fixtures ([`gpus`]) and strict
+//! Test support for the whole workspace, in one place: GPU fixtures ([`gpus`]), a benchmark fleet ([`fleet`]) and strict
 //! validation against the official Kubernetes schemas ([`schemas`]). Only ever a
 //! dev-dependency: it runs Python and writes temporary files, which no product crate does.
 
+pub mod fleet;
 pub mod gpus;
 pub mod schemas;
 

@@ -4,9 +4,8 @@
 //! waits for it) mixing small slices, CEL selectors, multi-GPU claims with topology
 //! requirements and exclusive GPUs.
 //!
-//! Nodes, by index modulo 10: 0-3 HGX H100 80GB (NVSwitch: all eight GPUs linked), 4-6 DGX-1
-//! V100 32GB (hybrid cube-mesh: two linked quads, GPU i linked to i + 4), 7-9 A100 40GB PCIe
-//! with NVLink bridges in pairs.
+//! Nodes: the benchmark fleet of `test_support::fleet` (HGX H100, DGX-1 V100 cube-mesh, A100
+//! in NVLink pairs).
 //!
 //! Claims, by index modulo 20: 12 plain slices (2-9 GiB, 0-9 % cores), 4 slices with one CEL
 //! selector (20 %), 1 two-GPU Required, 1 four-GPU Required, 1 two-GPU Preferred, 1 exclusive
@@ -14,68 +13,11 @@
 #![allow(dead_code)]
 
 use serde_json::{Value, json};
+use test_support::fleet::{SELECTORS, gpus};
 use vgpu_driver::class::controller_selector;
 use vgpu_driver::config::{API_VERSION, KIND};
 use vgpu_driver::slice::{gpu_devices, render_pool};
-use vgpu_driver::{DEFAULT_DRIVER_NAME, Gpu, NodeRef, PoolOptions};
-
-const GI: u64 = 1 << 30;
-
-#[derive(Clone, Copy)]
-enum Board {
-    HgxH100,
-    Dgx1V100,
-    PairedA100,
-}
-
-fn board(node: usize) -> Board {
-    match node % 10 {
-        0..=3 => Board::HgxH100,
-        4..=6 => Board::Dgx1V100,
-        _ => Board::PairedA100,
-    }
-}
-
-fn gpus(node: usize) -> Vec<Gpu> {
-    let board = board(node);
-    let (product, arch, cc, memory_gib) = match board {
-        Board::HgxH100 => ("NVIDIA H100 80GB HBM3", "Hopper", "9.0", 80),
-        Board::Dgx1V100 => ("Tesla V100-SXM2-32GB", "Volta", "7.0", 32),
-        Board::PairedA100 => ("NVIDIA A100-PCIE-40GB", "Ampere", "8.0", 40),
-    };
-    let uuid = |i: u32| format!("GPU-{node:08x}-{i:04x}-4000-8000-000000000000");
-    (0..8u32)
-        .map(|i| {
-            let linked = |p: u32| match board {
-                Board::HgxH100 => true,
-                Board::Dgx1V100 => p / 4 == i / 4 || p % 4 == i % 4,
-                Board::PairedA100 => p / 2 == i / 2,
-            };
-            Gpu {
-                uuid: uuid(i),
-                index: i,
-                minor: i,
-                product_name: product.into(),
-                architecture: arch.into(),
-                cuda_compute_capability: cc.into(),
-                driver_version: "560.35.03".into(),
-                cuda_driver_version: "12.6".into(),
-                pci_bus_id: format!("0000:{:02x}:00.0", 0x18 + i * 0x10),
-                numa_node: Some(i / 4),
-                memory_bytes: memory_gib * GI,
-                multiprocessor_count: 80,
-                nvlink_peers: (0..8).filter(|&p| p != i && linked(p)).map(uuid).collect(),
-            }
-        })
-        .collect()
-}
-
-const SELECTORS: [&str; 4] = [
-    r#"device.attributes["vgpu.hami.io"].productName.startsWith("NVIDIA H100")"#,
-    r#"device.capacity["vgpu.hami.io"].memory.compareTo(quantity("40Gi")) >= 0"#,
-    r#"device.attributes["vgpu.hami.io"].numaNode == 1"#,
-    r#"device.attributes["vgpu.hami.io"].driverVersion.isGreaterThan(semver("550.0.0"))"#,
-];
+use vgpu_driver::{DEFAULT_DRIVER_NAME, NodeRef, PoolOptions};
 
 fn claim(i: usize) -> Value {
     let (count, selectors, params) = match i % 20 {
