@@ -13,6 +13,7 @@ mod cluster;
 use controller::engine::{Engine, Inputs, Policies};
 use controller::model::PodView;
 use controller::model::{Alternative, ClaimView, ClassView, Count, NodeView, RequestView};
+use controller::slim::SlimPod;
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use serde_json::json;
 use std::collections::BTreeSet;
@@ -101,7 +102,7 @@ fn cluster() -> Engine {
 
 /// The mixed workload as engine inputs, its claims and the pod of each claim.
 fn mixed() -> (Inputs, Vec<ClaimView>, Vec<PodView>) {
-    use k8s_openapi::api::core::v1::{Node, Pod};
+    use k8s_openapi::api::core::v1::Node;
     use k8s_openapi::api::resource::v1;
     let mut inputs = Inputs::default();
     let (mut claims, mut pods) = (Vec::new(), Vec::new());
@@ -119,9 +120,7 @@ fn mixed() -> (Inputs, Vec<ClaimView>, Vec<PodView>) {
             Some("ResourceClaim") => claims.push(
                 ClaimView::of(&serde_json::from_value::<v1::ResourceClaim>(o).unwrap()).unwrap(),
             ),
-            Some("Pod") => pods.push(PodView::from_pod(
-                &serde_json::from_value::<Pod>(o).unwrap(),
-            )),
+            Some("Pod") => pods.push(PodView::of(&serde_json::from_value::<SlimPod>(o).unwrap())),
             other => panic!("unexpected {other:?}"),
         }
     }

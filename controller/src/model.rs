@@ -2,7 +2,8 @@
 //! resource.k8s.io v1 DeviceClasses and ResourceClaims (v1beta1 ones arrive converted by
 //! the `dra` crate).
 
-use k8s_openapi::api::core::v1::{Node, NodeSelector, Pod, Taint, Toleration};
+use crate::slim::{SlimContainer, SlimPod};
+use k8s_openapi::api::core::v1::{Node, NodeSelector, Taint, Toleration};
 use k8s_openapi::api::resource::v1;
 use std::collections::BTreeMap;
 use vgpu_driver::class::is_controller_selector;
@@ -69,18 +70,21 @@ pub struct PodView {
 }
 
 impl PodView {
-    pub fn from_pod(pod: &Pod) -> PodView {
+    pub fn of(pod: &SlimPod) -> PodView {
         let spec = pod.spec.as_ref();
         let status = pod.status.as_ref();
         let (mut cpu, mut mem) = (0i128, 0i128);
-        let request = |c: &k8s_openapi::api::core::v1::Container, k: &str| {
+        let request = |c: &SlimContainer, k: &str| {
             c.resources
                 .as_ref()
                 .and_then(|r| r.requests.as_ref())
                 .and_then(|r| r.get(k))
                 .and_then(|q| Quantity::parse(&q.0).ok())
         };
-        for c in spec.map(|s| s.containers.as_slice()).unwrap_or_default() {
+        for c in spec
+            .and_then(|s| s.containers.as_deref())
+            .unwrap_or_default()
+        {
             cpu += request(c, "cpu")
                 .map(|q| q.nanos() / 1_000_000)
                 .unwrap_or(0);
@@ -141,54 +145,6 @@ impl PodView {
             finished: matches!(phase, "Succeeded" | "Failed"),
         }
     }
-}
-
-/// Keep only what [`PodView::from_pod`] and change detection read of a Pod, so a watch cache
-/// holds a few hundred bytes per pod instead of the whole object (images, environment,
-/// volumes, probes, managedFields, annotations, status conditions: usually several KiB).
-pub fn slim_pod(pod: &mut Pod) {
-    use k8s_openapi::api::core::v1::{
-        Affinity, Container, PodSpec, PodStatus, ResourceRequirements,
-    };
-    let slim_container = |c: &Container| Container {
-        name: c.name.clone(),
-        resources: c.resources.as_ref().map(|r| ResourceRequirements {
-            requests: r.requests.clone(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    pod.metadata = kube::api::ObjectMeta {
-        name: pod.metadata.name.take(),
-        namespace: pod.metadata.namespace.take(),
-        uid: pod.metadata.uid.take(),
-        resource_version: pod.metadata.resource_version.take(),
-        ..Default::default()
-    };
-    pod.spec = pod.spec.take().map(|spec| PodSpec {
-        containers: spec.containers.iter().map(slim_container).collect(),
-        init_containers: spec
-            .init_containers
-            .as_ref()
-            .map(|cs| cs.iter().map(slim_container).collect()),
-        node_name: spec.node_name,
-        node_selector: spec.node_selector,
-        affinity: spec
-            .affinity
-            .and_then(|a| a.node_affinity)
-            .map(|node_affinity| Affinity {
-                node_affinity: Some(node_affinity),
-                ..Default::default()
-            }),
-        tolerations: spec.tolerations,
-        resource_claims: spec.resource_claims,
-        ..Default::default()
-    });
-    pod.status = pod.status.take().map(|status| PodStatus {
-        phase: status.phase,
-        resource_claim_statuses: status.resource_claim_statuses,
-        ..Default::default()
-    });
 }
 
 /// Keep only what [`NodeView::from_node`] and change detection read of a Node: images,
@@ -570,8 +526,8 @@ mod tests {
     }
 
     #[test]
-    fn slimmed_pods_and_nodes_read_the_same_and_weigh_less() {
-        let pod: Pod = serde_json::from_value(serde_json::json!({
+    fn slim_pods_and_nodes_read_as_the_whole_objects_and_weigh_less() {
+        let full = serde_json::json!({
             "metadata": {"name": "p", "namespace": "ml", "uid": "u", "resourceVersion": "7",
                 "labels": {"app": "x"}, "annotations": {"a": "b".repeat(2000)},
                 "managedFields": [{"manager": "kubectl", "operation": "Apply", "fieldsType": "FieldsV1", "fieldsV1": {"f:spec": {}}}]},
@@ -590,20 +546,32 @@ mod tests {
             "status": {"phase": "Running", "podIP": "10.0.0.1",
                 "conditions": [{"type": "Ready", "status": "True"}],
                 "resourceClaimStatuses": [{"name": "gpu", "resourceClaimName": "p-gpu-abc"}]}
-        }))
-        .unwrap();
-        let mut slim = pod.clone();
-        slim_pod(&mut slim);
-        assert_eq!(PodView::from_pod(&slim), PodView::from_pod(&pod));
-        assert_eq!(PodView::from_pod(&slim).claims, ["p-gpu-abc"]);
-        assert_eq!(slim.metadata.resource_version.as_deref(), Some("7"));
-        let size = |v: &Pod| serde_json::to_vec(v).unwrap().len();
-        assert!(
-            size(&slim) * 4 < size(&pod),
-            "{} vs {}",
-            size(&slim),
-            size(&pod)
+        });
+        // Decoded straight into the slim shape, a pod reads as the whole object would.
+        let pod: SlimPod = serde_json::from_value(full.clone()).unwrap();
+        let view = PodView::of(&pod);
+        assert_eq!(
+            (
+                view.namespace.as_str(),
+                view.name.as_str(),
+                view.uid.as_str()
+            ),
+            ("ml", "p", "u")
         );
+        assert_eq!(view.node_name.as_deref(), Some("n1"));
+        assert_eq!(view.node_selector["gpu"], "h100");
+        let term = &view.affinity.as_ref().unwrap().node_selector_terms[0];
+        assert_eq!(term.match_expressions.as_ref().unwrap()[0].key, "zone");
+        assert_eq!(view.tolerations[0].key.as_deref(), Some("gpu"));
+        // The init container's 3 CPUs exceed the containers' 2; memory is the larger 8Gi.
+        assert_eq!((view.cpu_millis, view.memory_bytes), (3000, 8 << 30));
+        assert_eq!(view.claims, ["p-gpu-abc"]);
+        assert!(!view.finished);
+        assert_eq!(pod.metadata.resource_version.as_deref(), Some("7"));
+        assert!(pod.metadata.managed_fields.is_none() && pod.metadata.annotations.is_none());
+        let size = serde_json::to_vec(&pod).unwrap().len();
+        let whole = serde_json::to_vec(&full).unwrap().len();
+        assert!(size * 4 < whole, "{size} vs {whole}");
 
         let node: Node = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "n1", "uid": "nu", "resourceVersion": "3", "labels": {"zone": "a"},

@@ -48,6 +48,7 @@ pub struct Metrics {
     pub refused: Family<RefusalLabels, Counter>,
     pub conflicts: Counter,
     pub decision_seconds: Histogram,
+    pub pass_seconds: Histogram,
     pub gpu_memory_allocated_bytes: Family<GpuLabels, Gauge>,
     pub gpu_memory_free_bytes: Family<GpuLabels, Gauge>,
     pub gpu_cores_allocated_percent: Family<GpuLabels, Gauge>,
@@ -74,6 +75,8 @@ impl Metrics {
             conflicts: Counter::default(),
             // 1 µs to about 4 s: decisions are microseconds, a pass over a large backlog longer.
             decision_seconds: Histogram::new(exponential_buckets(1e-6, 4.0, 12)),
+            // 100 µs to about 3 s: a pass reads the whole cache, so it grows with the cluster.
+            pass_seconds: Histogram::new(exponential_buckets(1e-4, 2.0, 16)),
             gpu_memory_allocated_bytes: Family::default(),
             gpu_memory_free_bytes: Family::default(),
             gpu_cores_allocated_percent: Family::default(),
@@ -102,6 +105,11 @@ impl Metrics {
             "decision_seconds",
             "Time the engine took to decide one claim",
             m.decision_seconds.clone(),
+        );
+        registry.register(
+            "pass_duration_seconds",
+            "Time of one pass over the watch caches: allocating and writing on the leader, observing on a standby",
+            m.pass_seconds.clone(),
         );
         registry.register(
             "gpu_memory_allocated_bytes",

@@ -9,19 +9,20 @@ pub mod metrics;
 pub mod reconcile;
 
 use crate::engine::Policies;
-use crate::model::{ClassView, NodeView, PodView, slim_node, slim_pod};
+use crate::model::{ClassView, NodeView, PodView, slim_node};
+use crate::slim::SlimPod;
 use dra::events::EventSink;
 use dra::{ApiVersion, DiscoveryError, DraApi, DraObject};
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::api::resource::v1;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use leader::{Elector, Leadership, LeaseTiming};
 use metrics::Metrics;
-use reconcile::{Allocator, Backoff, PassReport, Snapshot};
+use reconcile::{Allocator, Backoff, Deferred, PassReport, Snapshot};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -142,9 +143,10 @@ impl Controller {
         let classes: Store<v1::DeviceClass> = watch_dra(&self.client, version, &notify, &mut tasks);
         let slices: Store<v1::ResourceSlice> =
             watch_dra(&self.client, version, &notify, &mut tasks);
-        // Pods and Nodes are most of the cache: only the fields placement reads are kept.
+        // Pods and Nodes are most of the cache: only the fields placement reads are kept, and
+        // pods are decoded straight into them (`SlimPod`).
         let nodes: Store<Node> = watch_core(&self.client, &notify, &mut tasks, slim_node);
-        let pods: Store<Pod> = watch_core(&self.client, &notify, &mut tasks, slim_pod);
+        let pods: Store<SlimPod> = watch_core(&self.client, &notify, &mut tasks, |_| {});
 
         let leadership = match &self.options.leader_election {
             Some(le) => {
@@ -203,6 +205,7 @@ impl Controller {
             loop {
                 let leading = leadership.is_leading();
                 let mut next_retry = None;
+                let started = std::time::Instant::now();
                 let snapshot = snapshot(&claims, &classes, &slices, &nodes, &pods);
                 if leading {
                     let report = allocator.pass(snapshot).await;
@@ -220,6 +223,9 @@ impl Controller {
                         s.observed += 1;
                     }
                 }
+                self.metrics
+                    .pass_seconds
+                    .observe(started.elapsed().as_secs_f64());
                 if let Ok(mut s) = self.status.lock() {
                     s.leading = leading;
                 }
@@ -347,18 +353,20 @@ fn snapshot(
     classes: &Store<v1::DeviceClass>,
     slices: &Store<v1::ResourceSlice>,
     nodes: &Store<Node>,
-    pods: &Store<Pod>,
+    pods: &Store<SlimPod>,
 ) -> Snapshot {
     Snapshot {
         claims: claims.state(),
         classes: classes.state().iter().map(|c| ClassView::of(c)).collect(),
-        slices: slices.state().iter().map(|s| SliceView::of(s)).collect(),
-        nodes: nodes
-            .state()
-            .iter()
-            .map(|n| NodeView::from_node(n))
-            .collect(),
-        pods: pods.state().iter().map(|p| PodView::from_pod(p)).collect(),
+        slices: {
+            let slices = slices.state();
+            Deferred::later(move || slices.iter().map(|s| SliceView::of(s)).collect())
+        },
+        nodes: {
+            let nodes = nodes.state();
+            Deferred::later(move || nodes.iter().map(|n| NodeView::from_node(n)).collect())
+        },
+        pods: pods.state().iter().map(|p| PodView::of(p)).collect(),
         slice_versions: versions(slices),
         node_versions: versions(nodes),
         class_versions: versions(classes),

@@ -137,12 +137,41 @@ fn hash_of(items: impl Iterator<Item = (String, String)>) -> u64 {
     h.finish()
 }
 
+/// Views that a pass builds only if it needs them: a kept engine reads no slice or node, and
+/// building their views is most of a pass that allocates nothing (every GPU's attributes and
+/// capacities are parsed again).
+pub struct Deferred<T>(DeferredViews<T>);
+
+enum DeferredViews<T> {
+    Built(Vec<T>),
+    Later(Box<dyn FnOnce() -> Vec<T> + Send>),
+}
+
+impl<T> Deferred<T> {
+    pub fn later(build: impl FnOnce() -> Vec<T> + Send + 'static) -> Deferred<T> {
+        Deferred(DeferredViews::Later(Box::new(build)))
+    }
+
+    pub fn build(self) -> Vec<T> {
+        match self.0 {
+            DeferredViews::Built(views) => views,
+            DeferredViews::Later(build) => build(),
+        }
+    }
+}
+
+impl<T> From<Vec<T>> for Deferred<T> {
+    fn from(views: Vec<T>) -> Deferred<T> {
+        Deferred(DeferredViews::Built(views))
+    }
+}
+
 /// The objects a pass works on.
 pub struct Snapshot {
     pub claims: Vec<Arc<v1::ResourceClaim>>,
     pub classes: Vec<ClassView>,
-    pub slices: Vec<SliceView>,
-    pub nodes: Vec<NodeView>,
+    pub slices: Deferred<SliceView>,
+    pub nodes: Deferred<NodeView>,
     pub pods: Vec<PodView>,
     /// (name, resourceVersion) of the slices, nodes and classes: cheap change detection.
     pub slice_versions: Vec<(String, String)>,
@@ -523,8 +552,8 @@ impl Selection {
             }
             _ => {
                 let inputs = Inputs {
-                    nodes: snapshot.nodes,
-                    slices: snapshot.slices,
+                    nodes: snapshot.nodes.build(),
+                    slices: snapshot.slices.build(),
                     classes: snapshot.classes,
                     claims: allocated,
                     pods: snapshot.pods,
@@ -1195,8 +1224,8 @@ mod tests {
                     ours: false,
                 },
             ],
-            slices: vec![],
-            nodes: vec![],
+            slices: vec![].into(),
+            nodes: vec![].into(),
             pods: vec![
                 pod_of("p1", "young", None),
                 pod_of("p2", "old", None),
@@ -1243,8 +1272,8 @@ mod tests {
                 config: vec![],
                 ours: true,
             }],
-            slices: vec![],
-            nodes: vec![],
+            slices: vec![].into(),
+            nodes: vec![].into(),
             pods: vec![pod_of("p", "a", None)],
             slice_versions: vec![("s1".into(), slice_version.into())],
             node_versions: vec![],

@@ -6,12 +6,14 @@
 
 use crate::engine::Inputs;
 use crate::model::{ClaimView, ClassView, NodeView, PodView};
+use crate::slim::SlimPod;
 use dra::convert::{self, DraObject};
 use dra::{ApiVersion, ConvertError};
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::api::resource::v1;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
+use std::collections::HashMap;
 use vgpu_driver::SliceView;
 
 /// A claim as read: v1, and the version it was written in.
@@ -74,6 +76,26 @@ pub enum InputError {
     },
 }
 
+impl InputError {
+    /// The same error at document `index` (documents read apart are numbered in the stream).
+    fn at(self, index: usize) -> InputError {
+        match self {
+            InputError::Yaml { source, .. } => InputError::Yaml { index, source },
+            InputError::Object {
+                kind,
+                name,
+                message,
+                ..
+            } => InputError::Object {
+                index,
+                kind,
+                name,
+                message,
+            },
+        }
+    }
+}
+
 fn decode<T: DeserializeOwned>(
     index: usize,
     kind: &str,
@@ -132,128 +154,266 @@ fn ensure_uid(doc: &mut Value, kind: &str) {
     }
 }
 
-/// Parse a multi-document YAML stream.
+/// Parse a multi-document YAML stream. Each document is turned into what the simulator keeps
+/// of it (views, claims, slim pods) as it is read, so memory follows what is kept rather than
+/// the size of the text: a pod's images, environment, probes and volumes are dropped at once.
+/// Documents are read in parallel where the stream can be cut into them safely (see
+/// [`split_documents`]); the result is the same as reading them one after another.
 pub fn parse(text: &str) -> Result<Workload, InputError> {
-    let mut workload = Workload::default();
-    let mut templates: Vec<(ClaimTemplate, String)> = Vec::new();
-    let mut pods: Vec<(usize, Pod)> = Vec::new();
-    // `kubectl get -o yaml` wraps objects in a List: its items count as documents.
-    let mut documents = Vec::new();
-    for (index, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
-        let doc: Value = serde::Deserialize::deserialize(document)
-            .map_err(|source| InputError::Yaml { index, source })?;
-        match doc.get("items").and_then(Value::as_array) {
-            Some(items)
-                if doc
-                    .get("kind")
-                    .and_then(Value::as_str)
-                    .is_some_and(|k| k.ends_with("List")) =>
-            {
-                documents.extend(items.iter().cloned().map(|item| (index, item)));
+    parse_with(text, true)
+}
+
+fn parse_with(text: &str, parallel: bool) -> Result<Workload, InputError> {
+    let documents: Vec<DocumentRead> = match split_documents(text) {
+        Some(chunks) if parallel => {
+            use rayon::prelude::*;
+            let read: Vec<Option<Vec<DocumentRead>>> = chunks
+                .par_iter()
+                .map(|chunk| {
+                    // A chunk is one document, or none (blank text before the first marker).
+                    let mut docs = read_stream(chunk, 0);
+                    match docs.len() {
+                        0 | 1 => Some(docs.pop().into_iter().collect()),
+                        _ => None,
+                    }
+                })
+                .collect();
+            match read.into_iter().collect::<Option<Vec<_>>>() {
+                Some(read) => read.into_iter().flatten().collect(),
+                // The cut disagrees with the parser somewhere: read the stream whole.
+                None => read_stream(text, 0),
             }
-            _ => documents.push((index, doc)),
+        }
+        _ => read_stream(text, 0),
+    };
+    let mut reader = Reader::default();
+    for (index, document) in documents.into_iter().enumerate() {
+        for parsed in document.map_err(|e| e.at(index))? {
+            reader.add(index, parsed);
         }
     }
-    for (index, mut doc) in documents {
-        if doc.is_null() {
-            continue;
+    reader.finish()
+}
+
+/// Read every document of a YAML stream, numbering them from `first`. Stops after the first
+/// document that is not YAML, as the parser cannot go on past it.
+fn read_stream(text: &str, first: usize) -> Vec<DocumentRead> {
+    let mut out = Vec::new();
+    for (i, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+        let index = first + i;
+        let read = serde::Deserialize::deserialize(document)
+            .map_err(|source| InputError::Yaml { index, source })
+            .and_then(|doc| read_document(index, doc));
+        let failed = read.is_err();
+        out.push(read);
+        if failed {
+            break;
         }
-        let api_version = doc
-            .get("apiVersion")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string();
-        let kind = doc
-            .get("kind")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string();
-        let name = doc
-            .pointer("/metadata/name")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string();
-        if name.is_empty() && !kind.ends_with("List") {
-            return Err(InputError::Object {
-                index,
-                kind,
-                name,
-                message: "metadata.name is required".into(),
-            });
+    }
+    out
+}
+
+/// Cut a YAML stream into its documents' texts at the lines that start a document (`---` at
+/// the start of a line, alone or followed by a space or tab): YAML forbids such a line inside
+/// a document, so no document is cut in two. `None` when the stream uses directives (`%`) or
+/// document end markers (`...`), whose effect spans documents: it is then read whole.
+fn split_documents(text: &str) -> Option<Vec<&str>> {
+    let mut chunks = Vec::new();
+    let mut start = 0;
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        let bare = line.trim_end_matches(['\n', '\r']);
+        if bare.starts_with('%') || bare == "..." || bare.starts_with("... ") {
+            return None;
         }
-        ensure_uid(&mut doc, &kind);
-        let dra_version = ApiVersion::of_api_version(&api_version);
+        let marker = bare == "---" || bare.starts_with("--- ") || bare.starts_with("---\t");
+        if marker && offset > start {
+            chunks.push(&text[start..offset]);
+            start = offset;
+        }
+        offset += line.len();
+    }
+    if offset > start {
+        chunks.push(&text[start..]);
+    }
+    // Blank lines and comments before the first marker are no document of the stream (the
+    // parser reads them alone as an empty one).
+    let blank = |chunk: &str| {
+        chunk
+            .lines()
+            .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'))
+    };
+    if chunks.len() > 1 && chunks.first().is_some_and(|c| blank(c)) {
+        chunks.remove(0);
+    }
+    Some(chunks)
+}
+
+/// The objects of one document, or why it cannot be read.
+type DocumentRead = Result<Vec<Parsed>, InputError>;
+
+/// What one object of the input becomes.
+enum Parsed {
+    Node(NodeView),
+    /// Decoded as the controller's watch cache decodes it.
+    Pod(SlimPod),
+    Slice(SliceView),
+    Class(ClassView),
+    Claim(ClaimObject),
+    Template {
+        namespace: String,
+        name: String,
+        template: Box<ClaimTemplate>,
+    },
+    Ignored(String),
+}
+
+/// The objects of one document: the document itself, or a List's items (`kubectl get -o yaml`
+/// wraps objects in one).
+fn read_document(index: usize, mut doc: Value) -> Result<Vec<Parsed>, InputError> {
+    let is_list = doc
+        .get("kind")
+        .and_then(Value::as_str)
+        .is_some_and(|k| k.ends_with("List"));
+    let objects = match doc.get_mut("items").and_then(Value::as_array_mut) {
+        Some(items) if is_list => std::mem::take(items),
+        _ => vec![doc],
+    };
+    let mut parsed = Vec::with_capacity(objects.len());
+    for object in objects {
+        if let Some(p) = read_object(index, object)? {
+            parsed.push(p);
+        }
+    }
+    Ok(parsed)
+}
+
+fn read_object(index: usize, mut doc: Value) -> Result<Option<Parsed>, InputError> {
+    if doc.is_null() {
+        return Ok(None);
+    }
+    let text = |doc: &Value, pointer: &str| {
+        doc.pointer(pointer)
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string()
+    };
+    let api_version = text(&doc, "/apiVersion");
+    let kind = text(&doc, "/kind");
+    let name = text(&doc, "/metadata/name");
+    if name.is_empty() && !kind.ends_with("List") {
+        return Err(InputError::Object {
+            index,
+            kind,
+            name,
+            message: "metadata.name is required".into(),
+        });
+    }
+    ensure_uid(&mut doc, &kind);
+    let dra_version = ApiVersion::of_api_version(&api_version);
+    Ok(Some(
         match (api_version.as_str(), dra_version, kind.as_str()) {
-            ("v1", _, "Node") => workload
-                .inputs
-                .nodes
-                .push(NodeView::from_node(&decode::<Node>(
-                    index, &kind, &name, doc,
-                )?)),
-            ("v1", _, "Pod") => pods.push((index, decode(index, &kind, &name, doc)?)),
-            (_, Some(_), "ResourceSlice") => workload
-                .inputs
-                .slices
-                .push(SliceView::of(&decode_dra(index, &kind, &name, doc)?)),
-            (_, Some(_), "DeviceClass") => workload
-                .inputs
-                .classes
-                .push(ClassView::of(&decode_dra(index, &kind, &name, doc)?)),
-            (_, Some(version), "ResourceClaim") => workload.claims.push(ClaimObject {
+            ("v1", _, "Node") => Parsed::Node(NodeView::from_node(&decode::<Node>(
+                index, &kind, &name, doc,
+            )?)),
+            ("v1", _, "Pod") => Parsed::Pod(decode(index, &kind, &name, doc)?),
+            (_, Some(_), "ResourceSlice") => {
+                Parsed::Slice(SliceView::of(&decode_dra(index, &kind, &name, doc)?))
+            }
+            (_, Some(_), "DeviceClass") => {
+                Parsed::Class(ClassView::of(&decode_dra(index, &kind, &name, doc)?))
+            }
+            (_, Some(version), "ResourceClaim") => Parsed::Claim(ClaimObject {
                 claim: decode_dra(index, &kind, &name, doc)?,
                 version,
             }),
             (_, Some(version), "ResourceClaimTemplate") => {
                 let template: v1::ResourceClaimTemplate = decode_dra(index, &kind, &name, doc)?;
-                let ns = template.metadata.namespace.clone().unwrap_or_default();
-                templates.push((ClaimTemplate { template, version }, ns));
+                Parsed::Template {
+                    namespace: template.metadata.namespace.clone().unwrap_or_default(),
+                    name,
+                    template: Box::new(ClaimTemplate { template, version }),
+                }
             }
-            _ => workload
-                .ignored
-                .push(format!("{api_version} {kind} {name}")),
+            _ => Parsed::Ignored(format!("{api_version} {kind} {name}")),
+        },
+    ))
+}
+
+/// What has been read so far.
+#[derive(Default)]
+struct Reader {
+    workload: Workload,
+    /// By namespace and name; the first of a name wins.
+    templates: HashMap<(String, String), ClaimTemplate>,
+    /// Slim pods with their document index: their template claims are generated once every
+    /// template has been read.
+    pods: Vec<(usize, SlimPod)>,
+}
+
+impl Reader {
+    fn add(&mut self, index: usize, parsed: Parsed) {
+        let inputs = &mut self.workload.inputs;
+        match parsed {
+            Parsed::Node(node) => inputs.nodes.push(node),
+            Parsed::Pod(pod) => self.pods.push((index, pod)),
+            Parsed::Slice(slice) => inputs.slices.push(slice),
+            Parsed::Class(class) => inputs.classes.push(class),
+            Parsed::Claim(claim) => self.workload.claims.push(claim),
+            Parsed::Template {
+                namespace,
+                name,
+                template,
+            } => {
+                self.templates.entry((namespace, name)).or_insert(*template);
+            }
+            Parsed::Ignored(what) => self.workload.ignored.push(what),
         }
     }
-    for (index, mut pod) in pods {
-        let ns = pod.metadata.namespace.clone().unwrap_or_default();
-        let pod_name = pod.metadata.name.clone().unwrap_or_default();
-        let mut statuses = Vec::new();
-        for rc in pod
-            .spec
-            .iter()
-            .flat_map(|s| s.resource_claims.iter().flatten())
-        {
-            let Some(template_name) = &rc.resource_claim_template_name else {
-                continue;
-            };
-            let template = templates
+
+    /// Pods that use templates get the claims the kube-controller-manager would generate.
+    fn finish(mut self) -> Result<Workload, InputError> {
+        for (index, mut pod) in std::mem::take(&mut self.pods) {
+            let ns = pod.metadata.namespace.clone().unwrap_or_default();
+            let pod_name = pod.metadata.name.clone().unwrap_or_default();
+            let mut statuses = Vec::new();
+            for rc in pod
+                .spec
                 .iter()
-                .find(|(t, t_ns)| t.name() == *template_name && *t_ns == ns)
-                .map(|(t, _)| t)
-                .ok_or_else(|| InputError::Object {
-                    index,
-                    kind: "Pod".into(),
-                    name: pod_name.clone(),
-                    message: format!("spec.resourceClaims[{}]: ResourceClaimTemplate {ns}/{template_name} is not in the input", rc.name),
-                })?;
-            // The kube-controller-manager names generated claims <pod>-<claim>-<random>; the
-            // simulator leaves out the random part.
-            let claim_name = format!("{pod_name}-{}", rc.name);
-            workload
-                .claims
-                .push(template.instantiate(&ns, &claim_name, &pod_name));
-            statuses.push(k8s_openapi::api::core::v1::PodResourceClaimStatus {
-                name: rc.name.clone(),
-                resource_claim_name: Some(claim_name),
-            });
+                .flat_map(|s| s.resource_claims.iter().flatten())
+            {
+                let Some(template_name) = &rc.resource_claim_template_name else {
+                    continue;
+                };
+                let template = self
+                    .templates
+                    .get(&(ns.clone(), template_name.clone()))
+                    .ok_or_else(|| InputError::Object {
+                        index,
+                        kind: "Pod".into(),
+                        name: pod_name.clone(),
+                        message: format!("spec.resourceClaims[{}]: ResourceClaimTemplate {ns}/{template_name} is not in the input", rc.name),
+                    })?;
+                // The kube-controller-manager names generated claims <pod>-<claim>-<random>; the
+                // simulator leaves out the random part.
+                let claim_name = format!("{pod_name}-{}", rc.name);
+                self.workload
+                    .claims
+                    .push(template.instantiate(&ns, &claim_name, &pod_name));
+                statuses.push(k8s_openapi::api::core::v1::PodResourceClaimStatus {
+                    name: rc.name.clone(),
+                    resource_claim_name: Some(claim_name),
+                });
+            }
+            if !statuses.is_empty() {
+                pod.status
+                    .get_or_insert_with(Default::default)
+                    .resource_claim_statuses = Some(statuses);
+            }
+            self.workload.inputs.pods.push(PodView::of(&pod));
         }
-        if !statuses.is_empty() {
-            pod.status
-                .get_or_insert_with(Default::default)
-                .resource_claim_statuses = Some(statuses);
-        }
-        workload.inputs.pods.push(PodView::from_pod(&pod));
+        Ok(self.workload)
     }
-    Ok(workload)
 }
 
 /// A template as read, and the version it was written in (its claims are given back in it).
@@ -264,10 +424,6 @@ struct ClaimTemplate {
 }
 
 impl ClaimTemplate {
-    fn name(&self) -> String {
-        self.template.metadata.name.clone().unwrap_or_default()
-    }
-
     fn instantiate(&self, ns: &str, name: &str, pod: &str) -> ClaimObject {
         let metadata = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
             name: Some(name.to_string()),
@@ -290,5 +446,63 @@ impl ClaimTemplate {
             },
             version: self.version,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn documents_are_cut_only_at_lines_that_start_one() {
+        let text = "# leading comment\n---\na: 1\nb: |\n  --- not a marker\n---x: 2\n--- # c\nc: 3\n---\n\n---\td: 4\n";
+        assert_eq!(
+            split_documents(text).unwrap(),
+            vec![
+                "---\na: 1\nb: |\n  --- not a marker\n---x: 2\n",
+                "--- # c\nc: 3\n",
+                "---\n\n",
+                "---\td: 4\n",
+            ]
+        );
+        assert_eq!(split_documents("a: 1\r\n---\r\nb: 2").unwrap().len(), 2);
+        // Directives and end markers reach across documents: such a stream is read whole.
+        assert_eq!(split_documents("%YAML 1.2\n---\na: 1\n"), None);
+        assert_eq!(split_documents("a: 1\n...\nb: 2\n"), None);
+    }
+
+    /// Documents read apart give what reading them in order gives: same objects in the same
+    /// order, same document numbers, in errors too.
+    #[test]
+    fn reading_in_parallel_equals_reading_in_order() {
+        let list = "apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Namespace\n  metadata: {name: a}\n- apiVersion: v1\n  kind: Node\n  metadata: {name: listed}\n";
+        // The pod comes before the template its claim is made from.
+        let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: trainer, namespace: ml}\nspec:\n  containers: [{name: main, image: x, env: [{name: A, value: b}]}]\n  resourceClaims: [{name: gpu, resourceClaimTemplateName: slice}]\n";
+        let template = "apiVersion: resource.k8s.io/v1\nkind: ResourceClaimTemplate\nmetadata: {name: slice, namespace: ml}\nspec:\n  spec:\n    devices:\n      requests: [{name: gpu, exactly: {deviceClassName: gpu-slice}}]\n";
+        let text = format!(
+            "# a comment before the first document\n{}\n---\n---\n{list}---\n{pod}---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: b}}\n---\n{template}",
+            super::super::default::yaml()
+        );
+        let parallel = parse_with(&text, true).unwrap();
+        let in_order = parse_with(&text, false).unwrap();
+        assert!(parallel.inputs.nodes.iter().any(|n| n.name == "listed"));
+        assert_eq!(
+            parallel.inputs.pods[0].claims,
+            vec!["trainer-gpu".to_string()]
+        );
+        assert!(parallel.claims.iter().any(|c| c.key() == "ml/trainer-gpu"));
+        assert_eq!(format!("{parallel:?}"), format!("{in_order:?}"));
+
+        let bad = format!(
+            "{text}---\napiVersion: v1\nkind: Pod\nmetadata: {{name: p}}\nspec: {{containers: 7}}\n---\n: : :\n"
+        );
+        let parallel = parse_with(&bad, true).unwrap_err().to_string();
+        let in_order = parse_with(&bad, false).unwrap_err().to_string();
+        assert_eq!(parallel, in_order);
+        let documents = serde_yaml_ng::Deserializer::from_str(&text).count();
+        assert!(
+            parallel.starts_with(&format!("document {documents} (Pod p): spec.containers")),
+            "{parallel}"
+        );
     }
 }
