@@ -65,6 +65,18 @@ struct SeriesKey {
     note: String,
 }
 
+impl SeriesKey {
+    /// The key as the sink remembers it: 8 bytes instead of the strings and the note (up to
+    /// 1 KiB), as a controller may publish one Event per claim. Two keys would share a series
+    /// only on a 64-bit hash collision, which would bump the count of the other Event.
+    fn digest(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.hash(&mut h);
+        h.finish()
+    }
+}
+
 #[derive(Clone, Debug)]
 struct Series {
     /// The Event's name in its namespace.
@@ -73,13 +85,39 @@ struct Series {
     last: Instant,
 }
 
+/// The series published within the window, and when expired ones were last dropped.
+#[derive(Debug, Default)]
+struct SeriesBook {
+    by_key: HashMap<u64, Series>,
+    pruned: Option<Instant>,
+}
+
+impl SeriesBook {
+    /// The live series for `key`; expired series are dropped at most every tenth of the
+    /// window (a scan per publish would make a burst of N Events cost N² steps).
+    fn get(&mut self, key: u64, now: Instant) -> Option<Series> {
+        if self
+            .pruned
+            .is_none_or(|at| now.duration_since(at) >= SERIES_WINDOW / 10)
+        {
+            self.by_key
+                .retain(|_, s| now.duration_since(s.last) < SERIES_WINDOW);
+            self.pruned = Some(now);
+        }
+        self.by_key
+            .get(&key)
+            .filter(|s| now.duration_since(s.last) < SERIES_WINDOW)
+            .cloned()
+    }
+}
+
 /// Publishes Events as one component (`reportingController`) and instance.
 #[derive(Clone)]
 pub struct EventSink {
     client: kube::Client,
     controller: String,
     instance: String,
-    series: Arc<Mutex<HashMap<SeriesKey, Series>>>,
+    series: Arc<Mutex<SeriesBook>>,
 }
 
 impl EventSink {
@@ -146,10 +184,12 @@ impl EventSink {
             note: note.clone(),
         };
         let now = Instant::now();
-        let existing = self.series.lock().ok().and_then(|mut series| {
-            series.retain(|_, s| now.duration_since(s.last) < SERIES_WINDOW);
-            series.get(&key).cloned()
-        });
+        let digest = key.digest();
+        let existing = self
+            .series
+            .lock()
+            .ok()
+            .and_then(|mut series| series.get(digest, now));
         let api: Api<Event> = Api::namespaced(self.client.clone(), &namespace);
         if let Some(existing) = existing {
             let count = existing.count + 1;
@@ -166,7 +206,7 @@ impl EventSink {
                 .await
             {
                 Ok(_) => {
-                    self.remember(key, existing.name, count, now);
+                    self.remember(digest, existing.name, count, now);
                     return Ok(());
                 }
                 // Expired or deleted meanwhile: start a new one.
@@ -196,13 +236,13 @@ impl EventSink {
             ..Default::default()
         };
         let created = api.create(&PostParams::default(), &event).await?;
-        self.remember(key, created.metadata.name.unwrap_or_default(), 1, now);
+        self.remember(digest, created.metadata.name.unwrap_or_default(), 1, now);
         Ok(())
     }
 
-    fn remember(&self, key: SeriesKey, name: String, count: i32, now: Instant) {
+    fn remember(&self, key: u64, name: String, count: i32, now: Instant) {
         if let Ok(mut series) = self.series.lock() {
-            series.insert(
+            series.by_key.insert(
                 key,
                 Series {
                     name,
@@ -217,6 +257,28 @@ impl EventSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn series_are_found_within_the_window_and_forgotten_after_it() {
+        let mut book = SeriesBook::default();
+        let start = Instant::now();
+        let series = |last| Series {
+            name: "e".into(),
+            count: 1,
+            last,
+        };
+        book.by_key.insert(1, series(start));
+        assert_eq!(book.get(1, start).map(|s| s.count), Some(1));
+        assert!(book.get(2, start).is_none());
+        // Expired: not found, even before the next prune drops it.
+        let later = start + SERIES_WINDOW;
+        book.pruned = Some(later);
+        assert!(book.get(1, later).is_none());
+        assert_eq!(book.by_key.len(), 1);
+        // A prune runs once a tenth of the window has passed since the last.
+        assert!(book.get(1, later + SERIES_WINDOW / 10).is_none());
+        assert!(book.by_key.is_empty());
+    }
 
     #[test]
     fn notes_are_cut_on_a_character_boundary() {
