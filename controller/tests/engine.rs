@@ -820,3 +820,51 @@ fn config_errors_number_the_claims_entries_from_its_own_list() {
         "{err}"
     );
 }
+
+/// The capacity gauges follow the engine: values move with each charge, and the series of a
+/// node that left are gone after the next build, while the others stay.
+#[test]
+fn capacity_series_follow_the_engines_gpus() {
+    use controller::run::metrics::Metrics;
+    let metrics = Metrics::new();
+    let free = |text: &str, node: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| {
+                l.starts_with("vgpu_controller_gpu_memory_free_bytes{")
+                    && l.contains(&format!("node=\"{node}\""))
+            })
+            .map(|l| l.rsplit(' ').next().unwrap_or("").to_string())
+            .collect()
+    };
+    let mut e = engine(
+        &cluster(&[("n1", hgx(2, 80)), ("n2", hgx(2, 80))]),
+        Policies::default(),
+    );
+    metrics.observe_state(&e.state);
+    let text = metrics.render();
+    assert_eq!(
+        free(&text, "n1"),
+        [(80 * GI).to_string(), (80 * GI).to_string()]
+    );
+    assert_eq!(free(&text, "n2").len(), 2);
+
+    let a = e
+        .allocate(&claim("a", 1, json!({"memory": "10Gi"})), None, &none())
+        .unwrap();
+    e.commit(&a);
+    metrics.observe_state(&e.state);
+    let text = metrics.render();
+    let all: Vec<String> = [free(&text, "n1"), free(&text, "n2")].concat();
+    assert_eq!(
+        all.iter().filter(|v| **v == (70 * GI).to_string()).count(),
+        1
+    );
+    assert!(text.contains("vgpu_controller_node_memory_fragmentation_ratio{node=\"n2\"}"));
+
+    let e = engine(&cluster(&[("n1", hgx(2, 80))]), Policies::default());
+    metrics.observe_state(&e.state);
+    let text = metrics.render();
+    assert_eq!(free(&text, "n1").len(), 2);
+    assert!(free(&text, "n2").is_empty(), "{text}");
+    assert!(!text.contains("node=\"n2\""), "{text}");
+}

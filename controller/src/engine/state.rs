@@ -160,6 +160,9 @@ pub struct Holding {
 /// Nodes, GPUs and holdings.
 #[derive(Debug, Default)]
 pub struct ClusterState {
+    /// This state's build, unique in the process: states of one build have the same nodes
+    /// and GPUs at the same indices (charges and releases change only their books).
+    pub build: u64,
     pub driver: String,
     pub nodes: Vec<NodeState>,
     pub node_index: HashMap<String, usize>,
@@ -222,7 +225,9 @@ impl ClusterState {
         claims: &[ClaimView],
         pods: &[PodView],
     ) -> ClusterState {
+        static BUILDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         let mut state = ClusterState {
+            build: BUILDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             driver: driver.to_string(),
             ..Default::default()
         };

@@ -8,6 +8,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use std::collections::HashSet;
+use std::sync::Mutex;
 use std::sync::atomic::AtomicU64;
 use vgpu_driver::slice::AttributeValue;
 
@@ -57,6 +59,16 @@ pub struct Metrics {
     pub node_fragmentation: Family<NodeLabels, Gauge<f64, AtomicU64>>,
     pub pending: Family<PendingLabels, Gauge>,
     pub leader: Gauge,
+    /// The label sets of the GPUs and nodes of the last state observed.
+    observed: Mutex<Option<Observed>>,
+}
+
+/// Label sets of one engine build, by GPU and node index: built once per build rather than
+/// per pass (five strings per GPU, and a pass runs after every burst of changes).
+struct Observed {
+    build: u64,
+    gpus: Vec<GpuLabels>,
+    nodes: Vec<NodeLabels>,
 }
 
 impl Default for Metrics {
@@ -85,6 +97,7 @@ impl Metrics {
             node_fragmentation: Family::default(),
             pending: Family::default(),
             leader: Gauge::default(),
+            observed: Mutex::default(),
         };
         registry.register(
             "claims_allocated",
@@ -157,35 +170,39 @@ impl Metrics {
     /// Set the per-GPU and per-node gauges from a cluster state: the leader's after a pass,
     /// a standby's from its own caches.
     pub fn observe_state(&self, state: &ClusterState) {
-        // Drop GPUs that disappeared (node removed, pool replaced).
-        self.gpu_memory_allocated_bytes.clear();
-        self.gpu_memory_free_bytes.clear();
-        self.gpu_cores_allocated_percent.clear();
-        self.gpu_cores_free_percent.clear();
-        self.gpu_claims.clear();
-        self.node_fragmentation.clear();
-        let attribute = |gpu: &crate::engine::state::GpuState, name: &str| match gpu
-            .device
-            .attributes
-            .get(name)
-        {
-            Some(AttributeValue::String(s)) | Some(AttributeValue::Version(s)) => s.clone(),
-            Some(AttributeValue::Int(i)) => i.to_string(),
-            Some(AttributeValue::Bool(b)) => b.to_string(),
-            None => String::new(),
+        let mut observed = self.observed.lock().unwrap_or_else(|e| e.into_inner());
+        if observed.as_ref().is_none_or(|o| {
+            o.build != state.build
+                || o.gpus.len() != state.gpus.len()
+                || o.nodes.len() != state.nodes.len()
+        }) {
+            let now = Observed::of(state);
+            // Drop the series of GPUs and nodes that disappeared (node removed, pool replaced).
+            if let Some(old) = observed.take() {
+                let gpus: HashSet<&GpuLabels> = now.gpus.iter().collect();
+                for gone in old.gpus.iter().filter(|l| !gpus.contains(l)) {
+                    self.gpu_memory_allocated_bytes.remove(gone);
+                    self.gpu_memory_free_bytes.remove(gone);
+                    self.gpu_cores_allocated_percent.remove(gone);
+                    self.gpu_cores_free_percent.remove(gone);
+                    self.gpu_claims.remove(gone);
+                }
+                let nodes: HashSet<&NodeLabels> = now.nodes.iter().collect();
+                for gone in old.nodes.iter().filter(|l| !nodes.contains(l)) {
+                    self.node_fragmentation.remove(gone);
+                }
+            }
+            *observed = Some(now);
+        }
+        let Some(labels) = observed.as_ref() else {
+            return;
         };
         let clamp = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-        for node in &state.nodes {
+        for (n, node) in state.nodes.iter().enumerate() {
             let (mut total_free, mut max_free) = (0u128, 0u64);
             for &g in &node.gpus {
                 let gpu = &state.gpus[g];
-                let labels = GpuLabels {
-                    node: node.view.name.clone(),
-                    device: gpu.device.name.clone(),
-                    uuid: attribute(gpu, "uuid"),
-                    index: attribute(gpu, "index"),
-                    model: attribute(gpu, "productName"),
-                };
+                let labels = &labels.gpus[g];
                 let used_memory = gpu.used.memory_bytes.min(gpu.total.memory_bytes);
                 let used_cores = gpu.used.cores.min(gpu.total.cores);
                 // An exclusively held GPU has nothing to give whatever its counters say.
@@ -197,25 +214,23 @@ impl Metrics {
                 total_free += u128::from(free.memory_bytes);
                 max_free = max_free.max(free.memory_bytes);
                 self.gpu_memory_allocated_bytes
-                    .get_or_create(&labels)
+                    .get_or_create(labels)
                     .set(clamp(used_memory));
                 self.gpu_memory_free_bytes
-                    .get_or_create(&labels)
+                    .get_or_create(labels)
                     .set(clamp(free.memory_bytes));
                 self.gpu_cores_allocated_percent
-                    .get_or_create(&labels)
+                    .get_or_create(labels)
                     .set(i64::from(used_cores));
                 self.gpu_cores_free_percent
-                    .get_or_create(&labels)
+                    .get_or_create(labels)
                     .set(i64::from(free.cores));
                 self.gpu_claims
-                    .get_or_create(&labels)
+                    .get_or_create(labels)
                     .set(i64::from(gpu.holders));
             }
             self.node_fragmentation
-                .get_or_create(&NodeLabels {
-                    node: node.view.name.clone(),
-                })
+                .get_or_create(&labels.nodes[n])
                 .set(fragmentation(max_free, total_free));
         }
     }
@@ -226,6 +241,42 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
         out
+    }
+}
+
+impl Observed {
+    fn of(state: &ClusterState) -> Observed {
+        let attribute = |gpu: &crate::engine::state::GpuState, name: &str| match gpu
+            .device
+            .attributes
+            .get(name)
+        {
+            Some(AttributeValue::String(s)) | Some(AttributeValue::Version(s)) => s.clone(),
+            Some(AttributeValue::Int(i)) => i.to_string(),
+            Some(AttributeValue::Bool(b)) => b.to_string(),
+            None => String::new(),
+        };
+        Observed {
+            build: state.build,
+            gpus: state
+                .gpus
+                .iter()
+                .map(|gpu| GpuLabels {
+                    node: state.nodes[gpu.node].view.name.clone(),
+                    device: gpu.device.name.clone(),
+                    uuid: attribute(gpu, "uuid"),
+                    index: attribute(gpu, "index"),
+                    model: attribute(gpu, "productName"),
+                })
+                .collect(),
+            nodes: state
+                .nodes
+                .iter()
+                .map(|node| NodeLabels {
+                    node: node.view.name.clone(),
+                })
+                .collect(),
+        }
     }
 }
 
