@@ -70,6 +70,29 @@ pub const SELECTORS: [&str; 4] = [
     r#"device.attributes["vgpu.hami.io"].driverVersion.isGreaterThan(semver("550.0.0"))"#,
 ];
 
+/// The main container of the benches' inference-server pods: an image per app (`i % apps`),
+/// a command, 24 environment variables, a port and a readiness probe, so a pod carries a few
+/// KiB of spec as real ones do. `resources` goes in as given (requests, limits, claims).
+pub fn inference_container(
+    i: usize,
+    apps: usize,
+    resources: serde_json::Value,
+) -> serde_json::Value {
+    let env: Vec<serde_json::Value> = (0..24)
+        .map(|e| serde_json::json!({"name": format!("SETTING_{e:02}"), "value": format!("value-{e}-for-workload-{i}")}))
+        .collect();
+    serde_json::json!({
+        "name": "main",
+        "image": format!("registry.example.com/ml/app-{}:1.{}.0", i % apps, i % 7),
+        "command": ["python", "-m", "serve", "--port", "8080"],
+        "args": ["--model", format!("/models/model-{}", i % 40), "--batch-size", "8"],
+        "env": env,
+        "ports": [{"containerPort": 8080, "name": "http"}],
+        "resources": resources,
+        "readinessProbe": {"httpGet": {"path": "/healthz", "port": 8080}, "periodSeconds": 10}
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -80,9 +80,17 @@ fn namespace(i: usize) -> String {
 /// The pod waiting for claim `i`: an ordinary training or inference pod spec, a few KiB of
 /// JSON, not a skeleton.
 fn pod(i: usize) -> Value {
-    let env: Vec<Value> = (0..24)
-        .map(|e| json!({"name": format!("SETTING_{e:02}"), "value": format!("value-{e}-for-workload-{i}")}))
-        .collect();
+    let mut container = test_support::fleet::inference_container(
+        i,
+        300,
+        json!({
+            "requests": {"cpu": "2", "memory": "8Gi"},
+            "limits": {"cpu": "4", "memory": "16Gi"},
+            "claims": [{"name": "gpu"}]
+        }),
+    );
+    container["volumeMounts"] =
+        json!([{"name": "models", "mountPath": "/models", "readOnly": true}]);
     json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {
@@ -91,21 +99,7 @@ fn pod(i: usize) -> Value {
             "annotations": {"example.com/owner": format!("owner-{}@example.com", i % 50), "example.com/run": format!("run-{i}")}
         },
         "spec": {
-            "containers": [{
-                "name": "main",
-                "image": format!("registry.example.com/ml/app-{}:1.{}.0", i % 300, i % 7),
-                "command": ["python", "-m", "serve", "--port", "8080"],
-                "args": ["--model", format!("/models/model-{}", i % 40), "--batch-size", "8"],
-                "env": env,
-                "ports": [{"containerPort": 8080, "name": "http"}],
-                "resources": {
-                    "requests": {"cpu": "2", "memory": "8Gi"},
-                    "limits": {"cpu": "4", "memory": "16Gi"},
-                    "claims": [{"name": "gpu"}]
-                },
-                "volumeMounts": [{"name": "models", "mountPath": "/models", "readOnly": true}],
-                "readinessProbe": {"httpGet": {"path": "/healthz", "port": 8080}, "periodSeconds": 10}
-            }],
+            "containers": [container],
             "volumes": [{"name": "models", "persistentVolumeClaim": {"claimName": "models", "readOnly": true}}],
             "resourceClaims": [{"name": "gpu", "resourceClaimName": format!("claim-{i:05}")}],
             "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]

@@ -234,30 +234,26 @@ async fn create_nodes(
         .await?;
     // The node lifecycle controller taints a node until it has seen it Ready; the scheduler
     // would refuse tainted nodes.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let listed = nodes.list(&scenario_selector(scenario)).await?;
-        let ready = listed
-            .items
-            .iter()
-            .filter(|n| {
-                n.spec
-                    .as_ref()
-                    .and_then(|s| s.taints.as_ref())
-                    .is_none_or(Vec::is_empty)
-            })
-            .count();
-        if ready == settings.nodes {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "{ready} of {} bench nodes untainted after 120 s",
-                settings.nodes
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    wait_until(
+        Duration::from_secs(120),
+        Duration::from_millis(500),
+        || async {
+            let listed = nodes.list(&scenario_selector(scenario)).await?;
+            let ready = listed
+                .items
+                .iter()
+                .filter(|n| {
+                    n.spec
+                        .as_ref()
+                        .and_then(|s| s.taints.as_ref())
+                        .is_none_or(Vec::is_empty)
+                })
+                .count();
+            Ok((ready != settings.nodes)
+                .then(|| format!("{ready} of {} bench nodes untainted", settings.nodes)))
+        },
+    )
+    .await?;
     eprintln!(
         "{} nodes with {} GPUs ready in {:.1} s",
         settings.nodes,
@@ -413,29 +409,23 @@ async fn cleanup(client: &kube::Client, scenario: Scenario) -> Result<()> {
         claims
             .delete_collection(&DeleteParams::default(), &ListParams::default())
             .await?;
-        let deadline = Instant::now() + Duration::from_secs(300);
-        loop {
+        wait_until(Duration::from_secs(300), Duration::from_secs(1), || async {
             let left = claims
                 .list_metadata(&ListParams::default())
                 .await?
                 .items
                 .len();
-            if left == 0 {
-                break;
-            }
-            if Instant::now() > deadline {
-                bail!("{left} claims of {ns} still there 300 s after their deletion");
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
+            Ok((left > 0).then(|| format!("{left} claims of {ns} still there after deletion")))
+        })
+        .await?;
         namespaces.delete(&ns, &DeleteParams::default()).await?;
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while namespaces.get_opt(&ns).await?.is_some() {
-            if Instant::now() > deadline {
-                bail!("namespace {ns} still terminating 120 s after its deletion");
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
+        wait_until(Duration::from_secs(120), Duration::from_secs(1), || async {
+            Ok(namespaces
+                .get_opt(&ns)
+                .await?
+                .map(|_| format!("namespace {ns} still terminating after its deletion")))
+        })
+        .await?;
     }
     let nodes: Api<Node> = Api::all(client.clone());
     let names: Vec<String> = nodes
@@ -458,8 +448,7 @@ async fn cleanup(client: &kube::Client, scenario: Scenario) -> Result<()> {
     // while the next scenario runs.
     let slices: Api<ResourceSlice> = Api::all(client.clone());
     let prefix = format!("bench-{}-", scenario.name());
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
+    wait_until(Duration::from_secs(120), Duration::from_secs(1), || async {
         let left = slices
             .list(&ListParams::default())
             .await?
@@ -472,13 +461,27 @@ async fn cleanup(client: &kube::Client, scenario: Scenario) -> Result<()> {
                     .is_some_and(|n| n.starts_with(&prefix))
             })
             .count();
-        if left == 0 {
+        Ok((left > 0).then(|| format!("{left} ResourceSlices of deleted {prefix}* nodes left")))
+    })
+    .await
+}
+
+/// Poll `check` every `every` until it reports nothing left to wait for (`None`); after
+/// `timeout`, fail with what it reported last.
+async fn wait_until<F, Fut>(timeout: Duration, every: Duration, mut check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<String>>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        let Some(waiting) = check().await? else {
             return Ok(());
-        }
+        };
         if Instant::now() > deadline {
-            bail!("{left} ResourceSlices of deleted {prefix}* nodes left after 120 s");
+            bail!("{waiting} after {} s", timeout.as_secs());
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        tokio::time::sleep(every).await;
     }
 }
 

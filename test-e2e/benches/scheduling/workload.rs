@@ -208,9 +208,11 @@ pub fn claim(scenario: Scenario, i: usize) -> Value {
 /// Pod `i`: an ordinary inference pod spec (a few KiB), restricted to the scenario's nodes,
 /// using claim `i`.
 pub fn pod(scenario: Scenario, i: usize) -> Value {
-    let env: Vec<Value> = (0..24)
-        .map(|e| json!({"name": format!("SETTING_{e:02}"), "value": format!("value-{e}-for-workload-{i}")}))
-        .collect();
+    let container = test_support::fleet::inference_container(
+        i,
+        50,
+        json!({"requests": {"cpu": "100m", "memory": "1Gi"}, "claims": [{"name": "gpu"}]}),
+    );
     json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {
@@ -220,19 +222,7 @@ pub fn pod(scenario: Scenario, i: usize) -> Value {
         },
         "spec": {
             "nodeSelector": {SCENARIO_LABEL: scenario.name()},
-            "containers": [{
-                "name": "main",
-                "image": format!("registry.example.com/ml/app-{}:1.{}.0", i % 50, i % 7),
-                "command": ["python", "-m", "serve", "--port", "8080"],
-                "args": ["--model", format!("/models/model-{}", i % 40), "--batch-size", "8"],
-                "env": env,
-                "ports": [{"containerPort": 8080, "name": "http"}],
-                "resources": {
-                    "requests": {"cpu": "100m", "memory": "1Gi"},
-                    "claims": [{"name": "gpu"}],
-                },
-                "readinessProbe": {"httpGet": {"path": "/healthz", "port": 8080}, "periodSeconds": 10},
-            }],
+            "containers": [container],
             "resourceClaims": [{"name": "gpu", "resourceClaimName": claim_name(i)}],
             "terminationGracePeriodSeconds": 0,
         }
