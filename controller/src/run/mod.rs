@@ -338,11 +338,8 @@ where
     store
 }
 
-fn versions<K: kube::Resource<DynamicType = ()> + Clone>(
-    store: &Store<K>,
-) -> Vec<(String, String)> {
-    store
-        .state()
+fn versions<K: kube::Resource<DynamicType = ()>>(objects: &[Arc<K>]) -> Vec<(String, String)> {
+    objects
         .iter()
         .map(|o| (o.name_any(), o.resource_version().unwrap_or_default()))
         .collect()
@@ -355,20 +352,17 @@ fn snapshot(
     nodes: &Store<Node>,
     pods: &Store<SlimPod>,
 ) -> Snapshot {
+    // The versions that key a kept engine are read from the very objects a rebuild would
+    // use, so a change landing between two reads of a store cannot be missed.
+    let (classes, slices, nodes) = (classes.state(), slices.state(), nodes.state());
     Snapshot {
         claims: claims.state(),
-        classes: classes.state().iter().map(|c| ClassView::of(c)).collect(),
-        slices: {
-            let slices = slices.state();
-            Deferred::later(move || slices.iter().map(|s| SliceView::of(s)).collect())
-        },
-        nodes: {
-            let nodes = nodes.state();
-            Deferred::later(move || nodes.iter().map(|n| NodeView::from_node(n)).collect())
-        },
+        classes: classes.iter().map(|c| ClassView::of(c)).collect(),
+        slice_versions: versions(&slices),
+        node_versions: versions(&nodes),
+        class_versions: versions(&classes),
+        slices: Deferred::later(move || slices.iter().map(|s| SliceView::of(s)).collect()),
+        nodes: Deferred::later(move || nodes.iter().map(|n| NodeView::from_node(n)).collect()),
         pods: pods.state().iter().map(|p| PodView::of(p)).collect(),
-        slice_versions: versions(slices),
-        node_versions: versions(nodes),
-        class_versions: versions(classes),
     }
 }
