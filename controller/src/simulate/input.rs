@@ -171,7 +171,7 @@ fn parse_with(text: &str, parallel: bool) -> Result<Workload, InputError> {
                 .par_iter()
                 .map(|chunk| {
                     // A chunk is one document, or none (blank text before the first marker).
-                    let mut docs = read_stream(chunk, 0);
+                    let mut docs = read_stream(chunk);
                     match docs.len() {
                         0 | 1 => Some(docs.pop().into_iter().collect()),
                         _ => None,
@@ -181,10 +181,10 @@ fn parse_with(text: &str, parallel: bool) -> Result<Workload, InputError> {
             match read.into_iter().collect::<Option<Vec<_>>>() {
                 Some(read) => read.into_iter().flatten().collect(),
                 // The cut disagrees with the parser somewhere: read the stream whole.
-                None => read_stream(text, 0),
+                None => read_stream(text),
             }
         }
-        _ => read_stream(text, 0),
+        _ => read_stream(text),
     };
     let mut reader = Reader::default();
     for (index, document) in documents.into_iter().enumerate() {
@@ -195,12 +195,12 @@ fn parse_with(text: &str, parallel: bool) -> Result<Workload, InputError> {
     reader.finish()
 }
 
-/// Read every document of a YAML stream, numbering them from `first`. Stops after the first
-/// document that is not YAML, as the parser cannot go on past it.
-fn read_stream(text: &str, first: usize) -> Vec<DocumentRead> {
+/// Read every document of a YAML stream, numbered from 0 in it. Stops after the first
+/// document that cannot be read: only the first error is reported, and the parser cannot go
+/// on past one that is not YAML.
+fn read_stream(text: &str) -> Vec<DocumentRead> {
     let mut out = Vec::new();
-    for (i, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
-        let index = first + i;
+    for (index, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         let read = serde::Deserialize::deserialize(document)
             .map_err(|source| InputError::Yaml { index, source })
             .and_then(|doc| read_document(index, doc));
