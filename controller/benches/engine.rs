@@ -32,6 +32,7 @@ fn claim(i: usize, memory_gib: u64, cores: u64) -> ClaimView {
         name: format!("c{i}"),
         uid: format!("uid-{i}"),
         resource_version: None,
+        created: None,
         requests: vec![RequestView {
             name: "gpu".into(),
             alternatives: vec![Alternative {

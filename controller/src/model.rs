@@ -262,6 +262,8 @@ pub struct ClaimView {
     pub name: String,
     pub uid: String,
     pub resource_version: Option<String>,
+    /// metadata.creationTimestamp: claims that waited longest are tried first.
+    pub created: Option<k8s_openapi::jiff::Timestamp>,
     pub requests: Vec<RequestView>,
     pub constraints: Vec<ConstraintView>,
     /// The claim's own configuration entries (source FromClaim).
@@ -388,6 +390,7 @@ impl ClaimView {
             name: meta.name.clone().unwrap_or_default(),
             uid: meta.uid.clone().unwrap_or_default(),
             resource_version: meta.resource_version.clone(),
+            created: meta.creation_timestamp.as_ref().map(|t| t.0),
             requests,
             constraints,
             config,

@@ -258,7 +258,7 @@ fn allocation(fake: &FakeApi, claim: &Value) -> Option<ClaimAllocation> {
 fn status_writes(fake: &FakeApi) -> BTreeMap<String, usize> {
     let mut out = BTreeMap::new();
     for w in fake.server.writes() {
-        if w.verb == Verb::Update && w.subresource.as_deref() == Some("status") {
+        if w.verb == Verb::Patch && w.subresource.as_deref() == Some("status") {
             *out.entry(w.name).or_default() += 1;
         }
     }
@@ -280,7 +280,7 @@ fn usage(fake: &FakeApi) -> BTreeMap<(String, String), u64> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn allocation_is_written_finalizer_first_then_status_in_one_update() {
+async fn allocation_is_written_finalizer_first_then_status_in_one_patch() {
     let fake = FakeApi::start(DraVersions::Both).await;
     cluster(&fake, ApiVersion::V1, &["node-a"], 2);
     let c = workload(&fake, ApiVersion::V1, "infer", 10);
@@ -309,7 +309,7 @@ async fn allocation_is_written_finalizer_first_then_status_in_one_update() {
     assert_eq!(sources, ["FromClass", "FromClaim"]);
     let limits = a.slice_limits(&a.results[0], 80 * GI).unwrap();
     assert_eq!((limits.memory_bytes, limits.cores), (10 * GI, 20));
-    // The finalizer Update precedes the status update, and there is one status update.
+    // The finalizer patch precedes the status patch, and there is one status patch.
     let claim_writes: Vec<String> = fake
         .writes()
         .into_iter()
@@ -318,8 +318,8 @@ async fn allocation_is_written_finalizer_first_then_status_in_one_update() {
     assert_eq!(
         claim_writes,
         [
-            "PUT /apis/resource.k8s.io/v1/namespaces/ml/resourceclaims/infer",
-            "PUT /apis/resource.k8s.io/v1/namespaces/ml/resourceclaims/infer/status"
+            "PATCH /apis/resource.k8s.io/v1/namespaces/ml/resourceclaims/infer",
+            "PATCH /apis/resource.k8s.io/v1/namespaces/ml/resourceclaims/infer/status"
         ]
     );
     // The stored claim is a valid Kubernetes 1.34 object.
@@ -358,7 +358,7 @@ async fn a_v1beta1_cluster_is_allocated_through_v1beta1() {
     eventually("the claim is allocated", || allocation(&fake, &c).is_some()).await;
     assert_eq!(running.status().version, Some(ApiVersion::V1beta1));
     assert!(fake.writes().iter().any(|w| w
-        == "PUT /apis/resource.k8s.io/v1beta1/namespaces/ml/resourceclaims/old-cluster/status"));
+        == "PATCH /apis/resource.k8s.io/v1beta1/namespaces/ml/resourceclaims/old-cluster/status"));
     // Stored as v1beta1 (the request's fields beside its name, no `exactly`).
     let stored = fake.get(&c).unwrap();
     assert_eq!(stored["apiVersion"], "resource.k8s.io/v1beta1");
@@ -557,7 +557,7 @@ async fn a_conflict_rereads_and_retries_without_double_booking() {
     let path = "/apis/resource.k8s.io/v1/namespaces/ml/resourceclaims/contended";
     assert_eq!(
         fake.server
-            .request_count(Verb::Update, &format!("{path}/status")),
+            .request_count(Verb::Patch, &format!("{path}/status")),
         2,
         "one conflict, then one successful write"
     );

@@ -7,8 +7,8 @@ use crate::version::{ApiVersion, GROUP};
 use futures::{Stream, StreamExt, TryStreamExt};
 use k8s_openapi::NamespaceResourceScope;
 use kube::Client;
-use kube::api::PostParams;
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams};
+use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
 
 /// Why a request failed: the API server said no, or its answer could not be converted.
@@ -159,6 +159,52 @@ impl<K: DraObject> DraApi<K> {
         Ok(self.inbound(
             self.wire
                 .replace_status(name, params, &self.outbound(object))
+                .await?,
+        )?)
+    }
+
+    /// Merge-patch the object's metadata: `patch` is `{"metadata": {...}}`, the same in
+    /// every version. A `resourceVersion` in it is a precondition (409 when stale).
+    pub async fn patch_metadata(
+        &self,
+        name: &str,
+        patch: &serde_json::Value,
+    ) -> Result<K, ClientError> {
+        let params = PatchParams::default();
+        if self.is_v1() {
+            return Ok(self
+                .typed
+                .patch(name, &params, &Patch::Merge(patch))
+                .await?);
+        }
+        Ok(self.inbound(self.wire.patch(name, &params, &Patch::Merge(patch)).await?)?)
+    }
+
+    /// Merge-patch the status subresource with the status of `object` (v1, sent in the served
+    /// version; the rest of `object` is not sent), on condition that the object is still at
+    /// `resource_version` when one is given. Only the fields set are sent, so the caller needs
+    /// no copy of the whole object.
+    pub async fn patch_status(
+        &self,
+        name: &str,
+        resource_version: Option<&str>,
+        object: &K,
+    ) -> Result<K, ClientError> {
+        let wire = convert::to_wire(object, self.version);
+        let patch = serde_json::json!({
+            "metadata": {"resourceVersion": resource_version},
+            "status": wire.get("status"),
+        });
+        let params = PatchParams::default();
+        if self.is_v1() {
+            return Ok(self
+                .typed
+                .patch_status(name, &params, &Patch::Merge(&patch))
+                .await?);
+        }
+        Ok(self.inbound(
+            self.wire
+                .patch_status(name, &params, &Patch::Merge(&patch))
                 .await?,
         )?)
     }

@@ -131,3 +131,71 @@ async fn v1_objects_round_trip_through_a_v1beta1_server() {
     api.delete("c", &DeleteParams::default()).await.unwrap();
     assert!(api.get_opt("c").await.unwrap().is_none());
 }
+
+fn allocation_only() -> v1::ResourceClaim {
+    v1::ResourceClaim {
+        status: Some(v1::ResourceClaimStatus {
+            allocation: Some(v1::AllocationResult {
+                devices: Some(v1::DeviceAllocationResult {
+                    results: Some(vec![v1::DeviceRequestAllocationResult {
+                        request: "gpu".into(),
+                        driver: "vgpu.hami.io".into(),
+                        pool: "n1".into(),
+                        device: "gpu-0".into(),
+                        ..Default::default()
+                    }]),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The controller writes with merge patches that carry only what it writes and the version
+/// it read: the rest of the claim is kept, and a stale version is a conflict.
+#[tokio::test]
+async fn merge_patches_write_only_their_fields_on_condition_of_the_version() {
+    for (served, version) in [
+        (DraVersions::V1Only, ApiVersion::V1),
+        (DraVersions::V1beta1Only, ApiVersion::V1beta1),
+    ] {
+        let server = FakeApiServer::start_with_builtin(served).await.unwrap();
+        let api: DraApi<v1::ResourceClaim> = DraApi::namespaced(server.client(), "ml", version);
+        let created = api
+            .create(&PostParams::default(), &claim("p"))
+            .await
+            .unwrap();
+        let v1 = created.metadata.resource_version.clone().unwrap();
+
+        let finalizer = serde_json::json!({"metadata": {
+            "resourceVersion": v1,
+            "finalizers": ["resource.kubernetes.io/delete-protection"],
+        }});
+        let protected = api.patch_metadata("p", &finalizer).await.unwrap();
+        assert_eq!(
+            protected.metadata.finalizers.as_deref(),
+            Some(&["resource.kubernetes.io/delete-protection".to_string()][..])
+        );
+        assert_eq!(protected.spec, claim("p").spec, "{version:?}");
+        let stale = api.patch_metadata("p", &finalizer).await.unwrap_err();
+        assert!(stale.is_conflict(), "{version:?}: {stale}");
+
+        let v2 = protected.metadata.resource_version.clone();
+        let written = api
+            .patch_status("p", v2.as_deref(), &allocation_only())
+            .await
+            .unwrap();
+        assert_eq!(written.status, allocation_only().status, "{version:?}");
+        assert_eq!(written.spec, claim("p").spec, "{version:?}");
+        assert_eq!(written.metadata.finalizers, protected.metadata.finalizers);
+        let stale = api
+            .patch_status("p", v2.as_deref(), &allocation_only())
+            .await
+            .unwrap_err();
+        assert!(stale.is_conflict(), "{version:?}: {stale}");
+        assert_eq!(api.get("p").await.unwrap().status, written.status);
+    }
+}

@@ -10,6 +10,7 @@ use crate::model::{
     ClaimView, ClassView, Count, NodeView, PodView, matches_node_selector, tolerates,
 };
 use state::{ClusterState, Holding, MASK_GPUS};
+use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use vgpu_driver::allocation::{AllocatedDevice, ClaimAllocation};
 use vgpu_driver::capacity::NATIVE_MEMORY_STEP;
@@ -134,6 +135,16 @@ pub struct Inputs {
     pub pods: Vec<PodView>,
 }
 
+/// What an engine is built from, borrowed: [`Inputs`] with each view held as its owner
+/// holds it.
+pub struct Parts<'a, N, S, C, P> {
+    pub nodes: &'a [N],
+    pub slices: &'a [S],
+    pub classes: &'a [ClassView],
+    pub claims: &'a [C],
+    pub pods: &'a [P],
+}
+
 /// How one alternative of a request is to be satisfied.
 #[derive(Clone, Debug)]
 struct AltPlan {
@@ -198,15 +209,30 @@ const FAILED: u8 = 3;
 
 impl Engine {
     pub fn new(driver: &str, inputs: &Inputs, policies: Policies) -> Engine {
+        Engine::of(
+            driver,
+            Parts {
+                nodes: &inputs.nodes,
+                slices: &inputs.slices,
+                classes: &inputs.classes,
+                claims: &inputs.claims,
+                pods: &inputs.pods,
+            },
+            policies,
+        )
+    }
+
+    /// As [`Engine::new`], from views held in any way (the controller's caches share theirs).
+    pub fn of<N, S, C, P>(driver: &str, parts: Parts<'_, N, S, C, P>, policies: Policies) -> Engine
+    where
+        N: Borrow<NodeView>,
+        S: Borrow<SliceView>,
+        C: Borrow<ClaimView>,
+        P: Borrow<PodView>,
+    {
         Engine {
-            state: ClusterState::build(
-                driver,
-                &inputs.nodes,
-                &inputs.slices,
-                &inputs.claims,
-                &inputs.pods,
-            ),
-            classes: inputs
+            state: ClusterState::build(driver, parts.nodes, parts.slices, parts.claims, parts.pods),
+            classes: parts
                 .classes
                 .iter()
                 .map(|c| (c.name.clone(), c.clone()))
@@ -1226,7 +1252,7 @@ impl Engine {
     /// slices and classes are those it was built from: charges and releases only what
     /// changed, and keeps the compiled selectors and their results per GPU, which stay true
     /// while the devices are the same.
-    pub fn resync(&mut self, claims: &[ClaimView], pods: &[PodView]) {
+    pub fn resync(&mut self, claims: &[impl Borrow<ClaimView>], pods: &[impl Borrow<PodView>]) {
         self.state.resync(claims, pods);
     }
 

@@ -3,6 +3,7 @@
 
 use crate::cel::CelDevice;
 use crate::model::{ClaimView, NodeView, PodView};
+use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use vgpu_driver::capacity::{CORES, MEMORY};
 use vgpu_driver::slice::{AttributeValue, PublishedDevice, SliceView, nvlink_peer_names};
@@ -176,12 +177,16 @@ pub struct ClusterState {
 
 /// The complete pools of `driver`: for each pool only its highest generation, and only when
 /// every one of its `resourceSliceCount` slices is present (the scheduler's rule).
-pub fn complete_pools<'a>(
+pub fn complete_pools<'a, S: Borrow<SliceView>>(
     driver: &str,
-    slices: &'a [SliceView],
+    slices: &'a [S],
 ) -> Vec<(&'a str, &'a str, Vec<&'a PublishedDevice>)> {
     let mut newest: BTreeMap<&str, (i64, Vec<&SliceView>)> = BTreeMap::new();
-    for s in slices.iter().filter(|s| s.driver == driver) {
+    for s in slices
+        .iter()
+        .map(Borrow::borrow)
+        .filter(|s| s.driver == driver)
+    {
         let entry = newest
             .entry(s.pool.as_str())
             .or_insert((s.generation, Vec::new()));
@@ -220,10 +225,10 @@ impl ClusterState {
     /// node charge its CPU and memory.
     pub fn build(
         driver: &str,
-        nodes: &[NodeView],
-        slices: &[SliceView],
-        claims: &[ClaimView],
-        pods: &[PodView],
+        nodes: &[impl Borrow<NodeView>],
+        slices: &[impl Borrow<SliceView>],
+        claims: &[impl Borrow<ClaimView>],
+        pods: &[impl Borrow<PodView>],
     ) -> ClusterState {
         static BUILDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         let mut state = ClusterState {
@@ -231,8 +236,10 @@ impl ClusterState {
             driver: driver.to_string(),
             ..Default::default()
         };
-        let node_views: HashMap<&str, &NodeView> =
-            nodes.iter().map(|n| (n.name.as_str(), n)).collect();
+        let node_views: HashMap<&str, &NodeView> = nodes
+            .iter()
+            .map(|n| (n.borrow().name.as_str(), n.borrow()))
+            .collect();
         let mut pools = complete_pools(driver, slices);
         pools.sort_by(|a, b| a.1.cmp(b.1));
         for (pool, node_name, devices) in pools {
@@ -317,7 +324,7 @@ impl ClusterState {
             state.by_utilisation.insert((0, n));
             state.refresh_node(n);
         }
-        for claim in claims {
+        for claim in claims.iter().map(Borrow::borrow) {
             if let Some(allocation) = &claim.allocation {
                 let holdings = state.holdings_of(allocation);
                 state.charge(&claim.uid, holdings);
@@ -327,12 +334,12 @@ impl ClusterState {
     }
 
     /// The CPU and memory the pods bound to each node request, counted afresh.
-    fn count_pods(&mut self, pods: &[PodView]) {
+    fn count_pods(&mut self, pods: &[impl Borrow<PodView>]) {
         for node in &mut self.nodes {
             node.cpu_requested = 0;
             node.memory_requested = 0;
         }
-        for pod in pods.iter().filter(|p| !p.finished) {
+        for pod in pods.iter().map(Borrow::borrow).filter(|p| !p.finished) {
             if let Some(&n) = pod
                 .node_name
                 .as_deref()
@@ -348,9 +355,9 @@ impl ClusterState {
     /// rebuilding the GPU table: the state [`ClusterState::build`] would make from the same
     /// nodes and slices with these claims and pods. Only claims whose holdings changed are
     /// charged or released.
-    pub fn resync(&mut self, claims: &[ClaimView], pods: &[PodView]) {
+    pub fn resync(&mut self, claims: &[impl Borrow<ClaimView>], pods: &[impl Borrow<PodView>]) {
         let mut current: HashMap<&str, Vec<Holding>> = HashMap::new();
-        for claim in claims {
+        for claim in claims.iter().map(Borrow::borrow) {
             if let Some(allocation) = &claim.allocation {
                 let holdings = self.holdings_of(allocation);
                 // A UID listed twice: the last wins, as in a build, where a charge replaces.

@@ -4,25 +4,28 @@
 //! allocates pending claims of our classes in passes triggered by changes and by retry
 //! back-off.
 
+pub mod cache;
 pub mod leader;
 pub mod metrics;
 pub mod reconcile;
 
 use crate::engine::Policies;
-use crate::model::{ClassView, NodeView, PodView, slim_node};
+use crate::model::{ClaimView, ClassView, NodeView, PodView};
 use crate::slim::SlimPod;
+use cache::Cached;
 use dra::events::EventSink;
 use dra::{ApiVersion, DiscoveryError, DraApi, DraObject};
-use futures::{Stream, StreamExt};
+use futures::{Stream, StreamExt, TryStreamExt};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::api::resource::v1;
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::reflector::{self, Lookup, Store};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Client, ResourceExt};
+use kube::{Api, Client};
 use leader::{Elector, Leadership, LeaseTiming};
 use metrics::Metrics;
-use reconcile::{Allocator, Backoff, Deferred, PassReport, Snapshot};
+use reconcile::{Allocator, Backoff, PassReport, Snapshot};
+use std::convert::Infallible;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -138,15 +141,21 @@ impl Controller {
         // Aborted when this future ends or is dropped: a stopped replica must not keep
         // renewing its Lease or watching.
         let mut tasks = AbortOnDrop(Vec::new());
-        let claims: Store<v1::ResourceClaim> =
-            watch_dra(&self.client, version, &notify, &mut tasks);
-        let classes: Store<v1::DeviceClass> = watch_dra(&self.client, version, &notify, &mut tasks);
-        let slices: Store<v1::ResourceSlice> =
-            watch_dra(&self.client, version, &notify, &mut tasks);
-        // Pods and Nodes are most of the cache: only the fields placement reads are kept, and
-        // pods are decoded straight into them (`SlimPod`).
-        let nodes: Store<Node> = watch_core(&self.client, &notify, &mut tasks, slim_node);
-        let pods: Store<SlimPod> = watch_core(&self.client, &notify, &mut tasks, |_| {});
+        // The caches keep each object as the view a pass reads, made once when it arrives
+        // (`cache`); pods are decoded straight into the fields placement reads (`SlimPod`).
+        let claims = watch_dra(&self.client, version, &notify, &mut tasks, ClaimView::of);
+        let classes = watch_dra(&self.client, version, &notify, &mut tasks, |c| {
+            Ok::<_, Infallible>(ClassView::of(c))
+        });
+        let slices = watch_dra(&self.client, version, &notify, &mut tasks, |s| {
+            Ok::<_, Infallible>(SliceView::of(s))
+        });
+        let nodes = watch_core(&self.client, &notify, &mut tasks, |n: &Node| {
+            Ok::<_, Infallible>(NodeView::from_node(n))
+        });
+        let pods = watch_core(&self.client, &notify, &mut tasks, |p: &SlimPod| {
+            Ok::<_, Infallible>(PodView::of(p))
+        });
 
         let leadership = match &self.options.leader_election {
             Some(le) => {
@@ -278,28 +287,33 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Start a reflector for a resource.k8s.io resource, in v1 whatever the wire speaks.
-fn watch_dra<K: DraObject>(
+/// Start a reflector for a resource.k8s.io resource, in v1 whatever the wire speaks, keeping
+/// what `to_view` makes of each object.
+fn watch_dra<K, V, E>(
     client: &Client,
     version: ApiVersion,
     notify: &Arc<Notify>,
     tasks: &mut AbortOnDrop,
-) -> Store<K> {
-    // managedFields are never read, and an update without them leaves the stored ones
-    // alone; everything else is kept, as claims are written back whole.
+    to_view: fn(&K) -> Result<V, E>,
+) -> Store<Cached<K, V>>
+where
+    K: DraObject,
+    V: Send + Sync + 'static,
+    E: std::fmt::Display + 'static,
+{
     let stream = DraApi::<K>::all(client.clone(), version)
         .watch(watcher::Config::default())
-        .modify(|o: &mut K| o.meta_mut().managed_fields = None);
+        .map_ok(move |e| cache::to_views(e, to_view));
     reflect(stream, notify, tasks)
 }
 
-/// Start a reflector for a core resource, storing each object as `slim` leaves it.
-fn watch_core<K>(
+/// Start a reflector for a core resource, keeping what `to_view` makes of each object.
+fn watch_core<K, V, E>(
     client: &Client,
     notify: &Arc<Notify>,
     tasks: &mut AbortOnDrop,
-    slim: fn(&mut K),
-) -> Store<K>
+    to_view: fn(&K) -> Result<V, E>,
+) -> Store<Cached<K, V>>
 where
     K: kube::Resource<DynamicType = ()>
         + k8s_openapi::Resource
@@ -309,8 +323,11 @@ where
         + Send
         + Sync
         + 'static,
+    V: Send + Sync + 'static,
+    E: std::fmt::Display + 'static,
 {
-    let stream = watcher(Api::<K>::all(client.clone()), watcher::Config::default()).modify(slim);
+    let stream = watcher(Api::<K>::all(client.clone()), watcher::Config::default())
+        .map_ok(move |e| cache::to_views(e, to_view));
     reflect(stream, notify, tasks)
 }
 
@@ -321,7 +338,7 @@ fn reflect<K>(
     tasks: &mut AbortOnDrop,
 ) -> Store<K>
 where
-    K: kube::Resource<DynamicType = ()> + k8s_openapi::Resource + Clone + Send + Sync + 'static,
+    K: Lookup<DynamicType = ()> + Clone + Send + Sync + 'static,
 {
     let (store, writer) = reflector::store::<K>();
     let notify = notify.clone();
@@ -331,38 +348,38 @@ where
         while let Some(event) = stream.next().await {
             match event {
                 Ok(_) => notify.notify_one(),
-                Err(e) => tracing::warn!(kind = K::KIND, error = %e, "watch failed; retrying"),
+                Err(e) => {
+                    tracing::warn!(kind = %K::kind(&()), error = %e, "watch failed; retrying")
+                }
             }
         }
     }));
     store
 }
 
-fn versions<K: kube::Resource<DynamicType = ()>>(objects: &[Arc<K>]) -> Vec<(String, String)> {
-    objects
-        .iter()
-        .map(|o| (o.name_any(), o.resource_version().unwrap_or_default()))
-        .collect()
-}
+type Views<K, V> = Store<Cached<K, V>>;
 
 fn snapshot(
-    claims: &Store<v1::ResourceClaim>,
-    classes: &Store<v1::DeviceClass>,
-    slices: &Store<v1::ResourceSlice>,
-    nodes: &Store<Node>,
-    pods: &Store<SlimPod>,
+    claims: &Views<v1::ResourceClaim, ClaimView>,
+    classes: &Views<v1::DeviceClass, ClassView>,
+    slices: &Views<v1::ResourceSlice, SliceView>,
+    nodes: &Views<Node, NodeView>,
+    pods: &Views<SlimPod, PodView>,
 ) -> Snapshot {
-    // The versions that key a kept engine are read from the very objects a rebuild would
-    // use, so a change landing between two reads of a store cannot be missed.
+    // The versions that key a kept engine are read from the very entries the engine would be
+    // built from, so a change landing between two reads of a store cannot be missed.
     let (classes, slices, nodes) = (classes.state(), slices.state(), nodes.state());
     Snapshot {
-        claims: claims.state(),
-        classes: classes.iter().map(|c| ClassView::of(c)).collect(),
-        slice_versions: versions(&slices),
-        node_versions: versions(&nodes),
-        class_versions: versions(&classes),
-        slices: Deferred::later(move || slices.iter().map(|s| SliceView::of(s)).collect()),
-        nodes: Deferred::later(move || nodes.iter().map(|n| NodeView::from_node(n)).collect()),
-        pods: pods.state().iter().map(|p| PodView::of(p)).collect(),
+        claims: cache::views(&claims.state()),
+        classes: cache::views(&classes)
+            .iter()
+            .map(|c| (**c).clone())
+            .collect(),
+        slice_versions: cache::versions(&slices),
+        node_versions: cache::versions(&nodes),
+        class_versions: cache::versions(&classes),
+        slices: cache::views(&slices),
+        nodes: cache::views(&nodes),
+        pods: cache::views(&pods.state()),
     }
 }

@@ -17,13 +17,12 @@
 
 use super::leader::Leadership;
 use super::metrics::{Metrics, PendingLabels, RefusalLabels};
-use crate::engine::{Engine, Inputs, Policies, Refusal};
+use crate::engine::{Engine, Parts, Policies, Refusal};
 use crate::model::{ClaimView, ClassView, NodeView, PodView};
-use dra::events::{self, EventSink};
+use dra::events::EventSink;
 use dra::{ApiVersion, ClientError, DraApi};
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::resource::v1;
-use kube::api::PostParams;
 use kube::runtime::events::EventType;
 use kube::{Client, ResourceExt};
 use std::collections::hash_map::DefaultHasher;
@@ -137,42 +136,14 @@ fn hash_of(items: impl Iterator<Item = (String, String)>) -> u64 {
     h.finish()
 }
 
-/// Views that a pass builds only if it needs them: a kept engine reads no slice or node, and
-/// building their views is most of a pass that allocates nothing (every GPU's attributes and
-/// capacities are parsed again).
-pub struct Deferred<T>(DeferredViews<T>);
-
-enum DeferredViews<T> {
-    Built(Vec<T>),
-    Later(Box<dyn FnOnce() -> Vec<T> + Send>),
-}
-
-impl<T> Deferred<T> {
-    pub fn later(build: impl FnOnce() -> Vec<T> + Send + 'static) -> Deferred<T> {
-        Deferred(DeferredViews::Later(Box::new(build)))
-    }
-
-    pub fn build(self) -> Vec<T> {
-        match self.0 {
-            DeferredViews::Built(views) => views,
-            DeferredViews::Later(build) => build(),
-        }
-    }
-}
-
-impl<T> From<Vec<T>> for Deferred<T> {
-    fn from(views: Vec<T>) -> Deferred<T> {
-        Deferred(DeferredViews::Built(views))
-    }
-}
-
-/// The objects a pass works on.
+/// The objects a pass works on, as the watch caches keep them (views, shared with the
+/// caches: taking a snapshot copies pointers, not objects).
 pub struct Snapshot {
-    pub claims: Vec<Arc<v1::ResourceClaim>>,
+    pub claims: Vec<Arc<ClaimView>>,
     pub classes: Vec<ClassView>,
-    pub slices: Deferred<SliceView>,
-    pub nodes: Deferred<NodeView>,
-    pub pods: Vec<PodView>,
+    pub slices: Vec<Arc<SliceView>>,
+    pub nodes: Vec<Arc<NodeView>>,
+    pub pods: Vec<Arc<PodView>>,
     /// (name, resourceVersion) of the slices, nodes and classes: cheap change detection.
     pub slice_versions: Vec<(String, String)>,
     pub node_versions: Vec<(String, String)>,
@@ -221,7 +192,7 @@ fn caught_up(cached: Option<&str>, written: &str) -> bool {
 impl Book {
     /// Replace cached claims by the allocations we wrote that the cache does not show yet, so
     /// that a lagging watch never makes us hand out the same capacity twice.
-    pub fn overlay_assumed(&mut self, views: &mut [ClaimView], now: Instant) {
+    pub fn overlay_assumed(&mut self, views: &mut [Arc<ClaimView>], now: Instant) {
         let present: HashSet<&str> = views.iter().map(|v| v.uid.as_str()).collect();
         self.assumed.retain(|uid, _| present.contains(uid.as_str()));
         for view in views.iter_mut() {
@@ -234,7 +205,8 @@ impl Book {
             {
                 self.assumed.remove(&view.uid);
             } else {
-                view.allocation = Some(assumed.allocation.clone());
+                // A copy of this claim's view only: the cache's stays as the API server has it.
+                Arc::make_mut(view).allocation = Some(assumed.allocation.clone());
             }
         }
     }
@@ -256,7 +228,7 @@ impl Book {
     /// next attempt avoids that node. Returns (claim, node) for each such claim.
     pub fn observe_clears(
         &mut self,
-        views: &[ClaimView],
+        views: &[Arc<ClaimView>],
         ours: &HashSet<String>,
         waiting: &HashSet<(String, String)>,
     ) -> Vec<(String, String)> {
@@ -429,10 +401,9 @@ impl Decision {
 /// over the cache), which of them are ours, pending and waiting for a pod, in the order they
 /// are tried, and the engine that decides each. Touches only the [`Book`]; writes nothing.
 pub struct Selection {
-    views: Vec<ClaimView>,
-    objects: HashMap<String, Arc<v1::ResourceClaim>>,
+    views: Vec<Arc<ClaimView>>,
     /// A pod waiting to be scheduled per claim (namespace, name).
-    waiting: HashMap<(String, String), PodView>,
+    waiting: HashMap<(String, String), Arc<PodView>>,
     /// Indices into `views` of the claims to try: oldest first, then by name.
     pending: Vec<usize>,
     /// (claim, node) for each allocation the scheduler cleared since the last pass.
@@ -456,26 +427,17 @@ impl Selection {
     /// As [`Selection::new`], reusing `kept` when it was built from the same nodes, slices
     /// and classes.
     pub fn with_engine(
-        snapshot: Snapshot,
+        mut snapshot: Snapshot,
         book: &mut Book,
         driver: &str,
         policies: Policies,
         now: Instant,
         kept: Option<KeptEngine>,
     ) -> Selection {
-        let mut views = Vec::with_capacity(snapshot.claims.len());
-        let mut objects = HashMap::new();
-        for claim in &snapshot.claims {
-            match ClaimView::of(claim) {
-                Ok(v) => {
-                    objects.insert(v.uid.clone(), claim.clone());
-                    views.push(v);
-                }
-                // A claim whose allocation cannot be read is not ours to fix; its devices are
-                // unknown, which the kubelet plugin's prepare-time check covers.
-                Err(e) => tracing::warn!(error = %e, "ignoring an unreadable ResourceClaim"),
-            }
-        }
+        // A claim whose allocation cannot be read is not in the snapshot (the cache said so
+        // when it arrived): not ours to fix; its devices are unknown, which the kubelet
+        // plugin's prepare-time check covers.
+        let mut views = std::mem::take(&mut snapshot.claims);
         book.overlay_assumed(&mut views, now);
 
         let ours_classes: HashSet<&str> = snapshot
@@ -495,7 +457,7 @@ impl Selection {
             .map(|v| v.uid.clone())
             .collect();
         // Claims (namespace, name) with a pod waiting to be scheduled, and with a bound pod.
-        let mut waiting: HashMap<(String, String), PodView> = HashMap::new();
+        let mut waiting: HashMap<(String, String), Arc<PodView>> = HashMap::new();
         let mut bound: HashSet<(String, String)> = HashSet::new();
         for pod in snapshot.pods.iter().filter(|p| !p.finished) {
             for claim in &pod.claims {
@@ -522,18 +484,13 @@ impl Selection {
                     && !bound.contains(&key)
                     && waiting.contains_key(&key)
             })
-            .map(|(i, v)| {
-                let created = objects
-                    .get(&v.uid)
-                    .and_then(|o| o.metadata.creation_timestamp.as_ref().map(|t| t.0));
-                (created, v.key(), i)
-            })
+            .map(|(i, v)| (v.created, v.key(), i))
             .collect();
         // Oldest first, then by name: deterministic, and fair to claims that waited longest.
         pending.sort();
 
         let key = engine_key(&snapshot);
-        let allocated: Vec<ClaimView> = views
+        let allocated: Vec<Arc<ClaimView>> = views
             .iter()
             .filter(|v| v.allocation.is_some())
             .cloned()
@@ -550,20 +507,20 @@ impl Selection {
                 engine.resync(&allocated, &snapshot.pods);
                 engine
             }
-            _ => {
-                let inputs = Inputs {
-                    nodes: snapshot.nodes.build(),
-                    slices: snapshot.slices.build(),
-                    classes: snapshot.classes,
-                    claims: allocated,
-                    pods: snapshot.pods,
-                };
-                Engine::new(driver, &inputs, policies)
-            }
+            _ => Engine::of(
+                driver,
+                Parts {
+                    nodes: &snapshot.nodes,
+                    slices: &snapshot.slices,
+                    classes: &snapshot.classes,
+                    claims: &allocated,
+                    pods: &snapshot.pods,
+                },
+                policies,
+            ),
         };
         Selection {
             views,
-            objects,
             waiting,
             pending: pending.into_iter().map(|(_, _, i)| i).collect(),
             cleared,
@@ -589,18 +546,13 @@ impl Selection {
         &self.views[i]
     }
 
-    /// The claim as the cache holds it.
-    pub fn object(&self, i: usize) -> Option<&Arc<v1::ResourceClaim>> {
-        self.objects.get(&self.views[i].uid)
-    }
-
     /// Where claim `i` goes, avoiding `avoid`, given every allocation committed so far.
     pub fn decide(&mut self, i: usize, avoid: &BTreeSet<String>) -> Decision {
         let view = &self.views[i];
         let pod = self
             .waiting
             .get(&(view.namespace.clone(), view.name.clone()));
-        Decision::of(self.engine.allocate(view, pod, avoid))
+        Decision::of(self.engine.allocate(view, pod.map(|p| &**p), avoid))
     }
 
     /// The pod waiting for claim `i`, if any.
@@ -608,6 +560,7 @@ impl Selection {
         let view = &self.views[i];
         self.waiting
             .get(&(view.namespace.clone(), view.name.clone()))
+            .map(|p| &**p)
     }
 
     /// Charge a stored allocation before the next decision.
@@ -638,7 +591,7 @@ impl Selection {
     }
 }
 
-fn fingerprint(views: &[ClaimView], snapshot: &Snapshot) -> Fingerprint {
+fn fingerprint(views: &[Arc<ClaimView>], snapshot: &Snapshot) -> Fingerprint {
     Fingerprint {
         allocated: views
             .iter()
@@ -670,6 +623,41 @@ enum Written {
     NotLeader,
     /// Conflicts on every attempt.
     Conflicted,
+}
+
+/// What a write must know of the claim as it is now: from the cache's view at first, from
+/// the API server after a conflict.
+struct Current {
+    uid: String,
+    resource_version: Option<String>,
+    deleting: bool,
+    allocated: bool,
+    finalizers: Vec<String>,
+}
+
+impl Current {
+    fn of_view(claim: &ClaimView) -> Current {
+        Current {
+            uid: claim.uid.clone(),
+            resource_version: claim.resource_version.clone(),
+            deleting: claim.deleting,
+            allocated: claim.allocation.is_some(),
+            finalizers: claim.finalizers.clone(),
+        }
+    }
+
+    fn of_object(claim: &v1::ResourceClaim) -> Current {
+        Current {
+            uid: claim.uid().unwrap_or_default(),
+            resource_version: claim.resource_version(),
+            deleting: claim.metadata.deletion_timestamp.is_some(),
+            allocated: claim
+                .status
+                .as_ref()
+                .is_some_and(|s| s.allocation.is_some()),
+            finalizers: claim.finalizers().to_vec(),
+        }
+    }
 }
 
 /// The allocation loop's worker: runs a [`Selection`] and writes what it decides.
@@ -840,14 +828,12 @@ impl Allocator {
             self.metrics
                 .decision_seconds
                 .observe(started.elapsed().as_secs_f64());
-            let Some(object) = selection.object(i).cloned() else {
-                continue;
-            };
-            let key = selection.view(i).key();
+            let claim = selection.view(i).clone();
+            let key = claim.key();
             match decision {
                 Decision::Allocate(allocation) => {
                     let node = allocation.node_name.clone().unwrap_or_default();
-                    match self.write(&object, &allocation).await {
+                    match self.write(&claim, &allocation).await {
                         Ok(Written::Stored(rv)) => {
                             selection.commit(&allocation);
                             self.book.assume(&uid, rv, allocation.clone());
@@ -863,7 +849,7 @@ impl Allocator {
                                 .collect();
                             tracing::info!(claim = %key, node = %node, devices = ?devices, "allocated");
                             let note = format!("allocated {} on node {node}", devices.join(", "));
-                            self.event(&object, EventType::Normal, "Allocated", &note)
+                            self.event(&claim, EventType::Normal, "Allocated", &note)
                                 .await;
                             report.allocated.push((key, node));
                             allocated.insert(uid.clone());
@@ -900,7 +886,7 @@ impl Allocator {
                         } else {
                             "FailedAllocation"
                         };
-                        self.event(&object, EventType::Warning, event_reason, &reason)
+                        self.event(&claim, EventType::Warning, event_reason, &reason)
                             .await;
                         // `kubectl describe pod` shows the pod's Events, not its claims':
                         // the pod is where a user looks first.
@@ -921,59 +907,68 @@ impl Allocator {
         report
     }
 
-    /// Add the delete-protection finalizer (Update), then write status.allocation in one
-    /// status update carrying the claim's resourceVersion. A conflict re-reads the claim: if
-    /// someone allocated it meanwhile nothing is written, otherwise the same allocation (the
-    /// claim's spec is immutable, and this pass already charged it) is retried.
+    /// Add the delete-protection finalizer, then write status.allocation, each a merge patch
+    /// carrying the claim's resourceVersion (a precondition: a stale one is a conflict, as an
+    /// update would be). Only the fields written are sent, so the cache need not keep the
+    /// whole claim. A conflict re-reads the claim: if someone allocated it meanwhile nothing
+    /// is written, otherwise the same allocation (the claim's spec is immutable, and this
+    /// pass already charged it) is retried.
     async fn write(
         &self,
-        cached: &v1::ResourceClaim,
+        claim: &ClaimView,
         allocation: &ClaimAllocation,
     ) -> Result<Written, ClientError> {
-        let namespace = cached.namespace().unwrap_or_default();
-        let name = cached.name_any();
-        let uid = cached.uid();
-        let api =
-            DraApi::<v1::ResourceClaim>::namespaced(self.client.clone(), &namespace, self.version);
-        let mut current = cached.clone();
+        let name = claim.name.as_str();
+        let key = claim.key();
+        let api = DraApi::<v1::ResourceClaim>::namespaced(
+            self.client.clone(),
+            &claim.namespace,
+            self.version,
+        );
+        let mut current = Current::of_view(claim);
         for attempt in 0..MAX_WRITE_ATTEMPTS {
-            if attempt > 0 {
-                match api.get_opt(&name).await? {
-                    Some(c) => current = c,
+            // Without a resourceVersion a patch would be unconditional: read one first.
+            if attempt > 0 || current.resource_version.is_none() {
+                match api.get_opt(name).await? {
+                    Some(c) => current = Current::of_object(&c),
                     None => return Ok(Written::Gone),
                 }
             }
-            if current.uid() != uid || current.metadata.deletion_timestamp.is_some() {
+            if current.uid != claim.uid || current.deleting {
                 return Ok(Written::Gone);
             }
-            if current
-                .status
-                .as_ref()
-                .is_some_and(|s| s.allocation.is_some())
-            {
+            if current.allocated {
                 return Ok(Written::AlreadyAllocated);
             }
             if !self.leadership.is_leading() {
                 return Ok(Written::NotLeader);
             }
-            if !current.finalizers().iter().any(|f| f == DELETE_PROTECTION) {
-                current.finalizers_mut().push(DELETE_PROTECTION.to_string());
-                current = match api.replace(&name, &PostParams::default(), &current).await {
-                    Ok(c) => c,
+            if !current.finalizers.iter().any(|f| f == DELETE_PROTECTION) {
+                let mut finalizers = current.finalizers.clone();
+                finalizers.push(DELETE_PROTECTION.to_string());
+                let patch = serde_json::json!({"metadata": {
+                    "resourceVersion": current.resource_version,
+                    "finalizers": finalizers,
+                }});
+                current = match api.patch_metadata(name, &patch).await {
+                    Ok(c) => Current::of_object(&c),
                     Err(e) if e.is_conflict() => {
                         self.metrics.conflicts.inc();
-                        tracing::debug!(claim = %format!("{namespace}/{name}"), "conflict adding the finalizer; re-reading");
+                        tracing::debug!(claim = %key, "conflict adding the finalizer; re-reading");
                         continue;
                     }
                     Err(e) => return Err(e),
                 };
             }
-            current
-                .status
-                .get_or_insert_with(Default::default)
-                .allocation = Some(allocation.to_result());
+            let status = v1::ResourceClaim {
+                status: Some(v1::ResourceClaimStatus {
+                    allocation: Some(allocation.to_result()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
             match api
-                .replace_status(&name, &PostParams::default(), &current)
+                .patch_status(name, current.resource_version.as_deref(), &status)
                 .await
             {
                 Ok(stored) => {
@@ -983,7 +978,7 @@ impl Allocator {
                 }
                 Err(e) if e.is_conflict() => {
                     self.metrics.conflicts.inc();
-                    tracing::debug!(claim = %format!("{namespace}/{name}"), "conflict writing the allocation; re-reading");
+                    tracing::debug!(claim = %key, "conflict writing the allocation; re-reading");
                 }
                 Err(e) => return Err(e),
             }
@@ -1007,13 +1002,21 @@ impl Allocator {
             .await;
     }
 
-    async fn event(&self, claim: &v1::ResourceClaim, kind: EventType, reason: &str, note: &str) {
+    async fn event(&self, claim: &ClaimView, kind: EventType, reason: &str, note: &str) {
         let Some(sink) = &self.events else {
             return;
         };
         // Pointing at the claim in the version the cluster serves, so that `kubectl
         // describe` there finds the Event.
-        let regarding = events::reference(claim, self.version.as_str());
+        let regarding = ObjectReference {
+            api_version: Some(self.version.as_str().to_string()),
+            kind: Some("ResourceClaim".into()),
+            name: Some(claim.name.clone()),
+            namespace: Some(claim.namespace.clone()),
+            uid: Some(claim.uid.clone()).filter(|u| !u.is_empty()),
+            resource_version: claim.resource_version.clone(),
+            field_path: None,
+        };
         sink.publish(&regarding, kind, reason, "Allocate", note)
             .await;
     }
@@ -1024,12 +1027,13 @@ mod tests {
     use super::*;
     use vgpu_driver::AllocatedDevice;
 
-    fn view(uid: &str, rv: &str, node: Option<&str>) -> ClaimView {
-        ClaimView {
+    fn view(uid: &str, rv: &str, node: Option<&str>) -> Arc<ClaimView> {
+        Arc::new(ClaimView {
             namespace: "ml".into(),
             name: uid.into(),
             uid: uid.into(),
             resource_version: Some(rv.into()),
+            created: None,
             requests: vec![],
             constraints: vec![],
             config: vec![],
@@ -1037,7 +1041,7 @@ mod tests {
             deleting: false,
             reserved_for: vec![],
             finalizers: vec![],
-        }
+        })
     }
 
     fn allocation(node: &str) -> ClaimAllocation {
@@ -1064,9 +1068,12 @@ mod tests {
         let mut book = Book::default();
         book.assume("a", "10".into(), allocation("n1"));
         // The cache still shows version 9, unallocated: the write is assumed.
-        let mut views = vec![view("a", "9", None)];
+        let cached = view("a", "9", None);
+        let mut views = vec![cached.clone()];
         book.overlay_assumed(&mut views, Instant::now());
         assert_eq!(views[0].allocation, Some(allocation("n1")));
+        // Laid over a copy: the cache's view is untouched.
+        assert_eq!(cached.allocation, None);
         // Version 10 arrived (allocated): the cache wins from now on.
         let mut views = vec![view("a", "10", Some("n1"))];
         book.overlay_assumed(&mut views, Instant::now());
@@ -1177,27 +1184,26 @@ mod tests {
         assert!(!book.event_due("c", "never refused", refresh, t0));
     }
 
-    fn claim_object(name: &str, second: u32, class: &str) -> Arc<v1::ResourceClaim> {
-        Arc::new(
-            serde_json::from_value(serde_json::json!({
-                "metadata": {"name": name, "namespace": "ml", "uid": name,
-                             "creationTimestamp": format!("2025-01-01T00:00:{second:02}Z")},
-                "spec": {"devices": {"requests": [
-                    {"name": "gpu", "exactly": {"deviceClassName": class}}]}}
-            }))
-            .unwrap(),
-        )
+    fn claim_object(name: &str, second: u32, class: &str) -> Arc<ClaimView> {
+        let object: v1::ResourceClaim = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "ml", "uid": name,
+                         "creationTimestamp": format!("2025-01-01T00:00:{second:02}Z")},
+            "spec": {"devices": {"requests": [
+                {"name": "gpu", "exactly": {"deviceClassName": class}}]}}
+        }))
+        .unwrap();
+        Arc::new(ClaimView::of(&object).unwrap())
     }
 
-    fn pod_of(name: &str, claim: &str, node: Option<&str>) -> PodView {
-        PodView {
+    fn pod_of(name: &str, claim: &str, node: Option<&str>) -> Arc<PodView> {
+        Arc::new(PodView {
             namespace: "ml".into(),
             name: name.into(),
             uid: name.into(),
             node_name: node.map(Into::into),
             claims: vec![claim.into()],
             ..Default::default()
-        }
+        })
     }
 
     #[test]
@@ -1224,8 +1230,8 @@ mod tests {
                     ours: false,
                 },
             ],
-            slices: vec![].into(),
-            nodes: vec![].into(),
+            slices: vec![],
+            nodes: vec![],
             pods: vec![
                 pod_of("p1", "young", None),
                 pod_of("p2", "old", None),
@@ -1251,7 +1257,6 @@ mod tests {
             .collect();
         assert_eq!(order, ["ml/old", "ml/young"]);
         let first = selection.pending()[0];
-        assert!(selection.object(first).is_some());
         // No slices: no room anywhere, and nothing was written to decide that.
         assert!(matches!(
             selection.decide(first, &BTreeSet::new()),
@@ -1272,8 +1277,8 @@ mod tests {
                 config: vec![],
                 ours: true,
             }],
-            slices: vec![].into(),
-            nodes: vec![].into(),
+            slices: vec![],
+            nodes: vec![],
             pods: vec![pod_of("p", "a", None)],
             slice_versions: vec![("s1".into(), slice_version.into())],
             node_versions: vec![],

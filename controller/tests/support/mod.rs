@@ -116,6 +116,7 @@ pub fn claim_with(
         name: name.into(),
         uid: format!("uid-{name}"),
         resource_version: None,
+        created: None,
         requests,
         constraints: Vec::<ConstraintView>::new(),
         config: config
