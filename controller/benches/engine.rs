@@ -49,7 +49,7 @@ fn claim(i: usize, memory_gib: u64, cores: u64) -> ClaimView {
             source: ConfigSource::FromClaim,
             requests: vec![],
             driver: DRIVER.into(),
-            parameters: json!({"apiVersion": API_VERSION, "kind": KIND, "memory": format!("{memory_gib}Gi"), "cores": cores}),
+            parameters: json!({"apiVersion": API_VERSION, "kind": KIND, "memory": format!("{memory_gib}Gi"), "cores": cores}).into(),
         }],
         allocation: None,
         deleting: false,
@@ -190,7 +190,8 @@ fn bench(c: &mut Criterion) {
     });
     let mut training = claim(LIVE_SLICES + 3, 20, 30);
     training.requests[0].alternatives[0].count = Count::Exact(4);
-    training.config[0].parameters["scheduling"] = json!({"topology": "Required"});
+    std::sync::Arc::make_mut(&mut training.config[0].parameters)["scheduling"] =
+        json!({"topology": "Required"});
     c.bench_function(
         "decision: 4 NVLink-peer GPUs x 20Gi/30% (topology Required)",
         |b| b.iter(|| engine.allocate(black_box(&training), None, &avoid).unwrap()),

@@ -6,6 +6,7 @@ use crate::slim::{SlimContainer, SlimPod};
 use k8s_openapi::api::core::v1::{Node, NodeSelector, Taint, Toleration};
 use k8s_openapi::api::resource::v1;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use vgpu_driver::class::is_controller_selector;
 use vgpu_driver::{ClaimAllocation, ConfigEntry, ConfigSource, Quantity};
 
@@ -202,7 +203,7 @@ impl ClassView {
                 source: ConfigSource::FromClass,
                 requests: vec![],
                 driver: o.driver.clone(),
-                parameters: o.parameters.0.clone(),
+                parameters: vgpu_driver::config::shared(o.parameters.0.clone()),
             })
             .collect();
         ClassView {
@@ -268,7 +269,9 @@ pub struct ClaimView {
     pub constraints: Vec<ConstraintView>,
     /// The claim's own configuration entries (source FromClaim).
     pub config: Vec<ConfigEntry>,
-    pub allocation: Option<ClaimAllocation>,
+    /// Shared: the controller lays an allocation it wrote over a cached view until the
+    /// watch shows it, without copying it.
+    pub allocation: Option<Arc<ClaimAllocation>>,
     pub deleting: bool,
     /// Pods (by UID) the claim is reserved for.
     pub reserved_for: Vec<String>,
@@ -376,13 +379,15 @@ impl ClaimView {
                     source: ConfigSource::FromClaim,
                     requests: c.requests.clone().unwrap_or_default(),
                     driver: o.driver.clone(),
-                    parameters: o.parameters.0.clone(),
+                    parameters: vgpu_driver::config::shared(o.parameters.0.clone()),
                 })
             })
             .collect();
         let status = claim.status.as_ref();
         let allocation = match status.and_then(|s| s.allocation.as_ref()) {
-            Some(_) => Some(ClaimAllocation::of(claim).map_err(|e| error(e.to_string()))?),
+            Some(_) => Some(Arc::new(
+                ClaimAllocation::of(claim).map_err(|e| error(e.to_string()))?,
+            )),
             None => None,
         };
         Ok(ClaimView {

@@ -8,6 +8,7 @@ use controller::model::{Alternative, ConstraintView, Count, RequestView};
 use k8s_openapi::api::core::v1::{Taint, Toleration};
 use serde_json::json;
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use support::*;
 use vgpu_driver::config::{Policy, Topology};
 use vgpu_driver::{ClaimAllocation, ConfigSource};
@@ -477,12 +478,12 @@ fn state_is_rebuilt_from_claims_and_whole_gpu_allocations_count_full() {
         let mut c = claim(&format!("c{i}"), 1, json!({"memory": "10Gi", "cores": 20}));
         let a = e.allocate(&c, None, &none()).unwrap();
         e.commit(&a);
-        c.allocation = Some(a);
+        c.allocation = Some(Arc::new(a));
         allocated.push(c);
     }
     // A whole GPU handed out by the kube-scheduler through the whole-GPU class (no config).
     let mut whole = claim_with("w", vec![request("gpu", WHOLE, 1, &[])], vec![]);
-    whole.allocation = Some(ClaimAllocation {
+    whole.allocation = Some(Arc::new(ClaimAllocation {
         namespace: "ml".into(),
         name: "w".into(),
         uid: "uid-w".into(),
@@ -497,7 +498,7 @@ fn state_is_rebuilt_from_claims_and_whole_gpu_allocations_count_full() {
         }],
         config: vec![],
         node_name: Some("n1".into()),
-    });
+    }));
     allocated.push(whole.clone());
     let mut rebuilt_inputs = inputs.clone();
     rebuilt_inputs.claims = allocated;
@@ -810,7 +811,7 @@ fn config_errors_number_the_claims_entries_from_its_own_list() {
         "{err}"
     );
     let mut broken = inputs.clone();
-    broken.classes[0].config[0].parameters = params(json!({"memory": "lots"}));
+    broken.classes[0].config[0].parameters = params(json!({"memory": "lots"})).into();
     let mut e = engine(&broken, Policies::default());
     let err = e
         .allocate(&claim("ok", 1, json!({"cores": 10})), None, &none())

@@ -414,14 +414,14 @@ proptest! {
         let mut views: Vec<controller::model::ClaimView> = allocations.iter().enumerate().map(|(i, (s, a))| {
             let mut v = to_claim(i, s);
             v.uid = a.uid.clone();
-            v.allocation = Some(a.clone());
+            v.allocation = Some(std::sync::Arc::new(a.clone()));
             v
         }).collect();
         // Some claims released, one moved to where another claim is, pods changed.
         let mut later: Vec<controller::model::ClaimView> = views.iter().zip(&keep).filter(|(_, k)| **k).map(|(v, _)| v.clone()).collect();
         if later.len() >= 2 {
             let other = later[1].allocation.clone();
-            later[0].allocation = other.map(|mut a| { a.uid = later[0].uid.clone(); a });
+            later[0].allocation = other.map(|mut a| { std::sync::Arc::make_mut(&mut a).uid = later[0].uid.clone(); a });
         }
         let pods_later = bound_pods(&spec, &cpus_later);
         kept.resync(&later, &pods_later);

@@ -89,7 +89,9 @@ fn allocation() -> ClaimAllocation {
             source: ConfigSource::FromClaim,
             requests: vec!["gpu".into()],
             driver: "vgpu.hami.io".into(),
-            parameters: json!({"apiVersion": API_VERSION, "kind": KIND, "memory": "4Gi", "cores": 30}),
+            parameters:
+                json!({"apiVersion": API_VERSION, "kind": KIND, "memory": "4Gi", "cores": 30})
+                    .into(),
         }],
         node_name: Some("gpu-node-1".into()),
     }

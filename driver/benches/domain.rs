@@ -45,14 +45,18 @@ fn bench(c: &mut Criterion) {
             source: ConfigSource::FromClass,
             requests: vec![],
             driver: "vgpu.hami.io".into(),
-            parameters: json!({"apiVersion": API_VERSION, "kind": KIND, "memory": "8Gi", "cores": 20}),
+            parameters:
+                json!({"apiVersion": API_VERSION, "kind": KIND, "memory": "8Gi", "cores": 20})
+                    .into(),
         },
         ConfigEntry {
             source: ConfigSource::FromClaim,
             requests: vec!["gpu".into()],
             driver: "vgpu.hami.io".into(),
-            parameters: json!({"apiVersion": API_VERSION, "kind": KIND, "memoryPercentage": 25, "cores": 30,
-                "scheduling": {"gpuPolicy": "Spread"}}),
+            parameters:
+                json!({"apiVersion": API_VERSION, "kind": KIND, "memoryPercentage": 25, "cores": 30,
+                "scheduling": {"gpuPolicy": "Spread"}})
+                .into(),
         },
     ];
     c.bench_function("effective config (class + claim entries)", |b| {

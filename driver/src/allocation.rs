@@ -167,7 +167,7 @@ impl ClaimAllocation {
                     source,
                     requests: c.requests.clone().unwrap_or_default(),
                     driver: opaque.driver.clone(),
-                    parameters: opaque.parameters.0.clone(),
+                    parameters: crate::config::shared(opaque.parameters.0.clone()),
                 });
             }
         }
@@ -213,7 +213,7 @@ impl ClaimAllocation {
                             requests: (!c.requests.is_empty()).then(|| c.requests.clone()),
                             opaque: Some(v1::OpaqueDeviceConfiguration {
                                 driver: c.driver.clone(),
-                                parameters: RawExtension(c.parameters.clone()),
+                                parameters: RawExtension((*c.parameters).clone()),
                             }),
                         })
                         .collect()
@@ -341,13 +341,13 @@ mod tests {
                     source: ConfigSource::FromClass,
                     requests: vec![],
                     driver: "vgpu.hami.io".into(),
-                    parameters: json!({"apiVersion": API_VERSION, "kind": KIND, "memory": "8Gi", "cores": 20}),
+                    parameters: json!({"apiVersion": API_VERSION, "kind": KIND, "memory": "8Gi", "cores": 20}).into(),
                 },
                 ConfigEntry {
                     source: ConfigSource::FromClaim,
                     requests: vec!["gpu".into()],
                     driver: "vgpu.hami.io".into(),
-                    parameters: json!({"apiVersion": API_VERSION, "kind": KIND, "cores": 30}),
+                    parameters: json!({"apiVersion": API_VERSION, "kind": KIND, "cores": 30}).into(),
                 },
             ],
             node_name: Some("node-a".into()),
@@ -437,7 +437,8 @@ mod tests {
             "ResourceClaim ml/train-gpu: status.allocation is not set"
         );
         let mut a = allocation();
-        a.config[1].parameters = json!({"apiVersion": API_VERSION, "kind": KIND, "cores": 300});
+        a.config[1].parameters =
+            json!({"apiVersion": API_VERSION, "kind": KIND, "cores": 300}).into();
         let e = a
             .slice_limits(&a.results[0], 80 << 30)
             .unwrap_err()

@@ -15,7 +15,9 @@
 
 use crate::quantity::Quantity;
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::fmt;
+use std::sync::{Arc, LazyLock, Mutex, PoisonError, Weak};
 
 /// API group of the configuration objects.
 pub const API_GROUP: &str = "vgpu.hami.io";
@@ -296,7 +298,42 @@ pub struct ConfigEntry {
     /// Requests the entry applies to; empty = all.
     pub requests: Vec<String>,
     pub driver: String,
-    pub parameters: serde_json::Value,
+    /// Shared between equal entries ([`shared`]).
+    pub parameters: Arc<serde_json::Value>,
+}
+
+/// `value`, sharing one allocation with every equal value made by this function that is still
+/// alive. Claims made from one template carry the same configuration, as do the allocations of
+/// one class; a controller caching thousands of them would otherwise hold a copy each, and a
+/// small JSON object takes hundreds of bytes.
+pub fn shared(value: serde_json::Value) -> Arc<serde_json::Value> {
+    struct Table {
+        values: HashMap<Box<str>, Weak<serde_json::Value>>,
+        prune_at: usize,
+    }
+    static TABLE: LazyLock<Mutex<Table>> = LazyLock::new(|| {
+        Mutex::new(Table {
+            values: HashMap::new(),
+            prune_at: 1024,
+        })
+    });
+    // Maps serialize in key order, so equal values have equal text.
+    let Ok(key) = serde_json::to_string(&value) else {
+        return Arc::new(value);
+    };
+    let mut table = TABLE.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(v) = table.values.get(key.as_str()).and_then(Weak::upgrade) {
+        return v;
+    }
+    let v = Arc::new(value);
+    table
+        .values
+        .insert(key.into_boxed_str(), Arc::downgrade(&v));
+    if table.values.len() >= table.prune_at {
+        table.values.retain(|_, w| w.strong_count() > 0);
+        table.prune_at = (table.values.len() * 2).max(1024);
+    }
+    v
 }
 
 impl ConfigEntry {
@@ -424,6 +461,22 @@ mod tests {
     }
 
     #[test]
+    fn equal_parameters_share_one_value_while_one_lives() {
+        let a = shared(json!({"memory": "10Gi", "cores": 20}));
+        // Same map, keys in another order: equal, so shared.
+        let b = shared(json!({"cores": 20, "memory": "10Gi"}));
+        assert!(Arc::ptr_eq(&a, &b));
+        let c = shared(json!({"memory": "10Gi", "cores": 21}));
+        assert!(!Arc::ptr_eq(&a, &c));
+        assert_eq!(*c, json!({"memory": "10Gi", "cores": 21}));
+        // Once every holder is gone a new value is made, with the same contents.
+        drop((a, b));
+        let d = shared(json!({"memory": "10Gi", "cores": 20}));
+        assert_eq!(*d, json!({"memory": "10Gi", "cores": 20}));
+        assert_eq!(Arc::strong_count(&d), 1);
+    }
+
+    #[test]
     fn oversized_parameters_are_refused() {
         let e = err(json!({"padding": "x".repeat(MAX_PARAMETERS_BYTES)}));
         assert_eq!(e.field, "parameters");
@@ -481,7 +534,7 @@ mod tests {
             source,
             requests: requests.iter().map(|s| s.to_string()).collect(),
             driver: driver.into(),
-            parameters: params(extra),
+            parameters: params(extra).into(),
         };
         let entries = vec![
             // Listed out of order on purpose: class entries still come first.
@@ -526,7 +579,7 @@ mod tests {
         assert_eq!(other.cores, Some(90));
 
         let mut bad = entries.clone();
-        bad[4].parameters = params(json!({"cores": 200}));
+        bad[4].parameters = params(json!({"cores": 200})).into();
         let e = effective_config(&bad, "vgpu.hami.io", "gpu").unwrap_err();
         assert_eq!(
             // The claim's third entry: the class's two do not shift its number.

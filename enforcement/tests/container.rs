@@ -173,7 +173,7 @@ fn the_plugins_spec_preloads_the_library_and_the_limits_hold_inside_a_container(
             source: ConfigSource::FromClass,
             requests: vec![],
             driver: driver.clone(),
-            parameters: json!({"apiVersion": "vgpu.hami.io/v1alpha1", "kind": "GpuSliceConfig", "memory": "4Gi", "cores": 30}),
+            parameters: json!({"apiVersion": "vgpu.hami.io/v1alpha1", "kind": "GpuSliceConfig", "memory": "4Gi", "cores": 30}).into(),
         }],
         node_name: Some("node-a".into()),
     };

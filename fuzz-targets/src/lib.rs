@@ -48,7 +48,7 @@ pub fn slice_config(data: &[u8]) {
         source,
         requests: vec![],
         driver: "vgpu.hami.io".into(),
-        parameters: value.clone(),
+        parameters: value.clone().into(),
     };
     let _ = effective_config(
         &[

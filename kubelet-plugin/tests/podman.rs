@@ -150,7 +150,7 @@ fn podman_injects_the_claim_spec() {
             source: ConfigSource::FromClass,
             requests: vec![],
             driver: driver.clone(),
-            parameters: json!({"apiVersion": "vgpu.hami.io/v1alpha1", "kind": "GpuSliceConfig", "memory": "4Gi", "cores": 30}),
+            parameters: json!({"apiVersion": "vgpu.hami.io/v1alpha1", "kind": "GpuSliceConfig", "memory": "4Gi", "cores": 30}).into(),
         }],
         node_name: Some("node-a".into()),
     };

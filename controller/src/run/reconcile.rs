@@ -103,7 +103,7 @@ struct Retry {
 #[derive(Clone, Debug)]
 struct Assumed {
     resource_version: String,
-    allocation: ClaimAllocation,
+    allocation: Arc<ClaimAllocation>,
     at: Instant,
 }
 
@@ -212,7 +212,12 @@ impl Book {
     }
 
     /// Remember a write until the cache shows it.
-    pub fn assume(&mut self, uid: &str, resource_version: String, allocation: ClaimAllocation) {
+    pub fn assume(
+        &mut self,
+        uid: &str,
+        resource_version: String,
+        allocation: Arc<ClaimAllocation>,
+    ) {
         self.assumed.insert(
             uid.to_string(),
             Assumed {
@@ -832,6 +837,7 @@ impl Allocator {
             let key = claim.key();
             match decision {
                 Decision::Allocate(allocation) => {
+                    let allocation = Arc::new(allocation);
                     let node = allocation.node_name.clone().unwrap_or_default();
                     match self.write(&claim, &allocation).await {
                         Ok(Written::Stored(rv)) => {
@@ -1037,7 +1043,7 @@ mod tests {
             requests: vec![],
             constraints: vec![],
             config: vec![],
-            allocation: node.map(allocation),
+            allocation: node.map(|n| Arc::new(allocation(n))),
             deleting: false,
             reserved_for: vec![],
             finalizers: vec![],
@@ -1066,12 +1072,12 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn assumed_allocations_cover_a_lagging_cache_until_it_catches_up() {
         let mut book = Book::default();
-        book.assume("a", "10".into(), allocation("n1"));
+        book.assume("a", "10".into(), Arc::new(allocation("n1")));
         // The cache still shows version 9, unallocated: the write is assumed.
         let cached = view("a", "9", None);
         let mut views = vec![cached.clone()];
         book.overlay_assumed(&mut views, Instant::now());
-        assert_eq!(views[0].allocation, Some(allocation("n1")));
+        assert_eq!(views[0].allocation.as_deref(), Some(&allocation("n1")));
         // Laid over a copy: the cache's view is untouched.
         assert_eq!(cached.allocation, None);
         // Version 10 arrived (allocated): the cache wins from now on.
@@ -1079,12 +1085,12 @@ mod tests {
         book.overlay_assumed(&mut views, Instant::now());
         assert!(book.assumed.is_empty());
         // A cache past our write without an allocation means it was cleared since.
-        book.assume("a", "10".into(), allocation("n1"));
+        book.assume("a", "10".into(), Arc::new(allocation("n1")));
         let mut views = vec![view("a", "11", None)];
         book.overlay_assumed(&mut views, Instant::now());
         assert_eq!(views[0].allocation, None);
         // An assumption expires.
-        book.assume("a", "10".into(), allocation("n1"));
+        book.assume("a", "10".into(), Arc::new(allocation("n1")));
         tokio::time::advance(ASSUME_FOR + Duration::from_secs(1)).await;
         let mut views = vec![view("a", "9", None)];
         book.overlay_assumed(&mut views, Instant::now());

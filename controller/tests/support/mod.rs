@@ -57,7 +57,7 @@ pub fn classes() -> Vec<ClassView> {
                 source: ConfigSource::FromClass,
                 requests: vec![],
                 driver: DRIVER.into(),
-                parameters: json!({"apiVersion": API_VERSION, "kind": KIND}),
+                parameters: json!({"apiVersion": API_VERSION, "kind": KIND}).into(),
             }],
             ours: true,
         },
@@ -125,7 +125,7 @@ pub fn claim_with(
                 source: ConfigSource::FromClaim,
                 requests: requests.into_iter().map(String::from).collect(),
                 driver: DRIVER.into(),
-                parameters: params(extra),
+                parameters: params(extra).into(),
             })
             .collect(),
         allocation: None,

@@ -64,7 +64,9 @@ fn slice(uid: &str, devices: &[&str], memory: &str, cores: u32) -> ClaimAllocati
             source: ConfigSource::FromClaim,
             requests: vec![],
             driver: "vgpu.hami.io".into(),
-            parameters: json!({"apiVersion": API_VERSION, "kind": KIND, "memory": memory, "cores": cores}),
+            parameters:
+                json!({"apiVersion": API_VERSION, "kind": KIND, "memory": memory, "cores": cores})
+                    .into(),
         }],
         node_name: Some("node-a".into()),
     }
@@ -164,7 +166,8 @@ fn oversubscription_exclusivity_health_and_pool_are_enforced() {
         PrepareError::NoDevices { .. }
     ));
     let mut bad = slice("l", &["gpu-0"], "1Gi", 1);
-    bad.config[0].parameters = json!({"apiVersion": API_VERSION, "kind": KIND, "cores": "lots"});
+    bad.config[0].parameters =
+        json!({"apiVersion": API_VERSION, "kind": KIND, "cores": "lots"}).into();
     let err = p.prepare(&bad).unwrap_err();
     assert!(
         matches!(err, PrepareError::Config { .. }) && err.to_string().contains("cores"),
