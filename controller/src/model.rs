@@ -321,7 +321,11 @@ impl ClaimView {
             message,
         };
         let devices = claim.spec.devices.as_ref();
-        let mut requests = Vec::new();
+        let mut requests = Vec::with_capacity(
+            devices
+                .and_then(|d| d.requests.as_ref())
+                .map_or(0, Vec::len),
+        );
         for r in devices
             .and_then(|d| d.requests.as_ref())
             .into_iter()

@@ -122,7 +122,9 @@ impl ClaimAllocation {
             .and_then(|s| s.allocation.as_ref())
             .ok_or_else(|| AllocationError::NotAllocated(key.clone()))?;
         let devices = allocation.devices.as_ref();
-        let mut results = Vec::new();
+        // Sized exactly: the controller keeps an allocation for as long as its claim.
+        let mut results =
+            Vec::with_capacity(devices.and_then(|d| d.results.as_ref()).map_or(0, Vec::len));
         for (i, r) in devices
             .and_then(|d| d.results.as_ref())
             .into_iter()
@@ -150,7 +152,8 @@ impl ClaimAllocation {
                 consumed_capacity: consumed,
             });
         }
-        let mut config = Vec::new();
+        let mut config =
+            Vec::with_capacity(devices.and_then(|d| d.config.as_ref()).map_or(0, Vec::len));
         for (i, c) in devices
             .and_then(|d| d.config.as_ref())
             .into_iter()

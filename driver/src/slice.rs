@@ -10,6 +10,7 @@ use k8s_openapi::api::resource::v1;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity as K8sQuantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 /// `ResourceSliceMaxDevices`.
 pub const MAX_DEVICES_PER_SLICE: usize = 128;
@@ -488,7 +489,8 @@ pub struct SliceView {
     pub generation: i64,
     pub resource_slice_count: i64,
     pub node_name: Option<String>,
-    pub devices: Vec<PublishedDevice>,
+    /// Shared: the allocator's GPU table holds the same devices as its cache of slices.
+    pub devices: Vec<Arc<PublishedDevice>>,
 }
 
 impl SliceView {
@@ -500,7 +502,13 @@ impl SliceView {
             generation: s.spec.pool.generation,
             resource_slice_count: s.spec.pool.resource_slice_count,
             node_name: s.spec.node_name.clone().filter(|n| !n.is_empty()),
-            devices: s.spec.devices.iter().flatten().map(from_device).collect(),
+            devices: s
+                .spec
+                .devices
+                .iter()
+                .flatten()
+                .map(|d| Arc::new(from_device(d)))
+                .collect(),
         }
     }
 }

@@ -120,7 +120,11 @@ fn pools_split_at_128_devices_with_consistent_counts() {
                 .iter()
                 .all(|v| v.pool == "gpu-node-1" && v.node_name.as_deref() == Some("gpu-node-1"))
         );
-        let back: Vec<PublishedDevice> = views.into_iter().flat_map(|v| v.devices).collect();
+        let back: Vec<PublishedDevice> = views
+            .into_iter()
+            .flat_map(|v| v.devices)
+            .map(|d| (*d).clone())
+            .collect();
         assert_eq!(back, devices);
     }
 }
@@ -169,7 +173,12 @@ fn native_sharing_publishes_request_policies() {
         "81408Mi"
     );
     assert_eq!(d["capacity"]["cores"]["requestPolicy"]["default"], "100");
-    assert_eq!(SliceView::of(&slices[0]).devices, devices);
+    let seen: Vec<PublishedDevice> = SliceView::of(&slices[0])
+        .devices
+        .iter()
+        .map(|d| (**d).clone())
+        .collect();
+    assert_eq!(seen, devices);
     // Without native sharing no policy and no flag are published.
     let plain = serde_json::to_value(
         &render_pool(&node(), &gpu_devices(&[gpu(0)]).unwrap(), &opts).unwrap()[0],

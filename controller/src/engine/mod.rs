@@ -1189,7 +1189,8 @@ impl Engine {
 
     fn allocation_of(&self, claim: &ClaimView, n: usize, placed: Vec<Placed>) -> ClaimAllocation {
         let driver = self.state.driver.clone();
-        let mut results = Vec::new();
+        // Sized exactly: an allocation is kept (assumed, then cached) for the claim's life.
+        let mut results = Vec::with_capacity(placed.iter().map(|p| p.gpus.len()).sum());
         let mut class_requests: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for p in &placed {
             class_requests
@@ -1232,6 +1233,7 @@ impl Engine {
             }
         }
         config.extend(claim.config.iter().cloned());
+        config.shrink_to_fit();
         ClaimAllocation {
             namespace: claim.namespace.clone(),
             name: claim.name.clone(),

@@ -5,6 +5,7 @@ use crate::cel::CelDevice;
 use crate::model::{ClaimView, NodeView, PodView};
 use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 use vgpu_driver::capacity::{CORES, MEMORY};
 use vgpu_driver::slice::{AttributeValue, PublishedDevice, SliceView, nvlink_peer_names};
 use vgpu_driver::{Capacity, SliceLimits};
@@ -14,7 +15,8 @@ use vgpu_driver::{Capacity, SliceLimits};
 pub struct GpuState {
     pub node: usize,
     pub pool: String,
-    pub device: PublishedDevice,
+    /// Shared with the slice it was published in.
+    pub device: Arc<PublishedDevice>,
     /// The CEL `device` variable, built and converted once.
     pub cel: CelDevice,
     pub total: Capacity,
@@ -180,7 +182,7 @@ pub struct ClusterState {
 pub fn complete_pools<'a, S: Borrow<SliceView>>(
     driver: &str,
     slices: &'a [S],
-) -> Vec<(&'a str, &'a str, Vec<&'a PublishedDevice>)> {
+) -> Vec<(&'a str, &'a str, Vec<&'a Arc<PublishedDevice>>)> {
     let mut newest: BTreeMap<&str, (i64, Vec<&SliceView>)> = BTreeMap::new();
     for s in slices
         .iter()
@@ -284,7 +286,7 @@ impl ClusterState {
                     node: node_idx,
                     pool: pool.to_string(),
                     cel: CelDevice::of(driver, d),
-                    device: d.clone(),
+                    device: Arc::clone(d),
                     total: Capacity {
                         memory_bytes: memory,
                         cores,
