@@ -5,7 +5,7 @@
 pub mod state;
 pub mod topology;
 
-use crate::cel::{CelEnv, CelError, LibraryError, Selector};
+use crate::cel::{CelDevice, CelEnv, CelError, LibraryError, Selector};
 use crate::model::{
     ClaimView, ClassView, Count, NodeView, PodView, matches_node_selector, tolerates,
 };
@@ -312,9 +312,15 @@ impl Engine {
             NO => return Ok(false),
             _ => {}
         }
-        let device = &self.state.gpus[gpu];
+        let state = &mut self.state;
+        let device = &mut state.gpus[gpu];
         let outcome = match (&self.selectors[selector], &self.cel) {
-            (Ok(s), Ok(env)) => s.evaluate(env, &device.cel),
+            (Ok(s), Ok(env)) => {
+                let cel = device
+                    .cel
+                    .get_or_insert_with(|| CelDevice::of(&state.driver, &device.device));
+                s.evaluate(env, cel)
+            }
             (Ok(s), Err(e)) => Err(CelError::Runtime {
                 expression: s.expression.clone(),
                 device: device.device.name.clone(),

@@ -17,8 +17,9 @@ pub struct GpuState {
     pub pool: String,
     /// Shared with the slice it was published in.
     pub device: Arc<PublishedDevice>,
-    /// The CEL `device` variable, built and converted once.
-    pub cel: CelDevice,
+    /// The CEL `device` variable, built and converted once, when a selector is first
+    /// evaluated on this GPU: a GPU no selector looks at never holds one.
+    pub cel: Option<CelDevice>,
     pub total: Capacity,
     pub used: Capacity,
     /// Claims holding a part of this GPU (admin access excluded).
@@ -285,7 +286,7 @@ impl ClusterState {
                 state.gpus.push(GpuState {
                     node: node_idx,
                     pool: pool.to_string(),
-                    cel: CelDevice::of(driver, d),
+                    cel: None,
                     device: Arc::clone(d),
                     total: Capacity {
                         memory_bytes: memory,
