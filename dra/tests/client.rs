@@ -77,24 +77,9 @@ async fn v1_objects_round_trip_through_a_v1beta1_server() {
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].spec, claim("c").spec);
 
-    // The status subresource, as the controller writes an allocation.
+    // The status subresource, with an allocation.
     let mut allocated = created.clone();
-    allocated.status = Some(v1::ResourceClaimStatus {
-        allocation: Some(v1::AllocationResult {
-            devices: Some(v1::DeviceAllocationResult {
-                results: Some(vec![v1::DeviceRequestAllocationResult {
-                    request: "gpu".into(),
-                    driver: "vgpu.hami.io".into(),
-                    pool: "n1".into(),
-                    device: "gpu-0".into(),
-                    ..Default::default()
-                }]),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    });
+    allocated.status = allocation_only().status;
     let written = api
         .replace_status("c", &PostParams::default(), &allocated)
         .await
