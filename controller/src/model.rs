@@ -148,28 +148,6 @@ impl PodView {
     }
 }
 
-/// Keep only what [`NodeView::from_node`] and change detection read of a Node: images,
-/// conditions, addresses and managedFields are most of a Node object.
-pub fn slim_node(node: &mut Node) {
-    use k8s_openapi::api::core::v1::{NodeSpec, NodeStatus};
-    node.metadata = kube::api::ObjectMeta {
-        name: node.metadata.name.take(),
-        uid: node.metadata.uid.take(),
-        resource_version: node.metadata.resource_version.take(),
-        labels: node.metadata.labels.take(),
-        ..Default::default()
-    };
-    node.spec = node.spec.take().map(|spec| NodeSpec {
-        taints: spec.taints,
-        unschedulable: spec.unschedulable,
-        ..Default::default()
-    });
-    node.status = node.status.take().map(|status| NodeStatus {
-        allocatable: status.allocatable,
-        ..Default::default()
-    });
-}
-
 /// A DeviceClass: its selectors (the controller marker removed) and opaque configuration.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ClassView {
@@ -538,7 +516,7 @@ mod tests {
     }
 
     #[test]
-    fn slim_pods_and_nodes_read_as_the_whole_objects_and_weigh_less() {
+    fn slim_pods_read_as_the_whole_objects_and_weigh_less() {
         let full = serde_json::json!({
             "metadata": {"name": "p", "namespace": "ml", "uid": "u", "resourceVersion": "7",
                 "labels": {"app": "x"}, "annotations": {"a": "b".repeat(2000)},
@@ -584,27 +562,6 @@ mod tests {
         let size = serde_json::to_vec(&pod).unwrap().len();
         let whole = serde_json::to_vec(&full).unwrap().len();
         assert!(size * 4 < whole, "{size} vs {whole}");
-
-        let node: Node = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": "n1", "uid": "nu", "resourceVersion": "3", "labels": {"zone": "a"},
-                "annotations": {"a": "b".repeat(2000)}},
-            "spec": {"unschedulable": true, "podCIDR": "10.0.0.0/24",
-                     "taints": [{"key": "gpu", "effect": "NoSchedule"}]},
-            "status": {"allocatable": {"cpu": "96", "memory": "1Ti"}, "capacity": {"cpu": "96"},
-                       "images": [{"names": ["registry.example.com/big:1"], "sizeBytes": 1}]}
-        }))
-        .unwrap();
-        let mut slim = node.clone();
-        slim_node(&mut slim);
-        assert_eq!(NodeView::from_node(&slim), NodeView::from_node(&node));
-        assert_eq!(slim.metadata.resource_version.as_deref(), Some("3"));
-        let size = |v: &Node| serde_json::to_vec(v).unwrap().len();
-        assert!(
-            size(&slim) * 4 < size(&node),
-            "{} vs {}",
-            size(&slim),
-            size(&node)
-        );
     }
 
     #[test]
