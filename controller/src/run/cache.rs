@@ -127,7 +127,12 @@ where
     use watcher::Event::*;
     match event {
         Apply(o) => Apply(Cached::of(&o, to_view)),
-        Delete(o) => Delete(Cached::of(&o, to_view)),
+        // Only the key of a deleted object is read: no view, no warning about its content.
+        Delete(o) => Delete(Cached {
+            meta: Meta::of(&o),
+            view: None,
+            kind: PhantomData,
+        }),
         InitApply(o) => InitApply(Cached::of(&o, to_view)),
         Init => Init,
         InitDone => InitDone,

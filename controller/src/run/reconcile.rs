@@ -64,7 +64,7 @@ fn engine_key(snapshot: &Snapshot) -> Option<u64> {
     }
     let mut h = DefaultHasher::new();
     for versions in all {
-        hash_of(versions.iter().cloned()).hash(&mut h);
+        hash_of(versions).hash(&mut h);
     }
     Some(h.finish())
 }
@@ -110,8 +110,11 @@ struct Assumed {
 /// What changes in the cluster can give a refused claim room.
 #[derive(Clone, Debug, Default, PartialEq)]
 struct Fingerprint {
-    allocated: HashSet<String>,
-    bound_pods: HashSet<String>,
+    /// Digests of the UIDs of the allocated claims and of the pods bound to a node, kept per
+    /// pass: a digest instead of a copy of every UID. Two UIDs with one digest (odds 2^-64)
+    /// could only leave a refused claim to its back-off instead of retrying it at once.
+    allocated: HashSet<u64>,
+    bound_pods: HashSet<u64>,
     slices: u64,
     nodes: u64,
     classes: u64,
@@ -128,8 +131,14 @@ impl Fingerprint {
     }
 }
 
-fn hash_of(items: impl Iterator<Item = (String, String)>) -> u64 {
-    let mut items: Vec<(String, String)> = items.collect();
+fn digest(s: &str) -> u64 {
+    let mut h = DefaultHasher::new();
+    s.hash(&mut h);
+    h.finish()
+}
+
+fn hash_of(items: &[(String, String)]) -> u64 {
+    let mut items: Vec<&(String, String)> = items.iter().collect();
     items.sort();
     let mut h = DefaultHasher::new();
     items.hash(&mut h);
@@ -234,22 +243,26 @@ impl Book {
     pub fn observe_clears(
         &mut self,
         views: &[Arc<ClaimView>],
-        ours: &HashSet<String>,
-        waiting: &HashSet<(String, String)>,
+        ours: &[bool],
+        waiting: &[bool],
     ) -> Vec<(String, String)> {
         let mut cleared = Vec::new();
-        let mut seen = HashMap::new();
-        for view in views.iter().filter(|v| ours.contains(&v.uid)) {
+        // Kept from pass to pass and changed only where a claim moved: most passes copy no name.
+        let mut allocated: HashSet<&str> = HashSet::new();
+        for (i, view) in views.iter().enumerate().filter(|&(i, _)| ours[i]) {
             match &view.allocation {
                 Some(a) => {
                     if let Some(node) = &a.node_name {
-                        seen.insert(view.uid.clone(), node.clone());
+                        if self.last_node.get(&view.uid) != Some(node) {
+                            self.last_node.insert(view.uid.clone(), node.clone());
+                        }
+                        allocated.insert(view.uid.as_str());
                     }
                 }
                 None => {
                     if let Some(node) = self.last_node.get(&view.uid)
                         && !view.deleting
-                        && waiting.contains(&(view.namespace.clone(), view.name.clone()))
+                        && waiting[i]
                     {
                         self.avoid
                             .entry(view.uid.clone())
@@ -260,10 +273,11 @@ impl Book {
                 }
             }
         }
+        self.last_node
+            .retain(|uid, _| allocated.contains(uid.as_str()));
         let present: HashSet<&str> = views.iter().map(|v| v.uid.as_str()).collect();
         self.avoid.retain(|uid, _| present.contains(uid.as_str()));
         self.retries.retain(|uid, _| present.contains(uid.as_str()));
-        self.last_node = seen;
         cleared
     }
 
@@ -407,8 +421,8 @@ impl Decision {
 /// are tried, and the engine that decides each. Touches only the [`Book`]; writes nothing.
 pub struct Selection {
     views: Vec<Arc<ClaimView>>,
-    /// A pod waiting to be scheduled per claim (namespace, name).
-    waiting: HashMap<(String, String), Arc<PodView>>,
+    /// The pod waiting to be scheduled for each claim, by index into `views`.
+    waiting: Vec<Option<Arc<PodView>>>,
     /// Indices into `views` of the claims to try: oldest first, then by name.
     pending: Vec<usize>,
     /// (claim, node) for each allocation the scheduler cleared since the last pass.
@@ -451,48 +465,57 @@ impl Selection {
             .filter(|c| c.ours)
             .map(|c| c.name.as_str())
             .collect();
-        let ours: HashSet<String> = views
+        let ours: Vec<bool> = views
             .iter()
-            .filter(|v| {
+            .map(|v| {
                 v.requests
                     .iter()
                     .flat_map(|r| &r.alternatives)
                     .any(|a| ours_classes.contains(a.class.as_str()))
             })
-            .map(|v| v.uid.clone())
             .collect();
-        // Claims (namespace, name) with a pod waiting to be scheduled, and with a bound pod.
-        let mut waiting: HashMap<(String, String), Arc<PodView>> = HashMap::new();
-        let mut bound: HashSet<(String, String)> = HashSet::new();
+        // Claims (namespace, name) with a pod waiting to be scheduled, and with a bound pod,
+        // keyed by names borrowed from the snapshot: a pass copies no name.
+        let mut waiting_pods: HashMap<(&str, &str), &Arc<PodView>> = HashMap::new();
+        let mut bound: HashSet<(&str, &str)> = HashSet::new();
         for pod in snapshot.pods.iter().filter(|p| !p.finished) {
             for claim in &pod.claims {
-                let key = (pod.namespace.clone(), claim.clone());
+                let key = (pod.namespace.as_str(), claim.as_str());
                 if pod.node_name.is_some() {
                     bound.insert(key);
                 } else {
-                    waiting.entry(key).or_insert_with(|| pod.clone());
+                    waiting_pods.entry(key).or_insert(pod);
                 }
             }
         }
-        let waiting_keys: HashSet<(String, String)> = waiting.keys().cloned().collect();
-        let cleared = book.observe_clears(&views, &ours, &waiting_keys);
+        // The pod waiting for each claim, by the claim's index.
+        let waiting: Vec<Option<Arc<PodView>>> = views
+            .iter()
+            .map(|v| {
+                waiting_pods
+                    .get(&(v.namespace.as_str(), v.name.as_str()))
+                    .map(|p| Arc::clone(p))
+            })
+            .collect();
+        let is_waiting: Vec<bool> = waiting.iter().map(Option::is_some).collect();
+        let cleared = book.observe_clears(&views, &ours, &is_waiting);
         book.observe_capacity(fingerprint(&views, &snapshot), now);
 
-        let mut pending: Vec<(Option<k8s_openapi::jiff::Timestamp>, String, usize)> = views
+        let mut pending: Vec<(Option<k8s_openapi::jiff::Timestamp>, &str, &str, usize)> = views
             .iter()
             .enumerate()
-            .filter(|(_, v)| {
-                let key = (v.namespace.clone(), v.name.clone());
-                ours.contains(&v.uid)
+            .filter(|&(i, v)| {
+                ours[i]
                     && v.allocation.is_none()
                     && !v.deleting
-                    && !bound.contains(&key)
-                    && waiting.contains_key(&key)
+                    && !bound.contains(&(v.namespace.as_str(), v.name.as_str()))
+                    && is_waiting[i]
             })
-            .map(|(i, v)| (v.created, v.key(), i))
+            .map(|(i, v)| (v.created, v.namespace.as_str(), v.name.as_str(), i))
             .collect();
         // Oldest first, then by name: deterministic, and fair to claims that waited longest.
         pending.sort();
+        let pending: Vec<usize> = pending.into_iter().map(|(_, _, _, i)| i).collect();
 
         let key = engine_key(&snapshot);
         let allocated: Vec<Arc<ClaimView>> = views
@@ -527,7 +550,7 @@ impl Selection {
         Selection {
             views,
             waiting,
-            pending: pending.into_iter().map(|(_, _, i)| i).collect(),
+            pending,
             cleared,
             engine,
             key,
@@ -553,19 +576,13 @@ impl Selection {
 
     /// Where claim `i` goes, avoiding `avoid`, given every allocation committed so far.
     pub fn decide(&mut self, i: usize, avoid: &BTreeSet<String>) -> Decision {
-        let view = &self.views[i];
-        let pod = self
-            .waiting
-            .get(&(view.namespace.clone(), view.name.clone()));
-        Decision::of(self.engine.allocate(view, pod.map(|p| &**p), avoid))
+        let pod = self.waiting[i].as_deref();
+        Decision::of(self.engine.allocate(&self.views[i], pod, avoid))
     }
 
     /// The pod waiting for claim `i`, if any.
     pub fn pod(&self, i: usize) -> Option<&PodView> {
-        let view = &self.views[i];
-        self.waiting
-            .get(&(view.namespace.clone(), view.name.clone()))
-            .map(|p| &**p)
+        self.waiting[i].as_deref()
     }
 
     /// Charge a stored allocation before the next decision.
@@ -601,17 +618,17 @@ fn fingerprint(views: &[Arc<ClaimView>], snapshot: &Snapshot) -> Fingerprint {
         allocated: views
             .iter()
             .filter(|v| v.allocation.is_some())
-            .map(|v| v.uid.clone())
+            .map(|v| digest(&v.uid))
             .collect(),
         bound_pods: snapshot
             .pods
             .iter()
             .filter(|p| p.node_name.is_some() && !p.finished)
-            .map(|p| p.uid.clone())
+            .map(|p| digest(&p.uid))
             .collect(),
-        slices: hash_of(snapshot.slice_versions.iter().cloned()),
-        nodes: hash_of(snapshot.node_versions.iter().cloned()),
-        classes: hash_of(snapshot.class_versions.iter().cloned()),
+        slices: hash_of(&snapshot.slice_versions),
+        nodes: hash_of(&snapshot.node_versions),
+        classes: hash_of(&snapshot.class_versions),
     }
 }
 
@@ -1100,31 +1117,40 @@ mod tests {
     #[test]
     fn a_cleared_allocation_with_a_waiting_pod_marks_the_node_to_avoid() {
         let mut book = Book::default();
-        let ours: HashSet<String> = ["a".to_string(), "b".to_string()].into();
-        let waiting: HashSet<(String, String)> = [("ml".to_string(), "a".to_string())].into();
+        // a and b are ours, c is not; the pods of a and c wait, b has none.
+        let (ours, waiting) = ([true, true, false], [true, false, true]);
         let none = book.observe_clears(
-            &[view("a", "1", Some("n1")), view("b", "1", Some("n2"))],
+            &[
+                view("a", "1", Some("n1")),
+                view("b", "1", Some("n2")),
+                view("c", "1", Some("n3")),
+            ],
             &ours,
             &waiting,
         );
         assert!(none.is_empty());
         // a: cleared while its pod waits -> avoid n1; b: cleared with no pod waiting (KCM
-        // deallocated it after its pod finished) -> nothing to avoid.
+        // deallocated it after its pod finished) -> nothing to avoid; c: not ours.
         let cleared = book.observe_clears(
-            &[view("a", "2", None), view("b", "2", None)],
+            &[
+                view("a", "2", None),
+                view("b", "2", None),
+                view("c", "2", None),
+            ],
             &ours,
             &waiting,
         );
         assert_eq!(cleared, vec![("ml/a".to_string(), "n1".to_string())]);
         assert_eq!(book.avoid("a"), ["n1".to_string()].into());
         assert!(book.avoid("b").is_empty());
+        assert!(book.avoid("c").is_empty());
         // Not reported twice.
         assert!(
-            book.observe_clears(&[view("a", "3", None)], &ours, &waiting)
+            book.observe_clears(&[view("a", "3", None)], &[true], &[true])
                 .is_empty()
         );
         // Forgotten with the claim.
-        book.observe_clears(&[], &ours, &waiting);
+        book.observe_clears(&[], &[], &[]);
         assert!(book.avoid("a").is_empty());
     }
 
@@ -1148,14 +1174,14 @@ mod tests {
         assert!(book.failed("a", "another reason", backoff, t0));
         // Our own allocations do not reset back-off; a released claim does.
         let mut f = Fingerprint {
-            allocated: ["x".to_string()].into(),
+            allocated: [digest("x")].into(),
             ..Default::default()
         };
         book.observe_capacity(f.clone(), t0);
-        f.allocated.insert("y".into());
+        f.allocated.insert(digest("y"));
         book.observe_capacity(f.clone(), t0);
         assert!(!book.due("a", t0));
-        f.allocated.remove("x");
+        f.allocated.remove(&digest("x"));
         book.observe_capacity(f.clone(), t0);
         assert!(book.due("a", t0));
         book.succeeded("a");
