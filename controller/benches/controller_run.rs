@@ -31,6 +31,17 @@ fn gvr_of(object: &Value) -> Option<Gvr> {
     })
 }
 
+/// The text of `/metrics` at `addr` (HTTP/1.0, read to the end).
+fn scrape(addr: std::net::SocketAddr) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n")?;
+    let mut body = String::new();
+    stream.read_to_string(&mut body)?;
+    Ok(body)
+}
+
 /// A field of /proc/<pid>/status in KiB.
 fn status_kib(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -62,12 +73,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let kubeconfig = dir.path().join("kubeconfig");
     std::fs::write(&kubeconfig, server.kubeconfig(None))?;
     let log = dir.path().join("controller.log");
+    // A free port for the controller's metrics, read at the end for its pass and decision
+    // times.
+    let metrics_addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
     let started = Instant::now();
     let mut child = Command::new(BIN)
         .arg("run")
         .arg("--kubeconfig")
         .arg(&kubeconfig)
-        .args(["--identity", "bench", "--metrics-addr", "127.0.0.1:0"])
+        .args(["--identity", "bench", "--metrics-addr"])
+        .arg(metrics_addr.to_string())
         .arg("--disable-leader-election")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
@@ -95,6 +110,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     let hwm = status_kib(pid, "VmHWM").unwrap_or(peak_rss);
+    let metrics = scrape(metrics_addr).unwrap_or_default();
     let done = last_change.duration_since(started);
     child.kill()?;
     child.wait()?;
@@ -112,6 +128,26 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         allocated as f64 / placing
     );
     println!("controller peak RSS (VmHWM): {} MiB", hwm / 1024);
+    for (name, what, unit, scale) in [
+        ("vgpu_controller_pass_duration_seconds", "passes", "ms", 1e3),
+        ("vgpu_controller_decision_seconds", "decisions", "µs", 1e6),
+    ] {
+        let sample = |suffix: &str| -> Option<f64> {
+            metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{name}_{suffix} ")))?
+                .trim()
+                .parse()
+                .ok()
+        };
+        match (sample("sum"), sample("count")) {
+            (Some(sum), Some(count)) if count > 0.0 => println!(
+                "{what}: {count}, mean {:.2} {unit} (from {name})",
+                sum / count * scale
+            ),
+            _ => println!("{what}: not scraped from {metrics_addr}"),
+        }
+    }
     let errors = std::fs::read_to_string(&log)?;
     let errors: Vec<&str> = errors.lines().filter(|l| l.contains("ERROR")).collect();
     if !errors.is_empty() {

@@ -4,6 +4,8 @@
 //! ```sh
 //! cargo bench -p controller --bench simulate_input -- /tmp/mixed.yaml [nodes] [claims]
 //! /usr/bin/time -v target/release/controller simulate -f /tmp/mixed.yaml
+//! # the same objects as one JSON List (`kubectl get -o json`):
+//! cargo bench -p controller --bench simulate_input -- /tmp/mixed.json [nodes] [claims]
 //! ```
 
 mod cluster;
@@ -32,7 +34,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if let Err(e) = std::fs::write(path, cluster::yaml(nodes, claims)) {
+    // A `.json` path gets one List, as `kubectl get -o json` writes it.
+    let text = if path.ends_with(".json") {
+        let list = serde_json::json!({"apiVersion": "v1", "kind": "List",
+            "items": cluster::objects(nodes, claims)});
+        list.to_string()
+    } else {
+        cluster::yaml(nodes, claims)
+    };
+    if let Err(e) = std::fs::write(path, text) {
         eprintln!("writing {path}: {e}");
         return ExitCode::FAILURE;
     }

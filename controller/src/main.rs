@@ -174,7 +174,8 @@ enum Command {
     /// where every claim would go.
     Simulate {
         /// Kubernetes YAML with Nodes, ResourceSlices, DeviceClasses, ResourceClaims,
-        /// ResourceClaimTemplates and Pods (several documents); the embedded default without it.
+        /// ResourceClaimTemplates and Pods (several documents), or the same as JSON (`kubectl
+        /// get -o json`, read faster); the embedded default without it.
         #[arg(short = 'f', long = "filename")]
         file: Option<std::path::PathBuf>,
         /// table: usage per node and GPU; yaml or json: the claims with status.allocation;
