@@ -225,20 +225,81 @@ fn read_stream(text: &str) -> Vec<DocumentRead> {
 
 /// Read every JSON value of `text` (one or more, separated by whitespace) as a document,
 /// numbered from 0, stopping after the first that cannot be read, as [`read_stream`] does.
+/// The text is first cut into its objects without building them (a List's items included:
+/// `kubectl get -o json` gives one List of everything), then the objects are decoded in
+/// parallel, so memory follows what is kept rather than the size of the text.
 fn read_json_stream(text: &str) -> Vec<DocumentRead> {
-    let mut out = Vec::new();
-    for (index, value) in serde_json::Deserializer::from_str(text)
-        .into_iter::<Value>()
+    use rayon::prelude::*;
+    use serde_json::value::RawValue;
+    /// A document as far as cutting it needs: whether it is a List, and its items' texts.
+    #[derive(serde::Deserialize)]
+    struct Outline<'a> {
+        #[serde(borrow)]
+        kind: Option<std::borrow::Cow<'a, str>>,
+        #[serde(borrow)]
+        items: Option<Vec<&'a RawValue>>,
+    }
+    let mut objects: Vec<(usize, &RawValue)> = Vec::new();
+    let mut failed: Option<(usize, InputError)> = None;
+    for (index, raw) in serde_json::Deserializer::from_str(text)
+        .into_iter::<&RawValue>()
         .enumerate()
     {
-        let read = value
-            .map_err(|source| InputError::Json { index, source })
-            .and_then(|doc| read_document(index, doc));
-        let failed = read.is_err();
-        out.push(read);
-        if failed {
-            break;
+        let outline = raw.and_then(|raw| {
+            // A document that is not an object (null, a number…) is left to `read_object`.
+            let outline = serde_json::from_str::<Outline>(raw.get()).unwrap_or(Outline {
+                kind: None,
+                items: None,
+            });
+            Ok((raw, outline))
+        });
+        match outline {
+            Ok((
+                _,
+                Outline {
+                    kind: Some(kind),
+                    items: Some(items),
+                },
+            )) if kind.ends_with("List") => {
+                objects.extend(items.into_iter().map(|item| (index, item)));
+            }
+            Ok((raw, _)) => objects.push((index, raw)),
+            Err(source) => {
+                failed = Some((index, InputError::Json { index, source }));
+                break;
+            }
         }
+    }
+    let read: Vec<(usize, DocumentRead)> = objects
+        .into_par_iter()
+        .map(|(index, raw)| {
+            let read = serde_json::from_str::<Value>(raw.get())
+                .map_err(|source| InputError::Json { index, source })
+                .and_then(|object| read_object(index, object))
+                .map(|parsed| parsed.into_iter().collect());
+            (index, read)
+        })
+        .collect();
+    // Regrouped by document, in order; the first error in order ends the stream.
+    let mut out: Vec<DocumentRead> = Vec::new();
+    for (index, object) in read {
+        if out.len() <= index {
+            out.resize_with(index + 1, || Ok(Vec::new()));
+        }
+        let failed = object.is_err();
+        match (&mut out[index], object) {
+            (Ok(parsed), Ok(more)) => parsed.extend(more),
+            (slot @ Ok(_), Err(e)) => *slot = Err(e),
+            (Err(_), _) => {}
+        }
+        if failed {
+            return out;
+        }
+    }
+    if let Some((index, e)) = failed {
+        // Documents before it that held no object are still documents.
+        out.resize_with(index, || Ok(Vec::new()));
+        out.push(Err(e));
     }
     out
 }
@@ -579,6 +640,10 @@ mod tests {
         assert!(
             e.starts_with(&format!("document {}: not JSON", objects.len())),
             "{e}"
-        );
+        ); // An empty List is a document too.
+        let e = parse("{\"kind\": \"List\", \"items\": []}\nnull\n{\"kind\": ")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("document 2: not JSON"), "{e}");
     }
 }
