@@ -245,13 +245,13 @@ fn read_json_stream(text: &str) -> Vec<DocumentRead> {
         .into_iter::<&RawValue>()
         .enumerate()
     {
-        let outline = raw.and_then(|raw| {
+        let outline = raw.map(|raw| {
             // A document that is not an object (null, a number…) is left to `read_object`.
             let outline = serde_json::from_str::<Outline>(raw.get()).unwrap_or(Outline {
                 kind: None,
                 items: None,
             });
-            Ok((raw, outline))
+            (raw, outline)
         });
         match outline {
             Ok((
