@@ -245,59 +245,49 @@ fn read_json_stream(text: &str) -> Vec<DocumentRead> {
         .into_iter::<&RawValue>()
         .enumerate()
     {
-        let outline = raw.map(|raw| {
-            // A document that is not an object (null, a number…) is left to `read_object`.
-            let outline = serde_json::from_str::<Outline>(raw.get()).unwrap_or(Outline {
-                kind: None,
-                items: None,
-            });
-            (raw, outline)
-        });
-        match outline {
-            Ok((
-                _,
-                Outline {
-                    kind: Some(kind),
-                    items: Some(items),
-                },
-            )) if kind.ends_with("List") => {
-                objects.extend(items.into_iter().map(|item| (index, item)));
-            }
-            Ok((raw, _)) => objects.push((index, raw)),
+        let raw = match raw {
+            Ok(raw) => raw,
             Err(source) => {
                 failed = Some((index, InputError::Json { index, source }));
                 break;
             }
+        };
+        match serde_json::from_str::<Outline>(raw.get()) {
+            Ok(Outline {
+                kind: Some(kind),
+                items: Some(items),
+            }) if is_list(&kind) => objects.extend(items.into_iter().map(|item| (index, item))),
+            // Anything else (an object, null, a number…) is one object, for `read_object`.
+            _ => objects.push((index, raw)),
         }
     }
-    let read: Vec<(usize, DocumentRead)> = objects
+    let read: Vec<(usize, Result<Option<Parsed>, InputError>)> = objects
         .into_par_iter()
         .map(|(index, raw)| {
             let read = serde_json::from_str::<Value>(raw.get())
                 .map_err(|source| InputError::Json { index, source })
-                .and_then(|object| read_object(index, object))
-                .map(|parsed| parsed.into_iter().collect());
+                .and_then(|object| read_object(index, object));
             (index, read)
         })
         .collect();
-    // Regrouped by document, in order; the first error in order ends the stream.
+    // Regrouped by document, in order (documents that held no object included); the first
+    // error in order ends the stream.
     let mut out: Vec<DocumentRead> = Vec::new();
     for (index, object) in read {
-        if out.len() <= index {
-            out.resize_with(index + 1, || Ok(Vec::new()));
-        }
-        let failed = object.is_err();
-        match (&mut out[index], object) {
-            (Ok(parsed), Ok(more)) => parsed.extend(more),
-            (slot @ Ok(_), Err(e)) => *slot = Err(e),
-            (Err(_), _) => {}
-        }
-        if failed {
-            return out;
+        out.resize_with(index + 1, || Ok(Vec::new()));
+        match object {
+            Ok(parsed) => {
+                if let Ok(document) = &mut out[index] {
+                    document.extend(parsed);
+                }
+            }
+            Err(e) => {
+                out[index] = Err(e);
+                return out;
+            }
         }
     }
     if let Some((index, e)) = failed {
-        // Documents before it that held no object are still documents.
         out.resize_with(index, || Ok(Vec::new()));
         out.push(Err(e));
     }
@@ -359,15 +349,17 @@ enum Parsed {
     Ignored(String),
 }
 
+/// Whether a kind wraps objects in `items` (`List`, `PodList`…), as `kubectl get` writes them.
+fn is_list(kind: &str) -> bool {
+    kind.ends_with("List")
+}
+
 /// The objects of one document: the document itself, or a List's items (`kubectl get -o yaml`
 /// wraps objects in one).
 fn read_document(index: usize, mut doc: Value) -> Result<Vec<Parsed>, InputError> {
-    let is_list = doc
-        .get("kind")
-        .and_then(Value::as_str)
-        .is_some_and(|k| k.ends_with("List"));
+    let listed = doc.get("kind").and_then(Value::as_str).is_some_and(is_list);
     let objects = match doc.get_mut("items").and_then(Value::as_array_mut) {
-        Some(items) if is_list => std::mem::take(items),
+        Some(items) if listed => std::mem::take(items),
         _ => vec![doc],
     };
     // A List's items are decoded in parallel: `kubectl get -o json` gives one List of
@@ -397,7 +389,7 @@ fn read_object(index: usize, mut doc: Value) -> Result<Option<Parsed>, InputErro
     let api_version = text(&doc, "/apiVersion");
     let kind = text(&doc, "/kind");
     let name = text(&doc, "/metadata/name");
-    if name.is_empty() && !kind.ends_with("List") {
+    if name.is_empty() && !is_list(&kind) {
         return Err(InputError::Object {
             index,
             kind,
