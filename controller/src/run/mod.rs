@@ -371,9 +371,9 @@ fn snapshot(
     let (classes, slices, nodes) = (classes.state(), slices.state(), nodes.state());
     Snapshot {
         claims: cache::views(&claims.state()),
-        classes: cache::views(&classes)
+        classes: classes
             .iter()
-            .map(|c| (**c).clone())
+            .filter_map(|c| c.view.as_deref().cloned())
             .collect(),
         slice_versions: cache::versions(&slices),
         node_versions: cache::versions(&nodes),

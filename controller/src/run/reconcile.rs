@@ -51,22 +51,41 @@ pub struct KeptEngine {
     engine: Engine,
 }
 
-/// What an engine's GPU table and classes are built from: `None` when an object has no
-/// resourceVersion, as then a change could not be seen.
-fn engine_key(snapshot: &Snapshot) -> Option<u64> {
-    let all = [
-        &snapshot.slice_versions,
-        &snapshot.node_versions,
-        &snapshot.class_versions,
-    ];
-    if all.iter().any(|v| v.iter().any(|(_, rv)| rv.is_empty())) {
-        return None;
+/// Digests of the (name, resourceVersion) of the slices, nodes and classes of a snapshot,
+/// made once a pass for both the engine's key and the capacity fingerprint.
+struct Versions {
+    slices: u64,
+    nodes: u64,
+    classes: u64,
+    /// Every object has a resourceVersion.
+    complete: bool,
+}
+
+impl Versions {
+    fn of(snapshot: &Snapshot) -> Versions {
+        let all = [
+            &snapshot.slice_versions,
+            &snapshot.node_versions,
+            &snapshot.class_versions,
+        ];
+        Versions {
+            slices: hash_of(&snapshot.slice_versions),
+            nodes: hash_of(&snapshot.node_versions),
+            classes: hash_of(&snapshot.class_versions),
+            complete: all.iter().all(|v| v.iter().all(|(_, rv)| !rv.is_empty())),
+        }
     }
-    let mut h = DefaultHasher::new();
-    for versions in all {
-        hash_of(versions).hash(&mut h);
+
+    /// What an engine's GPU table and classes are built from: `None` when an object has no
+    /// resourceVersion, as then a change could not be seen.
+    fn engine_key(&self) -> Option<u64> {
+        if !self.complete {
+            return None;
+        }
+        let mut h = DefaultHasher::new();
+        (self.slices, self.nodes, self.classes).hash(&mut h);
+        Some(h.finish())
     }
-    Some(h.finish())
 }
 
 /// Retry back-off for claims that could not be allocated.
@@ -499,7 +518,8 @@ impl Selection {
             .collect();
         let is_waiting: Vec<bool> = waiting.iter().map(Option::is_some).collect();
         let cleared = book.observe_clears(&views, &ours, &is_waiting);
-        book.observe_capacity(fingerprint(&views, &snapshot), now);
+        let versions = Versions::of(&snapshot);
+        book.observe_capacity(fingerprint(&views, &snapshot.pods, &versions), now);
 
         let mut pending: Vec<(Option<k8s_openapi::jiff::Timestamp>, &str, &str, usize)> = views
             .iter()
@@ -517,7 +537,7 @@ impl Selection {
         pending.sort();
         let pending: Vec<usize> = pending.into_iter().map(|(_, _, _, i)| i).collect();
 
-        let key = engine_key(&snapshot);
+        let key = versions.engine_key();
         let allocated: Vec<Arc<ClaimView>> = views
             .iter()
             .filter(|v| v.allocation.is_some())
@@ -613,22 +633,25 @@ impl Selection {
     }
 }
 
-fn fingerprint(views: &[Arc<ClaimView>], snapshot: &Snapshot) -> Fingerprint {
+fn fingerprint(
+    views: &[Arc<ClaimView>],
+    pods: &[Arc<PodView>],
+    versions: &Versions,
+) -> Fingerprint {
     Fingerprint {
         allocated: views
             .iter()
             .filter(|v| v.allocation.is_some())
             .map(|v| digest(&v.uid))
             .collect(),
-        bound_pods: snapshot
-            .pods
+        bound_pods: pods
             .iter()
             .filter(|p| p.node_name.is_some() && !p.finished)
             .map(|p| digest(&p.uid))
             .collect(),
-        slices: hash_of(&snapshot.slice_versions),
-        nodes: hash_of(&snapshot.node_versions),
-        classes: hash_of(&snapshot.class_versions),
+        slices: versions.slices,
+        nodes: versions.nodes,
+        classes: versions.classes,
     }
 }
 
