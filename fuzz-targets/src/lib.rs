@@ -117,10 +117,17 @@ pub fn cel(data: &[u8]) {
     }
 }
 
-/// The checkpoint reader: a file truncated by a crash, edited by hand, or written by another
-/// version is an error naming the file, never a panic.
+/// The checkpoint reader, snapshot and journal: a file truncated by a crash, edited by hand,
+/// or written by another version is an error naming the file, never a panic.
 pub fn checkpoint(data: &[u8]) {
-    let _ = kubelet_plugin::checkpoint::decode(Path::new("checkpoint.json"), data);
+    use kubelet_plugin::checkpoint::{Payload, decode, decode_journal};
+    let _ = decode(Path::new("checkpoint.json"), data);
+    let mut payload = Payload::default();
+    if let Ok(journal) = decode_journal(Path::new("checkpoint.journal"), data, &mut payload) {
+        // Only whole lines are read; what follows the last one is a torn append.
+        assert!(journal.len as usize <= data.len());
+        assert_eq!(journal.torn, (journal.len as usize) < data.len());
+    }
 }
 
 /// The fake-GPU inventory (YAML from a ConfigMap) and the domain model's inventory format.

@@ -73,6 +73,24 @@ impl VgpuDriver {
             .map_err(|e| DriverError::Internal(e.to_string()))?
             .map_err(DriverError::from)
     }
+
+    /// Fold the checkpoint's journal into its snapshot when it has grown, after the answer
+    /// is made: the kubelet does not wait for it (a following call waits for the lock).
+    fn compact_when_due(&self) {
+        if !self.preparer.compaction_due() {
+            return;
+        }
+        let preparer = self.preparer.clone();
+        tokio::task::spawn_blocking(move || match preparer.compact_if_due() {
+            Ok(true) => tracing::debug!("folded the checkpoint journal into its snapshot"),
+            Ok(false) => {}
+            // Nothing is lost: the journal still holds every change, and the next call tries
+            // again.
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot fold the checkpoint journal into its snapshot")
+            }
+        });
+    }
 }
 
 impl Driver for VgpuDriver {
@@ -99,6 +117,7 @@ impl Driver for VgpuDriver {
         // One blocking task and one checkpoint write for every claim of the call.
         let preparer = self.preparer.clone();
         let joined = tokio::task::spawn_blocking(move || preparer.prepare_all(&allocations)).await;
+        self.compact_when_due();
         let (mut prepared, failed) = match joined {
             Ok(results) => (results.into_iter(), None),
             Err(e) => (Vec::new().into_iter(), Some(e.to_string())),
@@ -121,7 +140,9 @@ impl Driver for VgpuDriver {
 
     async fn unprepare(&self, claim: &ClaimRef) -> Result<(), DriverError> {
         let uid = claim.uid.clone();
-        self.blocking(move |p| p.unprepare(&uid).map(|_| ())).await
+        let done = self.blocking(move |p| p.unprepare(&uid).map(|_| ())).await;
+        self.compact_when_due();
+        done
     }
 
     fn device_health(&self) -> Option<BoxStream<'static, Vec<DeviceHealth>>> {
@@ -144,7 +165,7 @@ impl Driver for VgpuDriver {
             Call::Unprepare => self.metrics.observe_unprepare(timing.total),
         }
         self.metrics
-            .set_prepared_claims(self.preparer.prepared().len());
+            .set_prepared_claims(self.preparer.prepared_count());
     }
 }
 

@@ -193,7 +193,7 @@ pub async fn start(
             preparer.watched()
         }))
     };
-    metrics.set_prepared_claims(preparer.prepared().len());
+    metrics.set_prepared_claims(preparer.prepared_count());
     metrics.set_gpu_health(&gpus.current());
 
     let publisher = tokio::spawn(publish::run(

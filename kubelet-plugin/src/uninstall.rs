@@ -13,7 +13,7 @@
 //! collector deletes its pod, so by SIGTERM its token may be refused; the watch has seen the
 //! deletion by then.
 
-use crate::checkpoint::FILE_NAME as CHECKPOINT_FILE;
+use crate::checkpoint::{FILE_NAME as CHECKPOINT_FILE, JOURNAL_FILE_NAME as CHECKPOINT_JOURNAL};
 use crate::prepare::{LOCK_FILE, PrepareError, Preparer};
 use k8s_openapi::api::apps::v1::DaemonSet;
 use std::path::PathBuf;
@@ -72,6 +72,7 @@ pub fn plan(state: &DaemonSetState, prepared: &[String], files: &HostFiles) -> P
     let dir = &files.plugin_dir;
     Plan::Remove(vec![
         dir.join(CHECKPOINT_FILE),
+        dir.join(CHECKPOINT_JOURNAL),
         dir.join("claims"),
         dir.join("ld.so.preload"),
         // Last in the directory: removed while still held, so no operation of another
@@ -281,6 +282,7 @@ mod tests {
                 paths,
                 [
                     "/h/plugins/vgpu.hami.io/checkpoint.json",
+                    "/h/plugins/vgpu.hami.io/checkpoint.journal",
                     "/h/plugins/vgpu.hami.io/claims",
                     "/h/plugins/vgpu.hami.io/ld.so.preload",
                     "/h/plugins/vgpu.hami.io/plugin.lock",
@@ -317,6 +319,7 @@ mod tests {
         std::fs::create_dir_all(plugin.join("claims/u1")).unwrap();
         std::fs::write(plugin.join("claims/u1/vgpu.cache"), b"x").unwrap();
         std::fs::write(plugin.join("checkpoint.json"), b"{}").unwrap();
+        std::fs::write(plugin.join("checkpoint.journal"), b"").unwrap();
         std::fs::write(plugin.join("plugin.lock"), b"").unwrap();
         std::fs::create_dir_all(f.registration_socket.parent().unwrap()).unwrap();
         drop(std::os::unix::net::UnixListener::bind(&f.registration_socket).unwrap());

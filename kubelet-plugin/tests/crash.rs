@@ -2,7 +2,8 @@
 //! unprepare, restart on the same directories, and drive the same claims to completion, the
 //! way the kubelet retries. After every restart: no CDI spec without a prepared claim and no
 //! prepared claim without its spec; after every operation: the answer and every file under
-//! the CDI and plugin directories (contents and modes) are those of a crash-free run.
+//! the CDI and plugin directories (contents and modes; for the checkpoint, the claims its
+//! snapshot and journal record) are those of a crash-free run.
 //!
 //! `CRASH_KILLS` sets the number of kills (30 by default, enough for `cargo test`);
 //! RELIABILITY.md gives the command for the full run. `CRASH_SEED` replays a run.
@@ -184,7 +185,12 @@ impl Rig {
                     return;
                 }
                 let rel = format!("{label}/{}", path.strip_prefix(root).unwrap().display());
-                let bytes = if meta.is_file() {
+                let name = path.file_name().and_then(|n| n.to_str());
+                // The checkpoint's bytes depend on when its journal was last folded into its
+                // snapshot (at every start, so after a crash sooner than without one): it is
+                // compared as what it records, below.
+                let recorded = matches!(name, Some("checkpoint.json" | "checkpoint.journal"));
+                let bytes = if meta.is_file() && !recorded {
                     std::fs::read(path).unwrap()
                 } else {
                     Vec::new()
@@ -192,6 +198,13 @@ impl Rig {
                 state.insert(rel, (meta.permissions().mode(), bytes));
             });
         }
+        let recorded = Checkpoint::in_dir(&cfg.plugin_dir)
+            .load()
+            .unwrap_or_else(|e| panic!("the checkpoint cannot be read: {e}"));
+        state.insert(
+            "checkpoint as read".into(),
+            (0, serde_json::to_vec(&recorded).unwrap()),
+        );
         state
     }
 

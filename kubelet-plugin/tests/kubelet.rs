@@ -266,9 +266,11 @@ async fn unprepare_of_a_deleted_claim_removes_everything() {
         );
         assert!(running.preparer.prepared().is_empty());
     }
-    let checkpoint =
-        std::fs::read_to_string(h.path("plugins/vgpu.hami.io/checkpoint.json")).unwrap();
-    assert!(!checkpoint.contains(&uid), "{checkpoint}");
+    // What a restart would read (the snapshot and its journal) no longer has the claim.
+    let recorded = kubelet_plugin::checkpoint::Checkpoint::in_dir(&h.path("plugins/vgpu.hami.io"))
+        .load()
+        .unwrap();
+    assert!(recorded.claims.is_empty(), "{recorded:?}");
     running.shutdown().await.unwrap();
 }
 

@@ -117,6 +117,7 @@ async fn files_and_sockets_have_the_narrowest_modes_that_work() {
         ("plugins_registry/vgpu.hami.io-reg.sock".to_string(), 0o600),
         // The plugin's own state: nobody else reads it.
         ("plugins/vgpu.hami.io/checkpoint.json".to_string(), 0o600),
+        ("plugins/vgpu.hami.io/checkpoint.journal".to_string(), 0o600),
         ("plugins/vgpu.hami.io/plugin.lock".to_string(), 0o600),
         // Read by the container runtime and by CDI tools as any user; no secret inside.
         (format!("cdi/k8s.vgpu.hami.io-claim_{uid}.json"), 0o644),

@@ -7,7 +7,7 @@
 //! unhealthy GPU or a device that is not in this node's pool.
 //!
 //! Order of effects, for crash safety: the checkpoint entries of a whole kubelet call (one
-//! durable write), then the specs, atomic but not fsynced (a crash in between leaves entries
+//! durable append to its journal), then the specs, atomic but not fsynced (a crash in between leaves entries
 //! whose specs are missing, which [`Preparer::reconcile`] rewrites at start; RELIABILITY.md
 //! has the whole argument).
 //! Unprepare: spec and claim directory, then the entry (a crash in between leaves an entry
@@ -16,7 +16,7 @@
 pub mod devnodes;
 
 use crate::cdi_spec::{self, ClaimSpecParams, GpuLimit, RequestDevices};
-use crate::checkpoint::{Checkpoint, CheckpointError, Payload};
+use crate::checkpoint::{ChangeRef, Checkpoint, CheckpointError, Journal, Payload};
 use crate::discovery::{GpuState, Snapshot};
 use devnodes::DeviceNodes;
 use serde::{Deserialize, Serialize};
@@ -192,8 +192,15 @@ pub struct Preparer {
     /// The checkpoint as of the last operation; in shared mode it is read again from disk
     /// inside the directory lock before every change, since the other instance may have
     /// written since.
-    state: Mutex<Payload>,
+    state: Mutex<Recorded>,
     dir_lock: DirLock,
+}
+
+/// The prepared claims and where the checkpoint's journal stands.
+#[derive(Debug, Default)]
+struct Recorded {
+    payload: Payload,
+    journal: Journal,
 }
 
 /// How the plugin directory is kept to one writer at a time.
@@ -279,7 +286,7 @@ fn lock_for_operation(dir: &Path, wait: Duration) -> Result<std::fs::File, Prepa
 /// that gets the mutex next finds the directory free.
 struct Held<'a> {
     _flock: Option<std::fs::File>,
-    state: std::sync::MutexGuard<'a, Payload>,
+    state: std::sync::MutexGuard<'a, Recorded>,
 }
 
 impl Preparer {
@@ -316,12 +323,12 @@ impl Preparer {
             kind,
             checkpoint,
             gpus,
-            state: Mutex::new(Payload::default()),
+            state: Mutex::new(Recorded::default()),
             cfg,
             dir_lock,
         };
         if matches!(preparer.dir_lock, DirLock::Lifetime(_)) {
-            *preparer.lock() = preparer.checkpoint.load()?;
+            *preparer.lock() = preparer.read_checkpoint()?;
         }
         let report = preparer.reconcile()?;
         Ok((preparer, report))
@@ -337,7 +344,7 @@ impl Preparer {
             DirLock::PerOperation => {
                 let flock = lock_for_operation(&self.cfg.plugin_dir, LOCK_WAIT)?;
                 self.remove_stale_temp_files()?;
-                *state = self.checkpoint.load()?;
+                *state = self.read_checkpoint()?;
                 Some(flock)
             }
         };
@@ -345,6 +352,42 @@ impl Preparer {
             _flock: flock,
             state,
         })
+    }
+
+    fn read_checkpoint(&self) -> Result<Recorded, PrepareError> {
+        let (payload, journal) = self.checkpoint.load_with_journal()?;
+        Ok(Recorded { payload, journal })
+    }
+
+    /// Fold the checkpoint's journal into its snapshot if it has grown enough
+    /// ([`Journal::compaction_due`]); the driver calls it after answering, off the kubelet's
+    /// wait. Returns whether it did.
+    pub fn compact_if_due(&self) -> Result<bool, PrepareError> {
+        let mut held = self.begin()?;
+        let recorded = &mut *held.state;
+        if !recorded
+            .journal
+            .compaction_due(recorded.payload.claims.len())
+        {
+            return Ok(false);
+        }
+        self.compact(recorded)?;
+        Ok(true)
+    }
+
+    /// Whether the journal had grown enough for compaction as of the last operation: a
+    /// cheap hint, checked again under the lock by [`Preparer::compact_if_due`].
+    pub fn compaction_due(&self) -> bool {
+        let recorded = self.lock();
+        recorded
+            .journal
+            .compaction_due(recorded.payload.claims.len())
+    }
+
+    fn compact(&self, recorded: &mut Recorded) -> Result<(), PrepareError> {
+        self.checkpoint.store(&recorded.payload)?;
+        recorded.journal = Journal::default();
+        Ok(())
     }
 
     fn remove_stale_temp_files(&self) -> Result<(), PrepareError> {
@@ -360,7 +403,7 @@ impl Preparer {
     /// instance prepares or unprepares meanwhile): for decisions that must not race one.
     pub fn with_locked_state<R>(&self, f: impl FnOnce(&Payload) -> R) -> Result<R, PrepareError> {
         let held = self.begin()?;
-        Ok(f(&held.state))
+        Ok(f(&held.state.payload))
     }
 
     /// The configuration this Preparer was opened with.
@@ -372,22 +415,26 @@ impl Preparer {
         &self.kind
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Payload> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Recorded> {
         // A panic while holding the lock cannot leave the payload half-updated (it is only
-        // replaced after the checkpoint was written), so a poisoned lock is still usable.
+        // changed after the checkpoint was written), so a poisoned lock is still usable.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The prepared claims now.
     pub fn prepared(&self) -> BTreeMap<String, PreparedClaim> {
-        self.lock().claims.clone()
+        self.lock().payload.claims.clone()
+    }
+
+    /// How many claims are prepared now.
+    pub fn prepared_count(&self) -> usize {
+        self.lock().payload.claims.len()
     }
 
     /// The recorded answer for a claim, if it is prepared (its spec is restored if missing).
     pub fn prepared_claim(&self, uid: &str) -> Result<Option<PreparedClaim>, PrepareError> {
         let held = self.begin()?;
-        let state = &held.state;
-        match state.claims.get(uid) {
+        match held.state.payload.claims.get(uid) {
             Some(claim) => {
                 self.ensure_on_disk(uid, claim)?;
                 Ok(Some(claim.clone()))
@@ -399,7 +446,7 @@ impl Preparer {
     /// The requests of prepared claims whose containers keep an accounting file, and where.
     pub fn watched(&self) -> Vec<crate::usage::Watched> {
         let state = self.lock();
-        crate::usage::watched(&state.claims, |uid, request| {
+        crate::usage::watched(&state.payload.claims, |uid, request| {
             self.claim_dir(uid)
                 .join(cdi_spec::accounting_file_name(request))
         })
@@ -481,8 +528,8 @@ impl Preparer {
     /// Prepare the claims of one kubelet call, one answer each in the same order; claims
     /// prepared before get their recorded answer. Each claim is admitted against the prepared
     /// claims and those before it in the call, the new entries are made durable with one
-    /// checkpoint write, then their specs are written (see RELIABILITY.md for why the specs
-    /// need no fsync of their own).
+    /// append to the checkpoint's journal, then their specs are written (see RELIABILITY.md for
+    /// why the specs need no fsync of their own).
     pub fn prepare_all(
         &self,
         allocs: &[ClaimAllocation],
@@ -491,30 +538,30 @@ impl Preparer {
             Ok(held) => held,
             Err(e) => return shared_error(e, allocs.len()),
         };
-        let state = &mut *held.state;
+        let recorded = &mut *held.state;
         let mut results: Vec<Result<PreparedClaim, PrepareError>> =
             Vec::with_capacity(allocs.len());
-        // Cloned only once a claim is new: a repeated call writes nothing.
-        let mut next: Option<Payload> = None;
+        // The claims this call prepares; recorded once their entries are durable.
+        let mut added: BTreeMap<String, PreparedClaim> = BTreeMap::new();
         // (index in results, UID) of the claims this call records.
         let mut fresh: Vec<(usize, String)> = Vec::new();
         let snapshot = self.gpus.current();
         let host = self.host_facts(&snapshot);
         for (i, alloc) in allocs.iter().enumerate() {
             let uid = alloc.uid.as_str();
-            if let Some(claim) = state.claims.get(uid) {
+            if let Some(claim) = recorded.payload.claims.get(uid) {
                 results.push(self.ensure_on_disk(uid, claim).map(|_| claim.clone()));
                 continue;
             }
-            let current = next.as_ref().unwrap_or(state);
-            if let Some(claim) = current.claims.get(uid) {
+            if let Some(claim) = added.get(uid) {
                 // Listed twice in this call: the same answer, written once below.
                 results.push(Ok(claim.clone()));
                 fresh.push((i, uid.to_string()));
                 continue;
             }
+            let prepared = [&recorded.payload.claims, &added];
             let planned = self
-                .plan(alloc, &snapshot, current, &host)
+                .plan(alloc, &snapshot, prepared, &host)
                 .and_then(|claim| {
                     if claim.gpus.iter().any(|g| !g.admin_access) {
                         self.ensure_claim_dir(uid)?;
@@ -524,38 +571,32 @@ impl Preparer {
                 });
             match planned {
                 Ok(claim) => {
-                    next.get_or_insert_with(|| state.clone())
-                        .claims
-                        .insert(uid.to_string(), claim.clone());
+                    added.insert(uid.to_string(), claim.clone());
                     fresh.push((i, uid.to_string()));
                     results.push(Ok(claim));
                 }
                 Err(e) => results.push(Err(e)),
             }
         }
-        let Some(next) = next else {
+        if added.is_empty() {
             return results;
-        };
+        }
         // The reply must not promise what a crash could take back: the entries are durable
         // before any spec exists (a crash in between leaves entries whose specs the next start
         // writes, and the kubelet has no answer yet).
-        if let Err(e) = self.checkpoint.store(&next) {
+        let puts: Vec<ChangeRef<'_>> = added
+            .iter()
+            .map(|(uid, claim)| ChangeRef::Put { uid, claim })
+            .collect();
+        if let Err(e) = self.checkpoint.append(&mut recorded.journal, &puts) {
             let e = Arc::new(PrepareError::from(e));
             for (i, _) in &fresh {
                 results[*i] = Err(PrepareError::Shared(e.clone()));
             }
             return results;
         }
-        *state = next;
         let mut failed: BTreeMap<String, Arc<PrepareError>> = BTreeMap::new();
-        let mut written = std::collections::BTreeSet::new();
-        for (_, uid) in &fresh {
-            let Some(claim) = state.claims.get(uid) else {
-                continue;
-            };
-            if !written.insert(uid.as_str()) {
-                continue;
-            }
+        for (uid, claim) in &added {
             if let Err(e) = self
                 .specs
                 .write_with(&claim.spec, uid, vgpu_cdi::Durability::Atomic)
@@ -564,11 +605,17 @@ impl Preparer {
             }
         }
         if !failed.is_empty() {
-            // Undo those entries so no claim is recorded as prepared without its spec.
-            let mut undo = state.clone();
-            undo.claims.retain(|uid, _| !failed.contains_key(uid));
-            if self.checkpoint.store(&undo).is_ok() {
-                *state = undo;
+            // Undo those entries so no claim is recorded as prepared without its spec; if
+            // that cannot be written they stay recorded, as on disk, and a restart writes
+            // their specs.
+            let deletes: Vec<ChangeRef<'_>> =
+                failed.keys().map(|uid| ChangeRef::Delete { uid }).collect();
+            if self
+                .checkpoint
+                .append(&mut recorded.journal, &deletes)
+                .is_ok()
+            {
+                added.retain(|uid, _| !failed.contains_key(uid));
             }
             for (i, uid) in &fresh {
                 if let Some(e) = failed.get(uid) {
@@ -576,6 +623,7 @@ impl Preparer {
                 }
             }
         }
+        recorded.payload.claims.extend(added);
         results
     }
 
@@ -598,7 +646,7 @@ impl Preparer {
         &self,
         alloc: &ClaimAllocation,
         snapshot: &Snapshot,
-        state: &Payload,
+        prepared: [&BTreeMap<String, PreparedClaim>; 2],
         host: &HostFacts,
     ) -> Result<PreparedClaim, PrepareError> {
         let key = alloc.key();
@@ -708,7 +756,7 @@ impl Preparer {
                 share_id: result.share_id.clone(),
             });
         }
-        admit(&key, &gpus, snapshot, state)?;
+        admit(&key, &gpus, snapshot, prepared)?;
         if gpus.iter().any(|g| !g.admin_access) && !host.library_installed {
             return Err(PrepareError::MissingLibrary {
                 claim: key,
@@ -746,7 +794,7 @@ impl Preparer {
     /// succeed (the kubelet retries until it hears success, also after a claim is deleted).
     pub fn unprepare(&self, uid: &str) -> Result<bool, PrepareError> {
         let mut held = self.begin()?;
-        let state = &mut *held.state;
+        let recorded = &mut *held.state;
         if vgpu_cdi::validate_spec_id(uid).is_err() {
             // No spec or directory could ever have been created for it.
             return Ok(false);
@@ -758,13 +806,12 @@ impl Preparer {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_err("remove", &dir)(e)),
         }
-        if !state.claims.contains_key(uid) {
+        if !recorded.payload.claims.contains_key(uid) {
             return Ok(false);
         }
-        let mut next = state.clone();
-        next.claims.remove(uid);
-        self.checkpoint.store(&next)?;
-        *state = next;
+        self.checkpoint
+            .append(&mut recorded.journal, &[ChangeRef::Delete { uid }])?;
+        recorded.payload.claims.remove(uid);
         Ok(true)
     }
 
@@ -772,11 +819,17 @@ impl Preparer {
     /// our kind that no entry owns are removed, entries whose spec is missing or altered are
     /// written again, claim directories without an entry are removed.
     pub fn reconcile(&self) -> Result<ReconcileReport, PrepareError> {
-        let held = self.begin()?;
-        let state = &held.state;
+        let mut held = self.begin()?;
+        let recorded = &mut *held.state;
         let mut report = ReconcileReport::default();
         // Under the lock no write is in progress: any temporary file is a crashed write's.
         self.remove_stale_temp_files()?;
+        // Start from a snapshot alone, on disk from the first start: the journal is replayed
+        // once, not at every start, and what a crash tore off its end is gone.
+        if recorded.journal != Journal::default() || !self.checkpoint.path().exists() {
+            self.compact(recorded)?;
+        }
+        let state = &recorded.payload;
         for owned in self.specs.list_owned(&self.kind)? {
             if !state.claims.contains_key(&owned.id) {
                 std::fs::remove_file(&owned.path).map_err(io_err("remove", &owned.path))?;
@@ -811,13 +864,16 @@ fn shared_error(error: PrepareError, n: usize) -> Vec<Result<PreparedClaim, Prep
         .collect()
 }
 
-/// The capacity check across every prepared claim and this one.
+/// The capacity check across every prepared claim (those recorded and those of the call so
+/// far) and this one.
 fn admit(
     claim: &str,
     new: &[PreparedGpu],
     snapshot: &Snapshot,
-    state: &Payload,
+    prepared: [&BTreeMap<String, PreparedClaim>; 2],
 ) -> Result<(), PrepareError> {
+    let holder =
+        |(uid, c): (&String, &PreparedClaim)| format!("{}/{} ({uid})", c.namespace, c.name);
     for gpu in snapshot.gpus.iter() {
         let mine: Vec<&PreparedGpu> = new
             .iter()
@@ -827,21 +883,22 @@ fn admit(
             continue;
         }
         let device = gpu.device_name();
-        let others: Vec<(String, &PreparedGpu)> = state
-            .claims
+        // Named in an error only: formatted then.
+        let others: Vec<((&String, &PreparedClaim), &PreparedGpu)> = prepared
             .iter()
+            .flat_map(|claims| claims.iter())
             .flat_map(|(uid, c)| {
                 c.gpus
                     .iter()
                     .filter(|g| g.uuid == gpu.uuid && !g.admin_access)
-                    .map(move |g| (format!("{}/{} ({uid})", c.namespace, c.name), g))
+                    .map(move |g| ((uid, c), g))
             })
             .collect();
-        if let Some((holder, _)) = others.iter().find(|(_, g)| g.exclusive) {
+        if let Some((who, _)) = others.iter().find(|(_, g)| g.exclusive) {
             return Err(PrepareError::Exclusive {
                 claim: claim.into(),
                 device,
-                holder: holder.clone(),
+                holder: holder(*who),
             });
         }
         if mine.len() > 1 && mine.iter().any(|g| g.exclusive) {
@@ -851,14 +908,15 @@ fn admit(
                 message: "the claim holds it exclusively and also for another request".into(),
             });
         }
-        if let Some((holder, _)) = others.first()
+        if let Some((who, _)) = others.first()
             && mine.iter().any(|g| g.exclusive)
         {
             return Err(PrepareError::OverCommitted {
                 claim: claim.into(),
                 device,
                 message: format!(
-                    "it asks for the GPU exclusively but claim {holder} already uses it"
+                    "it asks for the GPU exclusively but claim {} already uses it",
+                    holder(*who)
                 ),
             });
         }

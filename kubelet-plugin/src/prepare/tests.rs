@@ -379,7 +379,8 @@ fn temporary_files_of_interrupted_writes_are_removed_on_open() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     left.sort();
-    assert_eq!(left, vec!["notes.txt", "plugin.lock"]);
+    // The checkpoint's snapshot is written at the first start.
+    assert_eq!(left, vec!["checkpoint.json", "notes.txt", "plugin.lock"]);
 }
 
 #[test]
@@ -431,4 +432,35 @@ fn one_call_admits_each_claim_against_the_ones_before_it_and_records_them_togeth
     let p = env.open();
     assert_eq!(p.prepared_claim("a").unwrap().as_ref(), Some(first));
     assert_eq!(p.prepared_claim("d").unwrap(), None);
+}
+
+#[test]
+fn prepares_append_to_the_journal_and_compaction_folds_it_into_the_snapshot() {
+    let env = Env::new();
+    let p = env.open();
+    let cp = Checkpoint::in_dir(&env.config().plugin_dir);
+    // Written at the first start, empty.
+    let snapshot = std::fs::read(cp.path()).unwrap();
+    p.prepare(&slice("kept", &["gpu-0"], "1Gi", 1)).unwrap();
+    let mut ops = 1;
+    while !p.compaction_due() {
+        let uid = format!("u{ops}");
+        p.prepare(&slice(&uid, &["gpu-1"], "1Gi", 1)).unwrap();
+        assert!(p.unprepare(&uid).unwrap());
+        ops += 2;
+        // Appends only: the snapshot is not rewritten while the journal is short.
+        assert_eq!(std::fs::read(cp.path()).unwrap(), snapshot);
+    }
+    assert_eq!(ops, crate::checkpoint::COMPACT_AFTER + 1);
+    let (recorded, journal) = cp.load_with_journal().unwrap();
+    assert_eq!(journal.changes, ops);
+    assert_eq!(recorded.claims.keys().collect::<Vec<_>>(), ["kept"]);
+    assert!(p.compact_if_due().unwrap());
+    assert_eq!(std::fs::metadata(cp.journal_path()).unwrap().len(), 0);
+    assert_eq!(cp.load().unwrap(), recorded);
+    assert!(!p.compact_if_due().unwrap(), "done once");
+    // What a restart knows is the same.
+    drop(p);
+    let p = env.open();
+    assert_eq!(p.prepared(), recorded.claims);
 }
