@@ -12,12 +12,12 @@ use std::borrow::Cow;
 use std::marker::PhantomData;
 use std::sync::Arc;
 
-/// What identifies a cached object, as its metadata said.
+/// What identifies a cached object, as its metadata said: its key, and the resourceVersion
+/// that keys a kept engine. (No UID: no pass reads it here, and a view that needs it has it.)
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Meta {
     pub name: String,
     pub namespace: Option<String>,
-    pub uid: Option<String>,
     pub resource_version: Option<String>,
 }
 
@@ -27,7 +27,6 @@ impl Meta {
         Meta {
             name: m.name.clone().unwrap_or_default(),
             namespace: m.namespace.clone(),
-            uid: m.uid.clone(),
             resource_version: m.resource_version.clone(),
         }
     }
@@ -107,11 +106,13 @@ impl<K: kube::Resource<DynamicType = ()>, V> Lookup for Cached<K, V> {
     fn namespace(&self) -> Option<Cow<'_, str>> {
         self.meta.namespace.as_deref().map(Cow::Borrowed)
     }
+    // The store copies these into the `extra` of every key, which it never compares or reads:
+    // left out, they are not held a second time for each of tens of thousands of objects.
     fn resource_version(&self) -> Option<Cow<'_, str>> {
-        self.meta.resource_version.as_deref().map(Cow::Borrowed)
+        None
     }
     fn uid(&self) -> Option<Cow<'_, str>> {
-        self.meta.uid.as_deref().map(Cow::Borrowed)
+        None
     }
 }
 
@@ -224,7 +225,6 @@ mod tests {
         assert_eq!(contents(&store), [("a".into(), None)]);
         let a = store.state().pop().unwrap();
         assert_eq!(a.meta.resource_version.as_deref(), Some("3"));
-        assert_eq!(a.meta.uid.as_deref(), Some("uid-a"));
         assert!(views(&store.state()).is_empty());
 
         // A relist replaces everything at its end, not before.
