@@ -185,6 +185,12 @@ impl Rig {
                     return;
                 }
                 let rel = format!("{label}/{}", path.strip_prefix(root).unwrap().display());
+                // A socket's bind staging directory (`vgpu_proto::uds`) that a kill interrupted
+                // stays until it is a minute old, since a live bind of another container may
+                // own it; the next bind after that removes it (its unit test checks both).
+                if rel.split('/').any(|c| c.starts_with(".uds-bind-")) {
+                    return;
+                }
                 let name = path.file_name().and_then(|n| n.to_str());
                 // The checkpoint's bytes depend on when its journal was last folded into its
                 // snapshot (at every start, so after a crash sooner than without one): it is
