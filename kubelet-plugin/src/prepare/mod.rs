@@ -7,9 +7,9 @@
 //! unhealthy GPU or a device that is not in this node's pool.
 //!
 //! Order of effects, for crash safety: the checkpoint entries of a whole kubelet call (one
-//! durable append to its journal), then the specs, atomic but not fsynced (a crash in between leaves entries
-//! whose specs are missing, which [`Preparer::reconcile`] rewrites at start; RELIABILITY.md
-//! has the whole argument).
+//! durable append to its journal), then the specs, atomic but not fsynced (a crash in between
+//! leaves entries whose specs are missing, which [`Preparer::reconcile`] rewrites at start;
+//! RELIABILITY.md has the whole argument).
 //! Unprepare: spec and claim directory, then the entry (a crash in between leaves an entry
 //! that is re-prepared at start and unprepared again when the kubelet retries).
 
@@ -203,6 +203,12 @@ struct Recorded {
     journal: Journal,
 }
 
+impl Recorded {
+    fn compaction_due(&self) -> bool {
+        self.journal.compaction_due(self.payload.claims.len())
+    }
+}
+
 /// How the plugin directory is kept to one writer at a time.
 enum DirLock {
     /// Held for the Preparer's life: the kernel drops it when the process dies, however it
@@ -365,10 +371,7 @@ impl Preparer {
     pub fn compact_if_due(&self) -> Result<bool, PrepareError> {
         let mut held = self.begin()?;
         let recorded = &mut *held.state;
-        if !recorded
-            .journal
-            .compaction_due(recorded.payload.claims.len())
-        {
+        if !recorded.compaction_due() {
             return Ok(false);
         }
         self.compact(recorded)?;
@@ -378,10 +381,7 @@ impl Preparer {
     /// Whether the journal had grown enough for compaction as of the last operation: a
     /// cheap hint, checked again under the lock by [`Preparer::compact_if_due`].
     pub fn compaction_due(&self) -> bool {
-        let recorded = self.lock();
-        recorded
-            .journal
-            .compaction_due(recorded.payload.claims.len())
+        self.lock().compaction_due()
     }
 
     fn compact(&self, recorded: &mut Recorded) -> Result<(), PrepareError> {
