@@ -632,7 +632,8 @@ mod tests {
         assert!(
             e.starts_with(&format!("document {}: not JSON", objects.len())),
             "{e}"
-        ); // An empty List is a document too.
+        );
+        // An empty List is a document too.
         let e = parse("{\"kind\": \"List\", \"items\": []}\nnull\n{\"kind\": ")
             .unwrap_err()
             .to_string();
