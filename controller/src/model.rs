@@ -66,6 +66,11 @@ pub struct PodView {
     pub memory_bytes: i128,
     /// Names of the ResourceClaims the pod uses (resolved from templates through its status).
     pub claims: Vec<String>,
+    /// Some claim of the pod comes from a template whose claim the resourceclaim controller
+    /// has yet to create, so `claims` is not yet complete.
+    pub awaiting_claims: bool,
+    /// The pod's scheduling gates, in order (empty for almost every pod).
+    pub scheduling_gates: Vec<String>,
     /// Succeeded or Failed: holds no node resources.
     pub finished: bool,
 }
@@ -105,20 +110,24 @@ impl PodView {
             mem = mem.max(request(c, "memory").map(|q| q.ceil_units()).unwrap_or(0));
         }
         let mut claims = Vec::new();
+        let mut awaiting_claims = false;
         for rc in spec
             .and_then(|s| s.resource_claims.as_deref())
             .unwrap_or_default()
         {
             if let Some(name) = &rc.resource_claim_name {
                 claims.push(name.clone());
-            } else if let Some(generated) = status
+                continue;
+            }
+            // An entry without a name says no claim was needed; no entry, not created yet.
+            match status
                 .and_then(|s| s.resource_claim_statuses.as_deref())
                 .unwrap_or_default()
                 .iter()
                 .find(|s| s.name == rc.name)
-                .and_then(|s| s.resource_claim_name.clone())
             {
-                claims.push(generated);
+                Some(generated) => claims.extend(generated.resource_claim_name.clone()),
+                None => awaiting_claims = true,
             }
         }
         let phase = status.and_then(|s| s.phase.as_deref()).unwrap_or("");
@@ -143,6 +152,13 @@ impl PodView {
             cpu_millis: cpu,
             memory_bytes: mem,
             claims,
+            awaiting_claims,
+            scheduling_gates: spec
+                .and_then(|s| s.scheduling_gates.as_deref())
+                .unwrap_or_default()
+                .iter()
+                .map(|g| g.name.clone())
+                .collect(),
             finished: matches!(phase, "Succeeded" | "Failed"),
         }
     }
@@ -562,6 +578,35 @@ mod tests {
         let size = serde_json::to_vec(&pod).unwrap().len();
         let whole = serde_json::to_vec(&full).unwrap().len();
         assert!(size * 4 < whole, "{size} vs {whole}");
+    }
+
+    #[test]
+    fn a_pods_gates_and_unresolved_template_claims_are_read() {
+        let pod = |status: serde_json::Value| {
+            let pod: SlimPod = serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "p", "namespace": "ml"},
+                "spec": {
+                    "schedulingGates": [{"name": "a.io/x"}, {"name": "vgpu.hami.io/allocation"}],
+                    "resourceClaims": [
+                        {"name": "gpu", "resourceClaimTemplateName": "t"},
+                        {"name": "none", "resourceClaimTemplateName": "t2"},
+                        {"name": "shared", "resourceClaimName": "shared-claim"}]
+                },
+                "status": status
+            }))
+            .unwrap();
+            PodView::of(&pod)
+        };
+        // The resourceclaim controller has not created the template's claims yet.
+        let view = pod(serde_json::json!({}));
+        assert_eq!(view.scheduling_gates, ["a.io/x", "vgpu.hami.io/allocation"]);
+        assert!(view.awaiting_claims);
+        assert_eq!(view.claims, ["shared-claim"]);
+        // Created; an entry without a name means no claim was needed.
+        let view = pod(serde_json::json!({"resourceClaimStatuses": [
+            {"name": "gpu", "resourceClaimName": "p-gpu-abc"}, {"name": "none"}]}));
+        assert!(!view.awaiting_claims);
+        assert_eq!(view.claims, ["p-gpu-abc", "shared-claim"]);
     }
 
     #[test]

@@ -2,10 +2,11 @@
 //! straight into this shape (the watch cache's and the simulator's), so a pod's images,
 //! environment, volumes, probes, labels, annotations, conditions and managedFields are skipped
 //! by the parser instead of being allocated and then dropped. The controller never writes a
-//! Pod back, so nothing it would need to round-trip is lost.
+//! Pod back whole (lifting its scheduling gate is a JSON patch of that one list entry), so
+//! nothing it would need to round-trip is lost.
 
 use k8s_openapi::api::core::v1::{
-    NodeAffinity, PodResourceClaim, PodResourceClaimStatus, Toleration,
+    NodeAffinity, PodResourceClaim, PodResourceClaimStatus, PodSchedulingGate, Toleration,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -41,6 +42,9 @@ pub struct SlimPodSpec {
     pub tolerations: Option<Vec<Toleration>>,
     #[serde(default)]
     pub resource_claims: Option<Vec<PodResourceClaim>>,
+    /// Read for the controller's own gate, which it lifts once the pod's claims are allocated.
+    #[serde(default)]
+    pub scheduling_gates: Option<Vec<PodSchedulingGate>>,
 }
 
 /// Node affinity only: pod (anti-)affinity is the kube-scheduler's to check.

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use test_support::gpu;
-use vgpu_driver::class::controller_selector;
+use vgpu_driver::class::{controller_selector, scheduling_gate};
 use vgpu_driver::config::{API_VERSION, KIND};
 use vgpu_driver::slice::{gpu_devices, render_pool};
 use vgpu_driver::{ClaimAllocation, NodeRef, PoolOptions};
@@ -417,6 +417,81 @@ async fn a_refused_claim_gets_an_event_and_is_retried_when_capacity_frees() {
             .metrics
             .render()
             .contains("vgpu_controller_claims_refused_total{reason=\"insufficient_capacity\"}")
+    );
+    running.task.abort();
+}
+
+/// The gates of a stored pod, by name.
+fn gates(fake: &FakeApi, pod: &Value) -> Vec<String> {
+    fake.get(pod).unwrap()["spec"]["schedulingGates"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|g| g["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gated_pods_gate_is_lifted_once_its_template_claim_is_created_and_allocated() {
+    let fake = FakeApi::start(DraVersions::V1Only).await;
+    cluster(&fake, ApiVersion::V1, &["node-a"], 1);
+    let gate = scheduling_gate(DRIVER);
+    let gated = |name: &str, claim: Value| {
+        let mut p = pod(name, "");
+        p["spec"]["resourceClaims"] = json!([claim]);
+        p["spec"]["schedulingGates"] = json!([{"name": "other.io/quota"}, {"name": gate}]);
+        fake.create(p)
+    };
+    // Its claim comes from a template: not created yet.
+    let infer = gated(
+        "infer",
+        json!({"name": "gpu", "resourceClaimTemplateName": "t"}),
+    );
+    // Its claim can never fit (100Gi on an 80Gi GPU).
+    fake.create(claim(ApiVersion::V1, "huge", 100));
+    let huge = gated(
+        "huge-pod",
+        json!({"name": "gpu", "resourceClaimName": "huge"}),
+    );
+    let running = start(&fake, options("replica-1"));
+    eventually("huge is refused", || {
+        running
+            .status()
+            .last
+            .refused
+            .iter()
+            .any(|(c, _)| c == "ml/huge")
+    })
+    .await;
+    assert_eq!(gates(&fake, &infer), ["other.io/quota", gate.as_str()]);
+    // The resourceclaim controller creates the claim and names it in the pod's status.
+    let c = fake.create(claim(ApiVersion::V1, "infer-gpu-x7k2p", 10));
+    fake.modify(&infer, |p| {
+        p["status"]["resourceClaimStatuses"] =
+            json!([{"name": "gpu", "resourceClaimName": "infer-gpu-x7k2p"}]);
+    });
+    eventually("infer's gate is lifted", || gates(&fake, &infer).len() == 1).await;
+    assert!(
+        allocation(&fake, &c).is_some(),
+        "lifted only once allocated"
+    );
+    // Only our gate went; the other one is someone else's to lift.
+    assert_eq!(gates(&fake, &infer), ["other.io/quota"]);
+    assert_eq!(running.status().allocated.len(), 1);
+    // The pod that cannot be placed keeps its gate: ungated it would only go into back-off.
+    assert_eq!(gates(&fake, &huge), ["other.io/quota", gate.as_str()]);
+    let lifts = fake
+        .server
+        .writes()
+        .iter()
+        .filter(|w| w.verb == Verb::Patch && w.path.contains("/pods/"))
+        .count();
+    assert_eq!(lifts, 1, "one patch per lifted gate");
+    assert!(
+        running
+            .metrics
+            .render()
+            .contains("vgpu_controller_scheduling_gates_lifted_total 1")
     );
     running.task.abort();
 }

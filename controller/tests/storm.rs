@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use test_support::gpu_with;
-use vgpu_driver::class::controller_selector;
+use vgpu_driver::class::{controller_selector, scheduling_gate};
 use vgpu_driver::config::{API_VERSION, KIND};
 use vgpu_driver::slice::{gpu_devices, render_pool};
 use vgpu_driver::{NodeRef, PoolOptions};
@@ -106,6 +106,11 @@ fn cluster(server: &FakeApiServer, claims: usize) -> usize {
     nodes
 }
 
+/// Every fourth pod is created behind the controller's scheduling gate.
+fn gated(i: usize) -> bool {
+    i % 4 == 0
+}
+
 fn workload(server: &FakeApiServer, i: usize) {
     let (memory, cores) = ask(i);
     let name = format!("c{i:05}");
@@ -126,7 +131,12 @@ fn workload(server: &FakeApiServer, i: usize) {
             json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": format!("{name}-pod"), "namespace": "ml"},
                 "spec": {"containers": [{"name": "c", "image": "cuda",
                                          "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}}}],
-                         "resourceClaims": [{"name": "gpu", "resourceClaimName": name}]},
+                         "resourceClaims": [{"name": "gpu", "resourceClaimName": name}],
+                         "schedulingGates": if gated(i) {
+                             json!([{"name": scheduling_gate(DRIVER)}])
+                         } else {
+                             json!([])
+                         }},
                 "status": {"phase": "Pending"}}),
         )
         .unwrap();
@@ -401,6 +411,23 @@ async fn a_claim_storm_with_faults_and_a_killed_leader_never_overbooks() {
         twice.is_empty(),
         "claims allocated more than once: {twice:?}"
     );
+
+    // The gate of each gated pod was lifted once its claim was allocated, through the faults
+    // and the leader's death, and stays on the pods whose claims can never fit.
+    for i in (0..claims).filter(|i| gated(*i)) {
+        let pod = server
+            .get(Gvr::new("", "v1", "pods"), "ml", &format!("c{i:05}-pod"))
+            .unwrap();
+        let gates = pod["spec"]["schedulingGates"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(
+            gates.is_empty(),
+            allocatable(i),
+            "c{i:05}-pod: gates {gates:?}"
+        );
+    }
 
     // The shipped RBAC grants exactly what the replicas called (the workload was written
     // with the server's direct helpers, which are not counted). Patching an Event happens

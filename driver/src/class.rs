@@ -14,6 +14,15 @@ pub fn controller_selector(driver: &str) -> String {
     format!("has(device.attributes[\"{driver}\"].{CONTROLLER_ATTRIBUTE})")
 }
 
+/// The scheduling gate that keeps the kube-scheduler off a pod until the controller has
+/// allocated its claims of such classes, and that the controller then lifts. Without it the
+/// scheduler tries the pod at once, finds its claim unallocated, and retries it only after
+/// its back-off (1 s at first, doubling with each attempt), however soon the claim is
+/// allocated.
+pub fn scheduling_gate(driver: &str) -> String {
+    format!("{driver}/allocation")
+}
+
 /// Whether a class selector expression is the controller marker (of any driver name),
 /// ignoring white space.
 pub fn is_controller_selector(expression: &str) -> bool {

@@ -49,6 +49,7 @@ pub struct Metrics {
     pub allocated: Counter,
     pub refused: Family<RefusalLabels, Counter>,
     pub conflicts: Counter,
+    pub gates_lifted: Counter,
     pub decision_seconds: Histogram,
     pub pass_seconds: Histogram,
     pub gpu_memory_allocated_bytes: Family<GpuLabels, Gauge>,
@@ -85,6 +86,7 @@ impl Metrics {
             allocated: Counter::default(),
             refused: Family::default(),
             conflicts: Counter::default(),
+            gates_lifted: Counter::default(),
             // 1 µs to about 4 s: decisions are microseconds, a pass over a large backlog longer.
             decision_seconds: Histogram::new(exponential_buckets(1e-6, 4.0, 12)),
             // 100 µs to about 3 s: a pass reads the whole cache, so it grows with the cluster.
@@ -113,6 +115,11 @@ impl Metrics {
             "write_conflicts",
             "Claim writes answered 409 Conflict and retried after a re-read",
             m.conflicts.clone(),
+        );
+        registry.register(
+            "scheduling_gates_lifted",
+            "Pods whose scheduling gate this controller removed once their claims were allocated",
+            m.gates_lifted.clone(),
         );
         registry.register(
             "decision_seconds",

@@ -22,15 +22,18 @@ use crate::model::{ClaimView, ClassView, NodeView, PodView};
 use dra::events::EventSink;
 use dra::{ApiVersion, ClientError, DraApi};
 use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::resource::v1;
+use kube::api::{Patch, PatchParams};
 use kube::runtime::events::EventType;
-use kube::{Client, ResourceExt};
+use kube::{Api, Client, ResourceExt};
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
+use vgpu_driver::class::scheduling_gate;
 use vgpu_driver::{ClaimAllocation, SliceView};
 
 /// The finalizer that makes kube-controller-manager deallocate a claim once no pod uses it.
@@ -189,8 +192,10 @@ pub struct PassReport {
     pub deferred: usize,
     /// Per (node, device): memory bytes, cores, claims: the state the pass ended with.
     pub usage: BTreeMap<(String, String), (u64, u32, u32)>,
-    /// When the next claim in back-off becomes due.
+    /// When the next claim in back-off (or gate lift to check) becomes due.
     pub next_retry: Option<Instant>,
+    /// Pods (namespace/name) whose scheduling gate this pass lifted.
+    pub ungated: Vec<String>,
 }
 
 /// Pure bookkeeping between passes.
@@ -203,7 +208,13 @@ pub struct Book {
     last_node: HashMap<String, String>,
     assumed: HashMap<String, Assumed>,
     fingerprint: Option<Fingerprint>,
+    /// Gated pods whose gate a pass tried to lift, by UID, and when: the cache shows the gate
+    /// until the patch echoes back, and the passes in between must not send it again.
+    lifted: HashMap<String, Instant>,
 }
+
+/// A gate lift is sent again after this long if the pod still shows it.
+const LIFT_AGAIN_AFTER: Duration = Duration::from_secs(5);
 
 /// Resource versions are opaque, but etcd's are increasing integers; where both parse, the
 /// cache has caught up with a write when it shows that version or a later one.
@@ -312,6 +323,19 @@ impl Book {
         self.fingerprint = Some(fingerprint);
     }
 
+    /// Whether to send the lift of pod `uid`'s gate now; if so, remembered as sent.
+    pub fn lifting(&mut self, uid: &str, now: Instant) -> bool {
+        if self
+            .lifted
+            .get(uid)
+            .is_some_and(|at| now.duration_since(*at) < LIFT_AGAIN_AFTER)
+        {
+            return false;
+        }
+        self.lifted.insert(uid.to_string(), now);
+        true
+    }
+
     pub fn avoid(&self, uid: &str) -> BTreeSet<String> {
         self.avoid.get(uid).cloned().unwrap_or_default()
     }
@@ -401,8 +425,14 @@ impl Book {
         self.avoid.remove(uid);
     }
 
+    /// When the next claim in back-off, or the next gate lift not yet seen to land, is due.
     fn next_retry(&self) -> Option<Instant> {
-        self.retries.values().map(|r| r.not_before).min()
+        let lifts = self.lifted.values().map(|at| *at + LIFT_AGAIN_AFTER);
+        self.retries
+            .values()
+            .map(|r| r.not_before)
+            .chain(lifts)
+            .min()
     }
 }
 
@@ -446,6 +476,10 @@ pub struct Selection {
     pending: Vec<usize>,
     /// (claim, node) for each allocation the scheduler cleared since the last pass.
     pub cleared: Vec<(String, String)>,
+    /// Whether this controller allocates each claim, by index into `views`.
+    ours: Vec<bool>,
+    /// Unscheduled pods carrying our scheduling gate, with the gate's index in their list.
+    gated: Vec<(Arc<PodView>, usize)>,
     engine: Engine,
     /// What the engine was built from, when it may be kept.
     key: Option<u64>,
@@ -517,6 +551,19 @@ impl Selection {
             })
             .collect();
         let is_waiting: Vec<bool> = waiting.iter().map(Option::is_some).collect();
+        let gate = scheduling_gate(driver);
+        let gated = snapshot
+            .pods
+            .iter()
+            .filter(|p| !p.finished && p.node_name.is_none())
+            .filter_map(|p| {
+                let at = p.scheduling_gates.iter().position(|g| *g == gate)?;
+                Some((Arc::clone(p), at))
+            })
+            .collect::<Vec<(Arc<PodView>, usize)>>();
+        let still_gated: HashSet<&str> = gated.iter().map(|(p, _)| p.uid.as_str()).collect();
+        book.lifted
+            .retain(|uid, _| still_gated.contains(uid.as_str()));
         let cleared = book.observe_clears(&views, &ours, &is_waiting);
         let versions = Versions::of(&snapshot);
         book.observe_capacity(fingerprint(&views, &snapshot.pods, &versions), now);
@@ -572,9 +619,41 @@ impl Selection {
             waiting,
             pending,
             cleared,
+            ours,
+            gated,
             engine,
             key,
         }
+    }
+
+    /// The gated pods whose gate can be lifted: every claim they use exists and is either
+    /// allocated (before this pass or by it: `allocated_now`, by UID) or not ours to
+    /// allocate. A pod still waiting for a template's claim, or for a claim we could not
+    /// place, stays gated: the scheduler could not place it either, and ungated it would
+    /// only go into back-off. Each with the index of our gate in its list.
+    pub fn gates_to_lift(&self, allocated_now: &HashSet<String>) -> Vec<(Arc<PodView>, usize)> {
+        if self.gated.is_empty() {
+            return Vec::new();
+        }
+        let index: HashMap<(&str, &str), usize> = self
+            .views
+            .iter()
+            .enumerate()
+            .map(|(i, v)| ((v.namespace.as_str(), v.name.as_str()), i))
+            .collect();
+        let ready = |pod: &PodView, claim: &str| {
+            index
+                .get(&(pod.namespace.as_str(), claim))
+                .is_some_and(|&i| {
+                    let v = &self.views[i];
+                    !self.ours[i] || v.allocation.is_some() || allocated_now.contains(&v.uid)
+                })
+        };
+        self.gated
+            .iter()
+            .filter(|(pod, _)| !pod.awaiting_claims && pod.claims.iter().all(|c| ready(pod, c)))
+            .cloned()
+            .collect()
     }
 
     /// The engine, for the next pass, when it can be kept.
@@ -945,6 +1024,13 @@ impl Allocator {
                 }
             }
         }
+        if self.leadership.is_leading() {
+            for (pod, at) in selection.gates_to_lift(&allocated) {
+                if self.book.lifting(&pod.uid, now) {
+                    self.lift_gate(&pod, at, &mut report).await;
+                }
+            }
+        }
         self.metrics.observe_state(&selection.engine().state);
         self.observe_pending(&selection, &pending, &allocated);
         report.usage = selection.usage();
@@ -1030,6 +1116,47 @@ impl Allocator {
             }
         }
         Ok(Written::Conflicted)
+    }
+
+    /// Remove our scheduling gate from `pod`, where it is entry `at` of its list. A JSON
+    /// patch that first tests the entry: if the list changed since the cache saw it (another
+    /// gate lifted), the patch fails without touching the pod and a later pass retries.
+    async fn lift_gate(&self, pod: &PodView, at: usize, report: &mut PassReport) {
+        let key = format!("{}/{}", pod.namespace, pod.name);
+        let gate = scheduling_gate(&self.driver);
+        let path = format!("/spec/schedulingGates/{at}");
+        let patch: json_patch::Patch = match serde_json::from_value(serde_json::json!([
+            {"op": "test", "path": format!("{path}/name"), "value": gate},
+            {"op": "remove", "path": path},
+        ])) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(pod = %key, error = %e, "building the gate patch failed");
+                return;
+            }
+        };
+        let api = Api::<Pod>::namespaced(self.client.clone(), &pod.namespace);
+        match api
+            .patch(
+                &pod.name,
+                &PatchParams::default(),
+                &Patch::Json::<()>(patch),
+            )
+            .await
+        {
+            Ok(_) => {
+                self.metrics.gates_lifted.inc();
+                tracing::info!(pod = %key, gate = %gate, "claims allocated; scheduling gate lifted");
+                report.ungated.push(key);
+            }
+            // Gone, or its gates changed: the next pass sees the pod as it is now.
+            Err(kube::Error::Api(e)) if matches!(e.code, 404 | 409 | 422) => {
+                tracing::debug!(pod = %key, error = %e.message, "scheduling gate not lifted");
+            }
+            Err(e) => {
+                tracing::warn!(pod = %key, error = %e, "lifting the scheduling gate failed");
+            }
+        }
     }
 
     async fn pod_event(&self, pod: &PodView, kind: EventType, reason: &str, note: &str) {
@@ -1321,6 +1448,117 @@ mod tests {
             }
         ));
         assert!(book.fingerprint.is_some());
+    }
+
+    fn gated(name: &str, claims: &[&str], gates: &[&str]) -> Arc<PodView> {
+        Arc::new(PodView {
+            namespace: "ml".into(),
+            name: name.into(),
+            uid: name.into(),
+            claims: claims.iter().map(|c| c.to_string()).collect(),
+            scheduling_gates: gates.iter().map(|g| g.to_string()).collect(),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn a_gate_is_lifted_once_every_claim_of_ours_is_allocated() {
+        const GATE: &str = "vgpu.hami.io/allocation";
+        let mut allocated = claim_object("done", 0, "slice");
+        Arc::make_mut(&mut allocated).allocation = Some(Arc::new(allocation("n1")));
+        let mut awaiting = (*gated("awaiting", &[], &[GATE])).clone();
+        awaiting.awaiting_claims = true;
+        let mut bound = (*gated("bound", &["done"], &[GATE])).clone();
+        bound.node_name = Some("n1".into());
+        let snapshot = Snapshot {
+            claims: vec![
+                allocated,
+                claim_object("now", 1, "slice"),
+                claim_object("waits", 2, "slice"),
+                claim_object("theirs", 3, "whole"),
+            ],
+            classes: vec![
+                ClassView {
+                    name: "slice".into(),
+                    selectors: vec![],
+                    config: vec![],
+                    ours: true,
+                },
+                ClassView {
+                    name: "whole".into(),
+                    selectors: vec![],
+                    config: vec![],
+                    ours: false,
+                },
+            ],
+            slices: vec![],
+            nodes: vec![],
+            pods: vec![
+                // Our gate second in its list: its index is what the patch tests.
+                gated("ready", &["done", "theirs"], &["other.io/x", GATE]),
+                gated("this-pass", &["now"], &[GATE]),
+                gated("unplaced", &["done", "waits"], &[GATE]),
+                gated("missing", &["not-created"], &[GATE]),
+                gated("no-claims", &[], &[GATE]),
+                gated("not-ours", &["done"], &["other.io/x"]),
+                gated("ungated", &["done"], &[]),
+                Arc::new(awaiting),
+                Arc::new(bound),
+            ],
+            slice_versions: vec![],
+            node_versions: vec![],
+            class_versions: vec![],
+        };
+        let mut book = Book::default();
+        let selection = Selection::new(
+            snapshot,
+            &mut book,
+            "vgpu.hami.io",
+            Policies::default(),
+            Instant::now(),
+        );
+        let lift = |now: &[&str]| -> Vec<(String, usize)> {
+            let now: HashSet<String> = now.iter().map(|s| s.to_string()).collect();
+            selection
+                .gates_to_lift(&now)
+                .into_iter()
+                .map(|(p, at)| (p.name.clone(), at))
+                .collect()
+        };
+        assert_eq!(
+            lift(&[]),
+            [("ready".to_string(), 1), ("no-claims".to_string(), 0)]
+        );
+        // "now" allocated by this pass, by its UID.
+        assert_eq!(
+            lift(&["now"]),
+            [
+                ("ready".to_string(), 1),
+                ("this-pass".to_string(), 0),
+                ("no-claims".to_string(), 0)
+            ]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lift_is_sent_once_until_it_is_due_again_and_forgotten_with_the_gate() {
+        let mut book = Book::default();
+        let t0 = Instant::now();
+        assert!(book.lifting("p", t0));
+        // A pass comes back to check it even if nothing else changes.
+        assert_eq!(book.next_retry(), Some(t0 + LIFT_AGAIN_AFTER));
+        assert!(!book.lifting("p", t0 + LIFT_AGAIN_AFTER / 2));
+        assert!(book.lifting("p", t0 + LIFT_AGAIN_AFTER));
+        // A pass that no longer sees the pod gated forgets it.
+        Selection::new(
+            snapshot_with("1"),
+            &mut book,
+            "vgpu.hami.io",
+            Policies::default(),
+            t0,
+        );
+        assert!(book.lifted.is_empty());
+        assert_eq!(book.next_retry(), None);
     }
 
     fn snapshot_with(slice_version: &str) -> Snapshot {
