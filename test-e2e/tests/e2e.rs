@@ -1239,3 +1239,173 @@ fn a11_a_slices_memory_use_shows_in_the_plugins_metrics_with_its_claims_labels()
         "an unprepared claim leaves the metrics: {text}"
     );
 }
+
+/// A JSON patch of pod `ns`/`name` as the user of `kubeconfig`, sent as is (no read first);
+/// the API server's refusal on failure.
+fn json_patch_as(
+    kubeconfig: &std::path::Path,
+    ns: &str,
+    name: &str,
+    patch: &str,
+) -> Result<(), String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let config = kube::config::Kubeconfig::read_from(kubeconfig).unwrap();
+        let config = kube::Config::from_custom_kubeconfig(config, &Default::default())
+            .await
+            .unwrap();
+        let client = kube::Client::try_from(config).unwrap();
+        let request = http::Request::patch(format!("/api/v1/namespaces/{ns}/pods/{name}"))
+            .header("Content-Type", "application/json-patch+json")
+            .body(patch.as_bytes().to_vec())
+            .unwrap();
+        client
+            .request_text(request)
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string())
+    })
+}
+
+/// The controller's scheduling gate: a pod that carries it is not tried by the kube-scheduler
+/// until the controller has allocated its claim and lifted the gate, so it is scheduled at the
+/// first attempt, with no FailedScheduling and no back-off. The shipped admission policy lets
+/// the controller's service account remove that gate and nothing else.
+#[test]
+fn a12_a_gated_pod_is_scheduled_once_its_claim_is_allocated_without_a_failed_attempt() {
+    let install = Installation::ensure(SharingMode::Controller);
+    let cluster = &install.cluster;
+    let ns = cluster.namespace("e2e-gate");
+    let gate = format!("{DRIVER}/allocation");
+    cluster.apply(&ns.name, &slice_template(cluster, "slice", "2Gi", 10, ""));
+    let gated = |name: &str, gates: &[&str]| {
+        let spec: String = gates.iter().map(|g| format!("  - name: {g}\n")).collect();
+        pod_with(
+            name,
+            "slice",
+            &PodOptions {
+                labels: Some("{app: gated}"),
+                spec: &format!("  schedulingGates:\n{spec}"),
+                ..Default::default()
+            },
+        )
+    };
+    cluster.apply(&ns.name, &gated("gated", &[&gate]));
+    let running = wait_running(cluster, &ns.name, "gated");
+    assert!(
+        running["spec"]["schedulingGates"].is_null(),
+        "the gate is gone: {}",
+        running["spec"]
+    );
+    let claim = claim_of(cluster, &ns.name, "gated");
+    assert_eq!(allocated_devices(&claim).len(), 1, "{claim}");
+    let failed: Vec<Value> = cluster.get_json(&["events", "-n", &ns.name]).unwrap()["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["involvedObject"]["name"] == "gated" && e["reason"] == "FailedScheduling")
+        .cloned()
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "tried before its claim was allocated: {failed:?}"
+    );
+    let scheduled = running["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "PodScheduled")
+        .cloned()
+        .unwrap();
+    assert_eq!(scheduled["status"], "True", "{scheduled}");
+
+    // Someone else's gate stays: the controller lifts only its own, once the claim is allocated.
+    cluster.apply(&ns.name, &gated("held", &["example.com/hold", &gate]));
+    let held = cluster.wait_for("held loses the controller's gate", MINUTE, || {
+        let p = get(cluster, "pod", &ns.name, "held")?;
+        (p["spec"]["schedulingGates"] == serde_json::json!([{"name": "example.com/hold"}]))
+            .then_some(p)
+    });
+    assert!(held["spec"]["nodeName"].is_null(), "still gated: {held}");
+    let claim = claim_of(cluster, &ns.name, "held");
+    assert_eq!(allocated_devices(&claim).len(), 1, "{claim}");
+
+    // As the controller's service account (its RBAC may patch pods, not read them one by
+    // one, so kubectl's patch, which reads first, cannot be used): on a pod that keeps our
+    // gate (its claim can never fit), removing that gate passes the policy, and nothing else
+    // does, alone or alongside it.
+    cluster.apply(
+        &ns.name,
+        &slice_template(cluster, "too-much-memory", "1000Gi", 10, ""),
+    );
+    cluster.apply(
+        &ns.name,
+        &pod_with(
+            "bait",
+            "too-much-memory",
+            &PodOptions {
+                labels: Some("{app: gated}"),
+                spec: &format!(
+                    "  schedulingGates:\n  - name: example.com/hold\n  - name: {gate}\n"
+                ),
+                ..Default::default()
+            },
+        ),
+    );
+    let ours = format!(
+        r#"{{"op":"test","path":"/spec/schedulingGates/1/name","value":"{gate}"}},{{"op":"remove","path":"/spec/schedulingGates/1"}}"#
+    );
+    for (patch, refusal) in [
+        (
+            r#"[{"op":"remove","path":"/spec/schedulingGates/0"}]"#.to_string(),
+            "may only remove its scheduling gate",
+        ),
+        (
+            format!(
+                r#"[{ours},{{"op":"replace","path":"/spec/containers/0/image","value":"evil:latest"}}]"#
+            ),
+            "may not change a pod's containers",
+        ),
+        (
+            format!(r#"[{ours},{{"op":"add","path":"/metadata/labels/app","value":"other"}}]"#),
+            "may not change a pod's labels",
+        ),
+    ] {
+        let err = json_patch_as(&install.controller_kubeconfig, &ns.name, "bait", &patch)
+            .expect_err(&patch);
+        assert!(
+            err.contains("vgpu-controller-lifts-gates-only") && err.contains(refusal),
+            "{patch}: {err}"
+        );
+    }
+    json_patch_as(
+        &install.controller_kubeconfig,
+        &ns.name,
+        "bait",
+        &format!("[{ours}]"),
+    )
+    .expect("the controller may lift its own gate");
+    let bait = get(cluster, "pod", &ns.name, "bait").unwrap();
+    assert_eq!(
+        bait["spec"]["schedulingGates"],
+        serde_json::json!([{"name": "example.com/hold"}])
+    );
+    assert_eq!(bait["spec"]["containers"][0]["image"], IMAGE);
+    // The admin lifts the other gate: the pod runs on its allocated claim.
+    cluster
+        .run(&[
+            "patch",
+            "pod",
+            "held",
+            "-n",
+            &ns.name,
+            "--type=json",
+            "-p",
+            r#"[{"op":"remove","path":"/spec/schedulingGates/0"}]"#,
+        ])
+        .unwrap();
+    wait_running(cluster, &ns.name, "held");
+}

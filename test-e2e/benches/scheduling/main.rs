@@ -1,6 +1,7 @@
 //! Pod created → bound on the local real cluster (`hack/cluster/up.sh 1.34`), in one run, for
-//! three ways of giving pods GPUs: slices allocated by our controller, shares allocated by the
-//! kube-scheduler itself (native mode, consumable capacity) and whole GPUs allocated by the
+//! three ways of giving pods GPUs: slices allocated by our controller (with pods created plain,
+//! and with pods created behind its scheduling gate), shares allocated by the kube-scheduler
+//! itself (native mode, consumable capacity) and whole GPUs allocated by the
 //! kube-scheduler (the baseline). Each scenario gets its own bench nodes (Node objects with
 //! our ResourceSlices and Leases the bench renews; no kubelet behind them, so pods are bound,
 //! never run) and a burst of pods, each with its own claim, created as fast as the API server
@@ -8,7 +9,7 @@
 //! shows it bound; pods/s over the whole burst; the CPU each control-plane process used.
 //!
 //!   hack/bench-scheduling.sh                     # brings the cluster up, runs this, tears down
-//!   BENCH_PODS=1000 BENCH_NODES=160 BENCH_SCENARIOS=controller,native,whole \
+//!   BENCH_PODS=1000 BENCH_NODES=160 BENCH_SCENARIOS=controller,gated,native,whole \
 //!     cargo bench -p test-e2e --bench scheduling  # against a cluster that is up
 //!
 //! Our controller and plugin run as the end-to-end tests run them (`Installation`), from
@@ -60,7 +61,7 @@ impl Settings {
                 .map(|s| {
                     Scenario::parse(s.trim()).with_context(|| {
                         format!(
-                            "BENCH_SCENARIOS: unknown scenario {s:?} (controller, native, whole)"
+                            "BENCH_SCENARIOS: unknown scenario {s:?} (controller, gated, native, whole)"
                         )
                     })
                 })

@@ -5,6 +5,7 @@
 
 use serde_json::{Value, json};
 use test_support::fleet::{SELECTORS, gpus};
+use vgpu_driver::class::scheduling_gate;
 use vgpu_driver::config::{API_VERSION, KIND};
 use vgpu_driver::slice::{gpu_devices, render_pool};
 use vgpu_driver::{DEFAULT_DRIVER_NAME, NodeRef, PoolOptions};
@@ -17,6 +18,9 @@ pub const SCENARIO_LABEL: &str = "bench.vgpu.hami.io/scenario";
 pub enum Scenario {
     /// Slices (class `gpu-slice`), allocated by our controller; the scheduler binds.
     Controller,
+    /// As `Controller`, each pod created with the controller's scheduling gate, which the
+    /// controller lifts once the pod's claim is allocated.
+    Gated,
     /// Shares (class `gpu-share`, consumable capacity), allocated by the kube-scheduler.
     Native,
     /// Whole GPUs (class `gpu`), allocated by the kube-scheduler: the baseline.
@@ -24,11 +28,17 @@ pub enum Scenario {
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 3] = [Scenario::Controller, Scenario::Native, Scenario::Whole];
+    pub const ALL: [Scenario; 4] = [
+        Scenario::Controller,
+        Scenario::Gated,
+        Scenario::Native,
+        Scenario::Whole,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Scenario::Controller => "controller",
+            Scenario::Gated => "gated",
             Scenario::Native => "native",
             Scenario::Whole => "whole",
         }
@@ -42,6 +52,9 @@ impl Scenario {
     pub fn describe(self) -> &'static str {
         match self {
             Scenario::Controller => "slices, our controller allocates (gpu-slice)",
+            Scenario::Gated => {
+                "slices, our controller allocates, pods gated until then (gpu-slice, scheduling gate)"
+            }
             Scenario::Native => "shares, kube-scheduler allocates (gpu-share, consumable capacity)",
             Scenario::Whole => "whole GPUs, kube-scheduler allocates (gpu)",
         }
@@ -164,7 +177,7 @@ pub fn claim(scenario: Scenario, i: usize) -> Value {
         e
     };
     let devices = match scenario {
-        Scenario::Controller => json!({
+        Scenario::Controller | Scenario::Gated => json!({
             "requests": [{"name": "gpu", "exactly": exactly("gpu-slice.vgpu.hami.io", ask.gpus)}],
             "config": [{"requests": ["gpu"], "opaque": {"driver": DEFAULT_DRIVER_NAME, "parameters": {
                 "apiVersion": API_VERSION, "kind": KIND,
@@ -225,6 +238,11 @@ pub fn pod(scenario: Scenario, i: usize) -> Value {
             "containers": [container],
             "resourceClaims": [{"name": "gpu", "resourceClaimName": claim_name(i)}],
             "terminationGracePeriodSeconds": 0,
+            "schedulingGates": if scenario == Scenario::Gated {
+                json!([{"name": scheduling_gate(DEFAULT_DRIVER_NAME)}])
+            } else {
+                json!([])
+            },
         }
     })
 }
