@@ -108,7 +108,7 @@ fn cluster(server: &FakeApiServer, claims: usize) -> usize {
 
 /// Every fourth pod is created behind the controller's scheduling gate.
 fn gated(i: usize) -> bool {
-    i % 4 == 0
+    i.is_multiple_of(4)
 }
 
 fn workload(server: &FakeApiServer, i: usize) {

@@ -21,6 +21,7 @@ use crate::engine::{Engine, Parts, Policies, Refusal};
 use crate::model::{ClaimView, ClassView, NodeView, PodView};
 use dra::events::EventSink;
 use dra::{ApiVersion, ClientError, DraApi};
+use futures::stream::{FuturesUnordered, StreamExt};
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::resource::v1;
@@ -480,6 +481,8 @@ pub struct Selection {
     ours: Vec<bool>,
     /// Unscheduled pods carrying our scheduling gate, with the gate's index in their list.
     gated: Vec<(Arc<PodView>, usize)>,
+    /// Our scheduling gate's name.
+    gate: String,
     engine: Engine,
     /// What the engine was built from, when it may be kept.
     key: Option<u64>,
@@ -621,6 +624,7 @@ impl Selection {
             cleared,
             ours,
             gated,
+            gate,
             engine,
             key,
         }
@@ -684,9 +688,28 @@ impl Selection {
         self.waiting[i].as_deref()
     }
 
-    /// Charge a stored allocation before the next decision.
+    /// Charge an allocation before the next decision.
     pub fn commit(&mut self, allocation: &ClaimAllocation) {
         self.engine.commit(allocation);
+    }
+
+    /// Give back what claim `uid` was charged (its write did not land).
+    pub fn release(&mut self, uid: &str) {
+        self.engine.release(uid);
+    }
+
+    pub fn view_arc(&self, i: usize) -> Arc<ClaimView> {
+        Arc::clone(&self.views[i])
+    }
+
+    /// The pod whose gate claim `i`'s allocation lifts, with the gate's index: its waiting
+    /// pod, gated by us, when that claim is its only one. Pods with several claims, or
+    /// sharing one, are left to [`Selection::gates_to_lift`] at the end of the pass.
+    pub fn gate_lifted_by(&self, i: usize) -> Option<(Arc<PodView>, usize)> {
+        let pod = self.waiting[i].as_ref()?;
+        let at = pod.scheduling_gates.iter().position(|g| *g == self.gate)?;
+        (!pod.awaiting_claims && pod.claims.len() == 1 && pod.claims[0] == self.views[i].name)
+            .then(|| (Arc::clone(pod), at))
     }
 
     pub fn engine(&self) -> &Engine {
@@ -789,9 +812,7 @@ pub struct Allocator {
     pub driver: String,
     pub policies: Policies,
     pub backoff: Backoff,
-    client: Client,
-    version: ApiVersion,
-    events: Option<EventSink>,
+    writer: Writer,
     metrics: Arc<Metrics>,
     leadership: Leadership,
     pub book: Book,
@@ -838,9 +859,14 @@ impl Allocator {
             driver: driver.to_string(),
             policies,
             backoff,
-            client,
-            version,
-            events,
+            writer: Writer {
+                client,
+                version,
+                driver: driver.to_string(),
+                events,
+                metrics: metrics.clone(),
+                leadership: leadership.clone(),
+            },
             metrics,
             leadership,
             book: Book::default(),
@@ -937,13 +963,18 @@ impl Allocator {
         }
         let pending = selection.pending();
         let mut allocated = HashSet::new();
+        // Decisions are made one after the other on the engine; their writes run
+        // `WRITES_IN_FLIGHT` at a time, each allocation charged when decided and given back
+        // if its write does not land.
+        let mut in_flight = FuturesUnordered::new();
+        let mut lost_lead = false;
         for &i in &pending {
             let uid = selection.view(i).uid.clone();
             if !self.book.due(&uid, now) {
                 report.deferred += 1;
                 continue;
             }
-            if !self.leadership.is_leading() {
+            if lost_lead || !self.leadership.is_leading() {
                 break;
             }
             let avoid = self.book.avoid(&uid);
@@ -952,50 +983,29 @@ impl Allocator {
             self.metrics
                 .decision_seconds
                 .observe(started.elapsed().as_secs_f64());
-            let claim = selection.view(i).clone();
-            let key = claim.key();
             match decision {
                 Decision::Allocate(allocation) => {
                     let allocation = Arc::new(allocation);
-                    let node = allocation.node_name.clone().unwrap_or_default();
-                    match self.write(&claim, &allocation).await {
-                        Ok(Written::Stored(rv)) => {
-                            selection.commit(&allocation);
-                            self.book.assume(&uid, rv, allocation.clone());
-                            self.book.succeeded(&uid);
-                            // Known allocated from now on, even if the scheduler clears it
-                            // before a pass sees the write echoed back by the watch.
-                            self.book.last_node.insert(uid.clone(), node.clone());
-                            self.metrics.allocated.inc();
-                            let devices: Vec<&str> = allocation
-                                .results
-                                .iter()
-                                .map(|r| r.device.as_str())
-                                .collect();
-                            tracing::info!(claim = %key, node = %node, devices = ?devices, "allocated");
-                            let note = format!("allocated {} on node {node}", devices.join(", "));
-                            self.event(&claim, EventType::Normal, "Allocated", &note)
-                                .await;
-                            report.allocated.push((key, node));
-                            allocated.insert(uid.clone());
-                        }
-                        Ok(Written::AlreadyAllocated) | Ok(Written::Gone) => {
-                            // The next pass sees the claim as it is now.
-                            self.book.succeeded(&uid);
-                        }
-                        Ok(Written::NotLeader) => break,
-                        Ok(Written::Conflicted) => {
-                            self.book.failed(&uid, "write conflicts", self.backoff, now);
-                        }
-                        Err(e) => {
-                            tracing::warn!(claim = %key, error = %e, "writing the allocation failed");
-                            self.book
-                                .failed(&uid, &format!("write: {e}"), self.backoff, now);
-                        }
+                    selection.commit(&allocation);
+                    let lift = selection
+                        .gate_lifted_by(i)
+                        .filter(|(pod, _)| self.book.lifting(&pod.uid, now));
+                    in_flight.push(self.writer.clone().allocate(
+                        selection.view_arc(i),
+                        allocation,
+                        lift,
+                    ));
+                    if in_flight.len() >= WRITES_IN_FLIGHT
+                        && let Some(outcome) = in_flight.next().await
+                    {
+                        lost_lead |=
+                            self.settle(outcome, &mut selection, &mut report, &mut allocated, now);
                     }
                 }
                 Decision::NotOurs => {}
                 Decision::Refuse { label, reason } => {
+                    let claim = selection.view_arc(i);
+                    let key = claim.key();
                     if self.book.refused(&uid, label, &reason, self.backoff, now) {
                         self.metrics
                             .refused
@@ -1011,12 +1021,14 @@ impl Allocator {
                         } else {
                             "FailedAllocation"
                         };
-                        self.event(&claim, EventType::Warning, event_reason, &reason)
+                        self.writer
+                            .event(&claim, EventType::Warning, event_reason, &reason)
                             .await;
                         // `kubectl describe pod` shows the pod's Events, not its claims':
                         // the pod is where a user looks first.
                         if let Some(pod) = selection.pod(i) {
-                            self.pod_event(pod, EventType::Warning, event_reason, &reason)
+                            self.writer
+                                .pod_event(pod, EventType::Warning, event_reason, &reason)
                                 .await;
                         }
                     }
@@ -1024,10 +1036,17 @@ impl Allocator {
                 }
             }
         }
+        while let Some(outcome) = in_flight.next().await {
+            self.settle(outcome, &mut selection, &mut report, &mut allocated, now);
+        }
         if self.leadership.is_leading() {
+            // Gates whose last claim was allocated before this pass, by another pod's write,
+            // or is not ours; those lifted with their claim's write above are not sent again.
             for (pod, at) in selection.gates_to_lift(&allocated) {
-                if self.book.lifting(&pod.uid, now) {
-                    self.lift_gate(&pod, at, &mut report).await;
+                if self.book.lifting(&pod.uid, now) && self.writer.lift_gate(&pod, at).await {
+                    report
+                        .ungated
+                        .push(format!("{}/{}", pod.namespace, pod.name));
                 }
             }
         }
@@ -1037,6 +1056,129 @@ impl Allocator {
         report.next_retry = self.book.next_retry();
         self.kept = selection.into_kept();
         report
+    }
+
+    /// Book what became of one allocation's write; true if leadership was lost.
+    fn settle(
+        &mut self,
+        outcome: Outcome,
+        selection: &mut Selection,
+        report: &mut PassReport,
+        allocated: &mut HashSet<String>,
+        now: Instant,
+    ) -> bool {
+        let Outcome {
+            claim,
+            allocation,
+            written,
+            lifted,
+        } = outcome;
+        let uid = claim.uid.as_str();
+        if !matches!(written, Ok(Written::Stored(_))) {
+            // Not allocated: give back what the decision charged, and let the gate be lifted
+            // whenever the claim is.
+            selection.release(uid);
+            if let Some((pod_uid, _, _)) = &lifted {
+                self.book.lifted.remove(pod_uid);
+            }
+        }
+        match written {
+            Ok(Written::Stored(rv)) => {
+                let node = allocation.node_name.clone().unwrap_or_default();
+                self.book.assume(uid, rv, allocation);
+                self.book.succeeded(uid);
+                // Known allocated from now on, even if the scheduler clears it before a pass
+                // sees the write echoed back by the watch.
+                self.book.last_node.insert(uid.to_string(), node.clone());
+                self.metrics.allocated.inc();
+                report.allocated.push((claim.key(), node));
+                if let Some((_, pod, true)) = lifted {
+                    report.ungated.push(pod);
+                }
+                allocated.insert(uid.to_string());
+            }
+            Ok(Written::AlreadyAllocated) | Ok(Written::Gone) => {
+                // The next pass sees the claim as it is now.
+                self.book.succeeded(uid);
+            }
+            Ok(Written::NotLeader) => return true,
+            Ok(Written::Conflicted) => {
+                self.book.failed(uid, "write conflicts", self.backoff, now);
+            }
+            Err(e) => {
+                tracing::warn!(claim = %claim.key(), error = %e, "writing the allocation failed");
+                self.book
+                    .failed(uid, &format!("write: {e}"), self.backoff, now);
+            }
+        }
+        false
+    }
+}
+
+/// Writes in flight at once in a pass. An allocation is two writes (finalizer, then status),
+/// its Event and, for a gated pod, the gate's lift; one allocation after another, the API
+/// server's round trips bounded a burst at about 20 claims/s (BENCHMARKS.md).
+const WRITES_IN_FLIGHT: usize = 16;
+
+/// What a write needs of the allocator, owned, so that several run while the pass goes on.
+#[derive(Clone)]
+struct Writer {
+    client: Client,
+    version: ApiVersion,
+    driver: String,
+    events: Option<EventSink>,
+    metrics: Arc<Metrics>,
+    leadership: Leadership,
+}
+
+/// One allocation's write and what followed it.
+struct Outcome {
+    claim: Arc<ClaimView>,
+    allocation: Arc<ClaimAllocation>,
+    written: Result<Written, ClientError>,
+    /// (pod UID, namespace/name) whose gate was to be lifted after the write, and whether
+    /// that landed.
+    lifted: Option<(String, String, bool)>,
+}
+
+impl Writer {
+    /// Write `allocation` to its claim; once stored, lift the gate of `lift`'s pod (first:
+    /// the scheduler is waiting for it) and publish the Allocated Event.
+    async fn allocate(
+        self,
+        claim: Arc<ClaimView>,
+        allocation: Arc<ClaimAllocation>,
+        lift: Option<(Arc<PodView>, usize)>,
+    ) -> Outcome {
+        let written = self.write(&claim, &allocation).await;
+        let mut lifted = lift.as_ref().map(|(pod, _)| {
+            (
+                pod.uid.clone(),
+                format!("{}/{}", pod.namespace, pod.name),
+                false,
+            )
+        });
+        if matches!(written, Ok(Written::Stored(_))) {
+            if let (Some((pod, at)), Some(l)) = (&lift, lifted.as_mut()) {
+                l.2 = self.lift_gate(pod, *at).await;
+            }
+            let node = allocation.node_name.as_deref().unwrap_or_default();
+            let devices: Vec<&str> = allocation
+                .results
+                .iter()
+                .map(|r| r.device.as_str())
+                .collect();
+            tracing::info!(claim = %claim.key(), node = %node, devices = ?devices, "allocated");
+            let note = format!("allocated {} on node {node}", devices.join(", "));
+            self.event(&claim, EventType::Normal, "Allocated", &note)
+                .await;
+        }
+        Outcome {
+            claim,
+            allocation,
+            written,
+            lifted,
+        }
     }
 
     /// Add the delete-protection finalizer, then write status.allocation, each a merge patch
@@ -1121,7 +1263,7 @@ impl Allocator {
     /// Remove our scheduling gate from `pod`, where it is entry `at` of its list. A JSON
     /// patch that first tests the entry: if the list changed since the cache saw it (another
     /// gate lifted), the patch fails without touching the pod and a later pass retries.
-    async fn lift_gate(&self, pod: &PodView, at: usize, report: &mut PassReport) {
+    async fn lift_gate(&self, pod: &PodView, at: usize) -> bool {
         let key = format!("{}/{}", pod.namespace, pod.name);
         let gate = scheduling_gate(&self.driver);
         let path = format!("/spec/schedulingGates/{at}");
@@ -1132,7 +1274,7 @@ impl Allocator {
             Ok(p) => p,
             Err(e) => {
                 tracing::error!(pod = %key, error = %e, "building the gate patch failed");
-                return;
+                return false;
             }
         };
         let api = Api::<Pod>::namespaced(self.client.clone(), &pod.namespace);
@@ -1147,14 +1289,16 @@ impl Allocator {
             Ok(_) => {
                 self.metrics.gates_lifted.inc();
                 tracing::info!(pod = %key, gate = %gate, "claims allocated; scheduling gate lifted");
-                report.ungated.push(key);
+                true
             }
             // Gone, or its gates changed: the next pass sees the pod as it is now.
             Err(kube::Error::Api(e)) if matches!(e.code, 404 | 409 | 422) => {
                 tracing::debug!(pod = %key, error = %e.message, "scheduling gate not lifted");
+                false
             }
             Err(e) => {
                 tracing::warn!(pod = %key, error = %e, "lifting the scheduling gate failed");
+                false
             }
         }
     }
