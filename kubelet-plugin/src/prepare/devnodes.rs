@@ -104,11 +104,19 @@ impl DeviceNodes {
             self.stat("nvidiactl")
                 .unwrap_or_else(|| Self::fixed("nvidiactl", NVIDIA_MAJOR, NVIDIACTL_MINOR)),
         ];
-        let uvm_major = std::fs::read_to_string(&self.proc_devices)
-            .ok()
-            .and_then(|text| char_major(&text, "nvidia-uvm"));
+        // /proc/devices is read only when a node is missing: on a node with the driver
+        // loaded, a prepare makes no read beyond the stats.
+        let mut uvm_major = None;
         for (name, minor) in [("nvidia-uvm", 0), ("nvidia-uvm-tools", 1)] {
-            match (self.stat(name), uvm_major) {
+            let node = self.stat(name);
+            if node.is_none() && uvm_major.is_none() {
+                uvm_major = Some(
+                    std::fs::read_to_string(&self.proc_devices)
+                        .ok()
+                        .and_then(|text| char_major(&text, "nvidia-uvm")),
+                );
+            }
+            match (node, uvm_major.flatten()) {
                 (Some(node), _) => nodes.push(node),
                 (None, Some(major)) => nodes.push(Self::fixed(name, major, minor)),
                 (None, None) => tracing::warn!(

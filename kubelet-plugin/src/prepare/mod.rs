@@ -20,7 +20,7 @@ use crate::checkpoint::{ChangeRef, Checkpoint, CheckpointError, Journal, Payload
 use crate::discovery::{GpuState, Snapshot};
 use devnodes::DeviceNodes;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -546,7 +546,7 @@ impl Preparer {
         // (index in results, UID) of the claims this call records.
         let mut fresh: Vec<(usize, String)> = Vec::new();
         let snapshot = self.gpus.current();
-        let host = self.host_facts(&snapshot);
+        let host = self.host_facts(&snapshot, allocs);
         for (i, alloc) in allocs.iter().enumerate() {
             let uid = alloc.uid.as_str();
             if let Some(claim) = recorded.payload.claims.get(uid) {
@@ -628,14 +628,22 @@ impl Preparer {
     }
 
     /// What the host has that a spec refers to, read once before planning.
-    fn host_facts(&self, snapshot: &Snapshot) -> HostFacts {
+    /// Only the GPUs the call's claims name are looked at: a stat each, not one per GPU of
+    /// the node, on the kubelet's critical path.
+    fn host_facts(&self, snapshot: &Snapshot, allocs: &[ClaimAllocation]) -> HostFacts {
+        let (driver, pool) = (self.cfg.driver.as_str(), self.cfg.node.as_str());
+        let minors: BTreeSet<u32> = allocs
+            .iter()
+            .flat_map(|a| a.results_for(driver, pool))
+            .filter_map(|r| snapshot.gpu_by_device(&r.device))
+            .map(|g| g.minor)
+            .collect();
         HostFacts {
             library_installed: self.cfg.enforcement_library.is_file(),
             control_nodes: self.cfg.device_nodes.control(),
-            gpu_nodes: snapshot
-                .gpus
-                .iter()
-                .map(|g| (g.minor, self.cfg.device_nodes.gpu(g.minor)))
+            gpu_nodes: minors
+                .into_iter()
+                .map(|minor| (minor, self.cfg.device_nodes.gpu(minor)))
                 .collect(),
         }
     }
