@@ -617,6 +617,45 @@ async fn a_selector_no_gpu_matches_is_told_apart_on_the_pod() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_write_is_retried_and_the_gpu_never_booked_twice() {
+    let fake = FakeApi::start(DraVersions::V1Only).await;
+    cluster(&fake, ApiVersion::V1, &["node-a"], 1);
+    // Two 50Gi claims for one 80Gi GPU: the older one is decided first and charged while its
+    // write is in flight, so the younger one is refused; that write then fails (500).
+    let first = workload(&fake, ApiVersion::V1, "first", 50);
+    let second = workload(&fake, ApiVersion::V1, "second", 50);
+    fake.server.inject_faults(
+        claims_gvr(ApiVersion::V1),
+        1,
+        fake_apiserver::Fault::InternalError,
+    );
+    let running = start(&fake, options("replica-1"));
+    eventually("one of the two is allocated", || {
+        allocation(&fake, &first).is_some() || allocation(&fake, &second).is_some()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The claim whose write failed is retried after its back-off and allocated, not refused
+    // for room it holds itself; the other never joins it on the GPU.
+    assert!(
+        allocation(&fake, &first).is_some(),
+        "{:?}",
+        running.status().last
+    );
+    assert!(allocation(&fake, &second).is_none());
+    assert_eq!(usage(&fake).values().sum::<u64>(), 50 * GI);
+    assert_eq!(
+        fake.server.request_count(
+            Verb::Patch,
+            "/apis/resource.k8s.io/v1/namespaces/ml/resourceclaims/first"
+        ),
+        2,
+        "the finalizer patch failed once, then landed"
+    );
+    running.task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_conflict_rereads_and_retries_without_double_booking() {
     let fake = FakeApi::start(DraVersions::V1Only).await;
     cluster(&fake, ApiVersion::V1, &["node-a"], 1);

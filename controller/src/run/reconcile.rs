@@ -1705,6 +1705,78 @@ mod tests {
         assert_eq!(book.next_retry(), None);
     }
 
+    #[test]
+    fn a_released_charge_is_room_for_the_next_decision_of_the_same_pass() {
+        use vgpu_driver::slice::{gpu_devices, render_pool};
+        use vgpu_driver::{NodeRef, PoolOptions};
+        let devices = gpu_devices(&[test_support::gpu(0)]).unwrap();
+        let node = NodeRef {
+            name: "n1".into(),
+            uid: "uid-n1".into(),
+        };
+        let slices = render_pool(&node, &devices, &PoolOptions::new("vgpu.hami.io"))
+            .unwrap()
+            .iter()
+            .map(|s| Arc::new(SliceView::of(s)))
+            .collect();
+        let claim = |name: &str, second: u32| {
+            let object: v1::ResourceClaim = serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name, "namespace": "ml", "uid": name,
+                             "creationTimestamp": format!("2025-01-01T00:00:{second:02}Z")},
+                "spec": {"devices": {
+                    "requests": [{"name": "gpu", "exactly": {"deviceClassName": "slice"}}],
+                    "config": [{"requests": ["gpu"], "opaque": {"driver": "vgpu.hami.io",
+                        "parameters": {"apiVersion": "vgpu.hami.io/v1alpha1",
+                                       "kind": "GpuSliceConfig", "memory": "50Gi"}}}]}}
+            }))
+            .unwrap();
+            Arc::new(ClaimView::of(&object).unwrap())
+        };
+        let snapshot = Snapshot {
+            claims: vec![claim("a", 0), claim("b", 1)],
+            classes: vec![ClassView {
+                name: "slice".into(),
+                selectors: vec![],
+                config: vec![],
+                ours: true,
+            }],
+            slices,
+            nodes: vec![Arc::new(NodeView {
+                name: "n1".into(),
+                ..Default::default()
+            })],
+            pods: vec![pod_of("pa", "a", None), pod_of("pb", "b", None)],
+            slice_versions: vec![],
+            node_versions: vec![],
+            class_versions: vec![],
+        };
+        let mut book = Book::default();
+        let mut selection = Selection::new(
+            snapshot,
+            &mut book,
+            "vgpu.hami.io",
+            Policies::default(),
+            Instant::now(),
+        );
+        let (a, b) = (selection.pending()[0], selection.pending()[1]);
+        let none = BTreeSet::new();
+        let Decision::Allocate(first) = selection.decide(a, &none) else {
+            panic!("a fits an empty 80Gi GPU");
+        };
+        // Charged while its write is in flight: b (50Gi more) does not fit beside it.
+        selection.commit(&first);
+        assert!(matches!(
+            selection.decide(b, &none),
+            Decision::Refuse {
+                label: "insufficient_capacity",
+                ..
+            }
+        ));
+        // a's write failed: its charge is given back, and b fits.
+        selection.release("a");
+        assert!(matches!(selection.decide(b, &none), Decision::Allocate(_)));
+    }
+
     fn snapshot_with(slice_version: &str) -> Snapshot {
         Snapshot {
             claims: vec![claim_object("a", 1, "slice")],
