@@ -477,7 +477,7 @@ async fn a_gated_pods_gate_is_lifted_once_its_template_claim_is_created_and_allo
     );
     // Only our gate went; the other one is someone else's to lift.
     assert_eq!(gates(&fake, &infer), ["other.io/quota"]);
-    assert_eq!(running.status().allocated.len(), 1);
+    assert_eq!(running.status().allocated, 1);
     // The pod that cannot be placed keeps its gate: ungated it would only go into back-off.
     assert_eq!(gates(&fake, &huge), ["other.io/quota", gate.as_str()]);
     let lifts = fake
@@ -699,11 +699,28 @@ async fn a_restarted_controller_rebuilds_the_same_state() {
         claims.iter().all(|c| allocation(&fake, c).is_some())
     })
     .await;
-    eventually("a pass that saw all five", || {
-        first.status().last.usage.values().map(|u| u.2).sum::<u32>() == 5
-    })
-    .await;
-    let before = first.status().last.usage;
+    // The engine's state as the per-GPU metrics show it: memory, cores and claims per GPU.
+    let gpu_state = |r: &Running| -> Vec<String> {
+        let mut lines: Vec<String> = r
+            .metrics
+            .render()
+            .lines()
+            .filter(|l| l.starts_with("vgpu_controller_gpu_"))
+            .map(str::to_string)
+            .collect();
+        lines.sort();
+        lines
+    };
+    let claims_held = |r: &Running| -> f64 {
+        gpu_state(r)
+            .iter()
+            .filter(|l| l.starts_with("vgpu_controller_gpu_claims{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    eventually("a pass that saw all five", || claims_held(&first) == 5.0).await;
+    let before = gpu_state(&first);
+    assert!(before.len() >= 4 * 5, "{before:?}");
     first.task.abort();
     let _ = first.task.await;
 
@@ -712,12 +729,9 @@ async fn a_restarted_controller_rebuilds_the_same_state() {
         second.status().passes > 0
     })
     .await;
-    assert_eq!(
-        second.status().last.usage,
-        before,
-        "same state after restart"
-    );
-    assert!(second.status().allocated.is_empty(), "nothing re-allocated");
+    eventually("the restarted controller's metrics", || claims_held(&second) == 5.0).await;
+    assert_eq!(gpu_state(&second), before, "same state after restart");
+    assert_eq!(second.status().allocated, 0, "nothing re-allocated");
     // New claims go where there is room: 4 GPUs x 80 GiB hold 8 slices of 30 GiB, 5 taken.
     let more: Vec<Value> = (5..9)
         .map(|i| workload(&fake, ApiVersion::V1, &format!("c{i}"), 30))
@@ -802,7 +816,7 @@ async fn two_replicas_never_double_book_and_the_standby_takes_over() {
     );
     let (sa, sb) = (a.status(), b.status());
     assert!(
-        sa.allocated.is_empty() || sb.allocated.is_empty(),
+        sa.allocated == 0 || sb.allocated == 0,
         "only the leader writes: {:?} / {:?}",
         sa.allocated,
         sb.allocated
@@ -827,7 +841,7 @@ async fn two_replicas_never_double_book_and_the_standby_takes_over() {
         })
     })
     .await;
-    let standby_text = if sa.allocated.is_empty() {
+    let standby_text = if sa.allocated == 0 {
         a.metrics.render()
     } else {
         b.metrics.render()
@@ -840,7 +854,7 @@ async fn two_replicas_never_double_book_and_the_standby_takes_over() {
         standby_text.contains("vgpu_controller_gpu_memory_free_bytes{node=\"node-a\",device=\"gpu-0\",uuid=\"GPU-00000000\",index=\"0\",model=\"NVIDIA H100 80GB HBM3\"}"),
         "{standby_text}"
     );
-    let (leader, standby, standby_name) = if sa.allocated.is_empty() {
+    let (leader, standby, standby_name) = if sa.allocated == 0 {
         (b, a, "replica-a")
     } else {
         (a, b, "replica-b")
@@ -868,7 +882,7 @@ async fn two_replicas_never_double_book_and_the_standby_takes_over() {
     .await;
     // The standby's status is updated when its pass ends, just after the writes.
     eventually("the standby reports its two allocations", || {
-        standby.status().allocated.len() == 2
+        standby.status().allocated == 2
     })
     .await;
     let lease = fake

@@ -85,8 +85,9 @@ pub struct Status {
     /// Dry passes made as a standby, for its metrics.
     pub observed: u64,
     pub leading: bool,
-    /// Every claim this replica allocated, (claim, node), in order.
-    pub allocated: Vec<(String, String)>,
+    /// How many claims this replica allocated (the last pass's are in `last`): a count, so
+    /// that a controller running for months does not keep every claim it ever placed.
+    pub allocated: u64,
     pub last: PassReport,
 }
 
@@ -221,7 +222,7 @@ impl Controller {
                     next_retry = report.next_retry;
                     if let Ok(mut s) = self.status.lock() {
                         s.passes += 1;
-                        s.allocated.extend(report.allocated.iter().cloned());
+                        s.allocated += report.allocated.len() as u64;
                         s.last = report;
                     }
                 } else {

@@ -191,8 +191,6 @@ pub struct PassReport {
     pub refused: Vec<(String, String)>,
     /// Claims skipped because they are in back-off.
     pub deferred: usize,
-    /// Per (node, device): memory bytes, cores, claims: the state the pass ended with.
-    pub usage: BTreeMap<(String, String), (u64, u32, u32)>,
     /// When the next claim in back-off (or gate lift to check) becomes due.
     pub next_retry: Option<Instant>,
     /// Pods (namespace/name) whose scheduling gate this pass lifted.
@@ -715,24 +713,6 @@ impl Selection {
     pub fn engine(&self) -> &Engine {
         &self.engine
     }
-
-    /// Per (node, device): memory bytes, cores, claims.
-    pub fn usage(&self) -> BTreeMap<(String, String), (u64, u32, u32)> {
-        let state = &self.engine.state;
-        state
-            .gpus
-            .iter()
-            .map(|gpu| {
-                (
-                    (
-                        state.nodes[gpu.node].view.name.clone(),
-                        gpu.device.name.clone(),
-                    ),
-                    (gpu.used.memory_bytes, gpu.used.cores, gpu.holders),
-                )
-            })
-            .collect()
-    }
 }
 
 fn fingerprint(
@@ -1052,7 +1032,6 @@ impl Allocator {
         }
         self.metrics.observe_state(&selection.engine().state);
         self.observe_pending(&selection, &pending, &allocated);
-        report.usage = selection.usage();
         report.next_retry = self.book.next_retry();
         self.kept = selection.into_kept();
         report
