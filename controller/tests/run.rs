@@ -729,7 +729,10 @@ async fn a_restarted_controller_rebuilds_the_same_state() {
         second.status().passes > 0
     })
     .await;
-    eventually("the restarted controller's metrics", || claims_held(&second) == 5.0).await;
+    eventually("the restarted controller's metrics", || {
+        claims_held(&second) == 5.0
+    })
+    .await;
     assert_eq!(gpu_state(&second), before, "same state after restart");
     assert_eq!(second.status().allocated, 0, "nothing re-allocated");
     // New claims go where there is room: 4 GPUs x 80 GiB hold 8 slices of 30 GiB, 5 taken.
