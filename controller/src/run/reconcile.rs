@@ -1502,6 +1502,19 @@ mod tests {
         Arc::new(ClaimView::of(&object).unwrap())
     }
 
+    /// `slice`, which the controller allocates, and `whole`, which it does not.
+    fn slice_and_whole_classes() -> Vec<ClassView> {
+        [("slice", true), ("whole", false)]
+            .into_iter()
+            .map(|(name, ours)| ClassView {
+                name: name.into(),
+                selectors: vec![],
+                config: vec![],
+                ours,
+            })
+            .collect()
+    }
+
     fn pod_of(name: &str, claim: &str, node: Option<&str>) -> Arc<PodView> {
         Arc::new(PodView {
             namespace: "ml".into(),
@@ -1523,20 +1536,7 @@ mod tests {
                 claim_object("theirs", 0, "whole"),
                 claim_object("idle", 0, "slice"),
             ],
-            classes: vec![
-                ClassView {
-                    name: "slice".into(),
-                    selectors: vec![],
-                    config: vec![],
-                    ours: true,
-                },
-                ClassView {
-                    name: "whole".into(),
-                    selectors: vec![],
-                    config: vec![],
-                    ours: false,
-                },
-            ],
+            classes: slice_and_whole_classes(),
             slices: vec![],
             nodes: vec![],
             pods: vec![
@@ -1602,20 +1602,7 @@ mod tests {
                 claim_object("waits", 2, "slice"),
                 claim_object("theirs", 3, "whole"),
             ],
-            classes: vec![
-                ClassView {
-                    name: "slice".into(),
-                    selectors: vec![],
-                    config: vec![],
-                    ours: true,
-                },
-                ClassView {
-                    name: "whole".into(),
-                    selectors: vec![],
-                    config: vec![],
-                    ours: false,
-                },
-            ],
+            classes: slice_and_whole_classes(),
             slices: vec![],
             nodes: vec![],
             pods: vec![
