@@ -110,10 +110,18 @@ for v in ["1.32.0", "1.33.0", "1.34.0", "1.35.0"]:
     # The bindings name the release's namespace, and the admission policy its plugin's account.
     for b in (d for d in ds if d["kind"] in ("ClusterRoleBinding", "RoleBinding")):
         assert all(s["namespace"] == "vgpu-system" for s in b["subjects"]), b
-    vap = one(ds, "ValidatingAdmissionPolicy")
+    vap = one(ds, "ValidatingAdmissionPolicy", "vgpu-resourceslices-own-node")
     assert "system:serviceaccount:vgpu-system:vgpu-kubelet-plugin" in vap["spec"]["matchConditions"][0]["expression"]
     assert any("spec.driver" in v["expression"] for v in vap["spec"]["validations"])
     assert any("spec.pool.name" in v["expression"] for v in vap["spec"]["validations"])
+    # The controller may patch pods (to lift its scheduling gate) and nothing else of them.
+    gates = one(ds, "ValidatingAdmissionPolicy", "vgpu-controller-lifts-gates-only")
+    assert "system:serviceaccount:vgpu-system:vgpu-controller" in gates["spec"]["matchConditions"][0]["expression"]
+    assert gates["spec"]["matchConstraints"]["resourceRules"][0]["resources"] == ["pods"]
+    assert {"name": "gate", "expression": "'vgpu.hami.io/allocation'"} in gates["spec"]["variables"]
+    assert one(ds, "ValidatingAdmissionPolicyBinding", "vgpu-controller-lifts-gates-only")["spec"]["validationActions"] == ["Deny"]
+    role = one(ds, "ClusterRole", "vgpu-controller")
+    assert {"apiGroups": [""], "resources": ["pods"], "verbs": ["patch"]} in role["rules"], role["rules"]
 
 # Another driver name and kubelet directory reach every place that spells them.
 ds = docs("custom-1.34.0")
