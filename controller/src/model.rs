@@ -76,6 +76,10 @@ pub struct PodView {
 }
 
 impl PodView {
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
     pub fn of(pod: &SlimPod) -> PodView {
         let spec = pod.spec.as_ref();
         let status = pod.status.as_ref();

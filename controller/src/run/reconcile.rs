@@ -170,6 +170,7 @@ fn hash_of(items: &[(String, String)]) -> u64 {
 
 /// The objects a pass works on, as the watch caches keep them (views, shared with the
 /// caches: taking a snapshot copies pointers, not objects).
+#[derive(Default)]
 pub struct Snapshot {
     pub claims: Vec<Arc<ClaimView>>,
     pub classes: Vec<ClassView>,
@@ -842,7 +843,7 @@ impl Allocator {
             writer: Writer {
                 client,
                 version,
-                driver: driver.to_string(),
+                gate: scheduling_gate(driver),
                 events,
                 metrics: metrics.clone(),
                 leadership: leadership.clone(),
@@ -1024,9 +1025,7 @@ impl Allocator {
             // or is not ours; those lifted with their claim's write above are not sent again.
             for (pod, at) in selection.gates_to_lift(&allocated) {
                 if self.book.lifting(&pod.uid, now) && self.writer.lift_gate(&pod, at).await {
-                    report
-                        .ungated
-                        .push(format!("{}/{}", pod.namespace, pod.name));
+                    report.ungated.push(pod.key());
                 }
             }
         }
@@ -1050,6 +1049,7 @@ impl Allocator {
             claim,
             allocation,
             written,
+            lift,
             lifted,
         } = outcome;
         let uid = claim.uid.as_str();
@@ -1057,8 +1057,8 @@ impl Allocator {
             // Not allocated: give back what the decision charged, and let the gate be lifted
             // whenever the claim is.
             selection.release(uid);
-            if let Some((pod_uid, _, _)) = &lifted {
-                self.book.lifted.remove(pod_uid);
+            if let Some(pod) = &lift {
+                self.book.lifted.remove(&pod.uid);
             }
         }
         match written {
@@ -1071,8 +1071,8 @@ impl Allocator {
                 self.book.last_node.insert(uid.to_string(), node.clone());
                 self.metrics.allocated.inc();
                 report.allocated.push((claim.key(), node));
-                if let Some((_, pod, true)) = lifted {
-                    report.ungated.push(pod);
+                if let Some(pod) = lift.filter(|_| lifted) {
+                    report.ungated.push(pod.key());
                 }
                 allocated.insert(uid.to_string());
             }
@@ -1106,7 +1106,8 @@ const WRITES_IN_FLIGHT: usize = 8;
 struct Writer {
     client: Client,
     version: ApiVersion,
-    driver: String,
+    /// Our scheduling gate's name.
+    gate: String,
     events: Option<EventSink>,
     metrics: Arc<Metrics>,
     leadership: Leadership,
@@ -1117,9 +1118,9 @@ struct Outcome {
     claim: Arc<ClaimView>,
     allocation: Arc<ClaimAllocation>,
     written: Result<Written, ClientError>,
-    /// (pod UID, namespace/name) whose gate was to be lifted after the write, and whether
-    /// that landed.
-    lifted: Option<(String, String, bool)>,
+    /// The pod whose gate was to be lifted after the write, and whether that landed.
+    lift: Option<Arc<PodView>>,
+    lifted: bool,
 }
 
 impl Writer {
@@ -1132,16 +1133,10 @@ impl Writer {
         lift: Option<(Arc<PodView>, usize)>,
     ) -> Outcome {
         let written = self.write(&claim, &allocation).await;
-        let mut lifted = lift.as_ref().map(|(pod, _)| {
-            (
-                pod.uid.clone(),
-                format!("{}/{}", pod.namespace, pod.name),
-                false,
-            )
-        });
+        let mut lifted = false;
         if matches!(written, Ok(Written::Stored(_))) {
-            if let (Some((pod, at)), Some(l)) = (&lift, lifted.as_mut()) {
-                l.2 = self.lift_gate(pod, *at).await;
+            if let Some((pod, at)) = &lift {
+                lifted = self.lift_gate(pod, *at).await;
             }
             let node = allocation.node_name.as_deref().unwrap_or_default();
             let devices: Vec<&str> = allocation
@@ -1158,6 +1153,7 @@ impl Writer {
             claim,
             allocation,
             written,
+            lift: lift.map(|(pod, _)| pod),
             lifted,
         }
     }
@@ -1245,8 +1241,8 @@ impl Writer {
     /// patch that first tests the entry: if the list changed since the cache saw it (another
     /// gate lifted), the patch fails without touching the pod and a later pass retries.
     async fn lift_gate(&self, pod: &PodView, at: usize) -> bool {
-        let key = format!("{}/{}", pod.namespace, pod.name);
-        let gate = scheduling_gate(&self.driver);
+        let key = pod.key();
+        let gate = &self.gate;
         let path = format!("/spec/schedulingGates/{at}");
         let patch: json_patch::Patch = match serde_json::from_value(serde_json::json!([
             {"op": "test", "path": format!("{path}/name"), "value": gate},
@@ -1515,6 +1511,17 @@ mod tests {
             .collect()
     }
 
+    /// A selection of `snapshot` for our driver with the default policies, now.
+    fn select(snapshot: Snapshot, book: &mut Book) -> Selection {
+        Selection::new(
+            snapshot,
+            book,
+            "vgpu.hami.io",
+            Policies::default(),
+            Instant::now(),
+        )
+    }
+
     fn pod_of(name: &str, claim: &str, node: Option<&str>) -> Arc<PodView> {
         Arc::new(PodView {
             namespace: "ml".into(),
@@ -1537,26 +1544,16 @@ mod tests {
                 claim_object("idle", 0, "slice"),
             ],
             classes: slice_and_whole_classes(),
-            slices: vec![],
-            nodes: vec![],
             pods: vec![
                 pod_of("p1", "young", None),
                 pod_of("p2", "old", None),
                 pod_of("p3", "bound", Some("n1")),
                 pod_of("p4", "theirs", None),
             ],
-            slice_versions: vec![],
-            node_versions: vec![],
-            class_versions: vec![],
+            ..Default::default()
         };
         let mut book = Book::default();
-        let mut selection = Selection::new(
-            snapshot,
-            &mut book,
-            "vgpu.hami.io",
-            Policies::default(),
-            Instant::now(),
-        );
+        let mut selection = select(snapshot, &mut book);
         let order: Vec<String> = selection
             .pending()
             .into_iter()
@@ -1603,8 +1600,6 @@ mod tests {
                 claim_object("theirs", 3, "whole"),
             ],
             classes: slice_and_whole_classes(),
-            slices: vec![],
-            nodes: vec![],
             pods: vec![
                 // Our gate second in its list: its index is what the patch tests.
                 gated("ready", &["done", "theirs"], &["other.io/x", GATE]),
@@ -1617,18 +1612,10 @@ mod tests {
                 Arc::new(awaiting),
                 Arc::new(bound),
             ],
-            slice_versions: vec![],
-            node_versions: vec![],
-            class_versions: vec![],
+            ..Default::default()
         };
         let mut book = Book::default();
-        let selection = Selection::new(
-            snapshot,
-            &mut book,
-            "vgpu.hami.io",
-            Policies::default(),
-            Instant::now(),
-        );
+        let selection = select(snapshot, &mut book);
         let lift = |now: &[&str]| -> Vec<(String, usize)> {
             let now: HashSet<String> = now.iter().map(|s| s.to_string()).collect();
             selection
@@ -1662,13 +1649,7 @@ mod tests {
         assert!(!book.lifting("p", t0 + LIFT_AGAIN_AFTER / 2));
         assert!(book.lifting("p", t0 + LIFT_AGAIN_AFTER));
         // A pass that no longer sees the pod gated forgets it.
-        Selection::new(
-            snapshot_with("1"),
-            &mut book,
-            "vgpu.hami.io",
-            Policies::default(),
-            t0,
-        );
+        select(snapshot_with("1"), &mut book);
         assert!(book.lifted.is_empty());
         assert_eq!(book.next_retry(), None);
     }
@@ -1714,18 +1695,10 @@ mod tests {
                 ..Default::default()
             })],
             pods: vec![pod_of("pa", "a", None), pod_of("pb", "b", None)],
-            slice_versions: vec![],
-            node_versions: vec![],
-            class_versions: vec![],
+            ..Default::default()
         };
         let mut book = Book::default();
-        let mut selection = Selection::new(
-            snapshot,
-            &mut book,
-            "vgpu.hami.io",
-            Policies::default(),
-            Instant::now(),
-        );
+        let mut selection = select(snapshot, &mut book);
         let (a, b) = (selection.pending()[0], selection.pending()[1]);
         let none = BTreeSet::new();
         let Decision::Allocate(first) = selection.decide(a, &none) else {
@@ -1754,12 +1727,10 @@ mod tests {
                 config: vec![],
                 ours: true,
             }],
-            slices: vec![],
-            nodes: vec![],
             pods: vec![pod_of("p", "a", None)],
             slice_versions: vec![("s1".into(), slice_version.into())],
-            node_versions: vec![],
             class_versions: vec![("slice".into(), "1".into())],
+            ..Default::default()
         }
     }
 
