@@ -106,24 +106,22 @@ impl DeviceNodes {
         ];
         // /proc/devices is read only when a node is missing: on a node with the driver
         // loaded, a prepare makes no read beyond the stats.
-        let mut uvm_major = None;
+        let uvm_major = std::cell::LazyCell::new(|| {
+            std::fs::read_to_string(&self.proc_devices)
+                .ok()
+                .and_then(|text| char_major(&text, "nvidia-uvm"))
+        });
         for (name, minor) in [("nvidia-uvm", 0), ("nvidia-uvm-tools", 1)] {
-            let node = self.stat(name);
-            if node.is_none() && uvm_major.is_none() {
-                uvm_major = Some(
-                    std::fs::read_to_string(&self.proc_devices)
-                        .ok()
-                        .and_then(|text| char_major(&text, "nvidia-uvm")),
-                );
-            }
-            match (node, uvm_major.flatten()) {
-                (Some(node), _) => nodes.push(node),
-                (None, Some(major)) => nodes.push(Self::fixed(name, major, minor)),
-                (None, None) => tracing::warn!(
-                    node = name,
-                    proc_devices = %self.proc_devices.display(),
-                    "no /dev/{name} and no nvidia-uvm major in /proc/devices: leaving it out of CDI specs (CUDA needs it on a real node)"
-                ),
+            match self.stat(name) {
+                Some(node) => nodes.push(node),
+                None => match *uvm_major {
+                    Some(major) => nodes.push(Self::fixed(name, major, minor)),
+                    None => tracing::warn!(
+                        node = name,
+                        proc_devices = %self.proc_devices.display(),
+                        "no /dev/{name} and no nvidia-uvm major in /proc/devices: leaving it out of CDI specs (CUDA needs it on a real node)"
+                    ),
+                },
             }
         }
         nodes
